@@ -1,0 +1,378 @@
+"""Deformable convolution (Dai et al. 2017, eq. 2-4; DCNv2 mask) as pure TE.
+
+No torch, no schedules. Every stage has a fixed name that schedules look up:
+
+    sample_rows    [N, OG, KH, KW, P, 2]   clamped input rows of the two bilinear corner rows
+    sample_cols    [N, OG, KH, KW, P, 2]   clamped input columns of the two corner columns
+    sample_weights [N, OG, KH, KW, P, 4]   corner weights (zero outside the image), times the mask
+    deform_columns [N, C, KH, KW, P]       the bilinearly sampled input ("im2col" with offsets)
+    deform_gemm    [N, O, P]               weight x columns, grouped, accumulated in acc_dtype
+    output         [N, O, OH, OW]          gemm + bias, cast to dtype
+
+P runs over the output positions oh*OW + ow, padded up to a multiple of `position_align` so that a
+schedule can tile and vectorise it without tails; padded positions sample nothing.
+
+The sampling tables are computed once per (offset group, kernel point, output position) and reused by
+every channel of the offset group, which is what makes the gather cheap.
+
+Sampling rule (torchvision's): the point (y, x) = (oh*sh - ph + kh*dh + dy, ow*sw - pw + kw*dw + dx)
+contributes only if -1 < y < H and -1 < x < W; each of its four corners that falls outside the image
+reads zero. NaN or huge offsets fail the comparison and sample nothing; indices are always clamped,
+so no offset can make a kernel read out of bounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import te, tirx
+
+TABLE_STAGES = ("sample_rows", "sample_cols", "sample_weights")
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Static hyper-parameters of one deformable convolution; batch/height/width may be symbolic."""
+
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    offset_groups: int
+    with_mask: bool
+    dtype: str
+
+    @property
+    def acc_dtype(self) -> str:
+        return "float64" if self.dtype == "float64" else "float32"
+
+    @property
+    def kernel_points(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    def output_size(self, height, width):
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
+        return (
+            (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+            (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1,
+        )
+
+
+def _cast(value, dtype):
+    """A Python int or an integer PrimExpr as a `dtype` expression."""
+    return tirx.const(value, dtype) if isinstance(value, int) else value.astype(dtype)
+
+
+def _corner(index, first, second):
+    """Select `first` for corner index 0 and `second` for corner index 1 of a bilinear pair."""
+    return te.if_then_else(index == 0, first, second)
+
+
+def padded_positions(oh_size, ow_size, align: int):
+    """Number of output positions OH*OW rounded up to a multiple of `align`."""
+    return (oh_size * ow_size + align - 1) // align * align
+
+
+def sampling_tables(geo: ConvGeometry, offset, mask, height, width, positions, derivatives=False):
+    """Corner rows, corner columns and corner weights of every sample (see the module docstring).
+
+    With `derivatives`, also the unmasked corner weights and their derivatives along y and x
+    (`sample_weights_unmasked`, `sample_weights_dy`, `sample_weights_dx`), which the offset and
+    mask gradients need. The derivative is zero where the sample is outside, as the forward is.
+    """
+    n, _, oh_size, ow_size = offset.shape
+    og, (kh_size, kw_size) = geo.offset_groups, geo.kernel
+    (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
+    acc = geo.acc_dtype
+    shape = (n, og, kh_size, kw_size, positions)
+
+    def position(b, g, kh, kw, p):
+        oh, ow = tirx.min(p // ow_size, oh_size - 1), p % ow_size
+        channel = 2 * ((g * kh_size + kh) * kw_size + kw)
+        y = (oh * sh - ph + kh * dh).astype(acc) + offset[b, channel, oh, ow].astype(acc)
+        x = (ow * sw - pw + kw * dw).astype(acc) + offset[b, channel + 1, oh, ow].astype(acc)
+        inside = tirx.all(
+            p < oh_size * ow_size, y > -1.0, y < _cast(height, acc), x > -1.0, x < _cast(width, acc)
+        )
+        # Outside points (NaN and inf included) are moved to (0, 0) before floor so the integer cast is defined.
+        y = te.if_then_else(inside, y, tirx.const(0, acc))
+        x = te.if_then_else(inside, x, tirx.const(0, acc))
+        return inside, y, x, oh, ow
+
+    def rows(b, g, kh, kw, p, t):
+        y = position(b, g, kh, kw, p)[1]
+        return tirx.max(tirx.min(te.floor(y).astype("int32") + t, height - 1), 0)
+
+    def cols(b, g, kh, kw, p, t):
+        x = position(b, g, kh, kw, p)[2]
+        return tirx.max(tirx.min(te.floor(x).astype("int32") + t, width - 1), 0)
+
+    def weight_table(kind, with_mask):
+        def weights(b, g, kh, kw, p, t):
+            inside, y, x, oh, ow = position(b, g, kh, kw, p)
+            y0, x0 = te.floor(y), te.floor(x)
+            ly, lx = y - y0, x - x0
+            ty, tx = t // 2, t % 2
+            row = y0.astype("int32") + ty
+            col = x0.astype("int32") + tx
+            valid = tirx.all(inside, row >= 0, row < height, col >= 0, col < width)
+            wy, wx = _corner(ty, 1.0 - ly, ly), _corner(tx, 1.0 - lx, lx)
+            one = tirx.const(1, acc)
+            w = {"value": wy * wx, "dy": _corner(ty, -one, one) * wx, "dx": wy * _corner(tx, -one, one)}[kind]
+            if with_mask:
+                w = w * mask[b, (g * kh_size + kh) * kw_size + kw, oh, ow].astype(acc)
+            return te.if_then_else(valid, w, tirx.const(0, acc))
+
+        return weights
+
+    with_mask = mask is not None
+    tables = (
+        te.compute(shape + (2,), rows, name="sample_rows"),
+        te.compute(shape + (2,), cols, name="sample_cols"),
+        te.compute(shape + (4,), weight_table("value", with_mask), name="sample_weights"),
+    )
+    if not derivatives:
+        return tables
+    return tables + (
+        te.compute(shape + (4,), weight_table("value", False), name="sample_weights_unmasked"),
+        te.compute(shape + (4,), weight_table("dy", False), name="sample_weights_dy"),
+        te.compute(shape + (4,), weight_table("dx", False), name="sample_weights_dx"),
+    )
+
+
+def _bilinear(data, rows, cols, weights, b, c, g, kh, kw, p, acc):
+    """The bilinear sum over the four corners of sample (b, g, kh, kw, p) of channel c, in acc."""
+    at = (b, g, kh, kw, p)
+    value = tirx.const(0, acc)
+    for t in range(4):
+        pixel = data[b, c, rows[at + (t // 2,)], cols[at + (t % 2,)]].astype(acc)
+        value = value + weights[at + (t,)] * pixel
+    return value
+
+
+def deform_columns(geo: ConvGeometry, data: te.Tensor, tables):
+    """[N, C, KH, KW, P]: the input sampled at every kernel point of every (padded) output position."""
+    rows, cols, weights = tables[:3]
+    n, c_size = data.shape[0], data.shape[1]
+    _, _, kh_size, kw_size, positions, _ = weights.shape
+    per_group = geo.in_channels // geo.offset_groups
+    return te.compute(
+        (n, c_size, kh_size, kw_size, positions),
+        lambda b, c, kh, kw, p: _bilinear(
+            data, rows, cols, weights, b, c, c // per_group, kh, kw, p, geo.acc_dtype
+        ).astype(geo.dtype),
+        name="deform_columns",
+    )
+
+
+def _operands(geo: ConvGeometry, batch, height, width):
+    """Placeholders input, offset, mask (or None), weight in the layout of the public API."""
+    c, o, (kh, kw), og = geo.in_channels, geo.out_channels, geo.kernel, geo.offset_groups
+    oh, ow = geo.output_size(height, width)
+    data = te.placeholder((batch, c, height, width), geo.dtype, name="input")
+    offset = te.placeholder((batch, 2 * og * kh * kw, oh, ow), geo.dtype, name="offset")
+    mask = te.placeholder((batch, og * kh * kw, oh, ow), geo.dtype, name="mask") if geo.with_mask else None
+    weight = te.placeholder((o, c // geo.groups, kh, kw), geo.dtype, name="weight")
+    return data, offset, mask, weight
+
+
+def _padded_grad_output(geo: ConvGeometry, grad_output: te.Tensor, positions):
+    """[N, O, P]: grad_output flattened over (oh, ow) and zero on the padded positions."""
+    n, o, oh, ow = grad_output.shape
+    return te.compute(
+        (n, o, positions),
+        lambda b, oc, p: te.if_then_else(
+            p < oh * ow, grad_output[b, oc, tirx.min(p // ow, oh - 1), p % ow].astype(geo.acc_dtype),
+            tirx.const(0, geo.acc_dtype),
+        ),
+        name="grad_output_padded",
+    )
+
+
+def forward(geo: ConvGeometry, batch, height, width, position_align: int = 1):
+    """Forward graph: (input, offset, [mask,] weight, bias) -> output [N, O, OH, OW].
+
+    Returns (arguments, outputs) in call order; bias is always present (zeros when the caller has none).
+    """
+    data, offset, mask, weight = _operands(geo, batch, height, width)
+    bias = te.placeholder((geo.out_channels,), geo.dtype, name="bias")
+    oh, ow = geo.output_size(height, width)
+    acc, kh, kw = geo.acc_dtype, geo.kernel[0], geo.kernel[1]
+    positions = padded_positions(oh, ow, position_align)
+    columns = deform_columns(geo, data, sampling_tables(geo, offset, mask, height, width, positions))
+    c_per_group, o_per_group = geo.in_channels // geo.groups, geo.out_channels // geo.groups
+    rc = te.reduce_axis((0, c_per_group), name="rc")
+    rkh = te.reduce_axis((0, kh), name="rkh")
+    rkw = te.reduce_axis((0, kw), name="rkw")
+    gemm = te.compute(
+        (batch, geo.out_channels, positions),
+        lambda b, oc, p: te.sum(
+            weight[oc, rc, rkh, rkw].astype(acc)
+            * columns[b, oc // o_per_group * c_per_group + rc, rkh, rkw, p].astype(acc),
+            axis=[rc, rkh, rkw],
+        ),
+        name="deform_gemm",
+    )
+    output = te.compute(
+        (batch, geo.out_channels, oh, ow),
+        lambda b, oc, y, x: (gemm[b, oc, y * ow + x] + bias[oc].astype(acc)).astype(geo.dtype),
+        name="output",
+    )
+    return [a for a in (data, offset, mask, weight, bias) if a is not None], [output]
+
+
+def backward_data(geo: ConvGeometry, batch, height, width, position_align: int = 1):
+    """Gradients w.r.t. offset and mask, and what the input-gradient scatter needs (eq. 8-9).
+
+    Arguments (input, offset, [mask,] weight, grad_output [N, O, OH, OW]); outputs, in call order:
+    grad_offset [N, 2*OG*KH*KW, OH, OW], (grad_mask [N, OG*KH*KW, OH, OW],) grad_columns
+    [N, C, KH, KW, P] in acc_dtype, and the three sampling tables of the forward.
+    """
+    data, offset, mask, weight = _operands(geo, batch, height, width)
+    oh, ow = geo.output_size(height, width)
+    grad_output = te.placeholder((batch, geo.out_channels, oh, ow), geo.dtype, name="grad_output")
+    acc, (kh_size, kw_size), og = geo.acc_dtype, geo.kernel, geo.offset_groups
+    positions = padded_positions(oh, ow, position_align)
+    tables = sampling_tables(geo, offset, mask, height, width, positions, derivatives=True)
+    rows, cols, _, unmasked, d_y, d_x = tables
+    grad_out = _padded_grad_output(geo, grad_output, positions)
+
+    c_per_group, o_per_group = geo.in_channels // geo.groups, geo.out_channels // geo.groups
+    ro = te.reduce_axis((0, o_per_group), name="ro")
+    grad_columns = te.compute(
+        (batch, geo.in_channels, kh_size, kw_size, positions),
+        lambda b, c, kh, kw, p: te.sum(
+            weight[c // c_per_group * o_per_group + ro, c % c_per_group, kh, kw].astype(acc)
+            * grad_out[b, c // c_per_group * o_per_group + ro, p],
+            axis=ro,
+        ),
+        name="grad_columns",
+    )
+
+    per_offset_group = geo.in_channels // og
+
+    def channel_sum(weights, name):
+        rc = te.reduce_axis((0, per_offset_group), name="rc")
+        return te.compute(
+            (batch, og, kh_size, kw_size, positions),
+            lambda b, g, kh, kw, p: te.sum(
+                grad_columns[b, g * per_offset_group + rc, kh, kw, p]
+                * _bilinear(data, rows, cols, weights, b, g * per_offset_group + rc, g, kh, kw, p, acc),
+                axis=rc,
+            ),
+            name=name,
+        )
+
+    grad_y, grad_x = channel_sum(d_y, "grad_offset_y"), channel_sum(d_x, "grad_offset_x")
+
+    def per_point(b, ch, y, x):
+        """(offset group, kh, kw, position) of mask channel ch at output (y, x)."""
+        g, k = ch // (kh_size * kw_size), ch % (kh_size * kw_size)
+        return b, g, k // kw_size, k % kw_size, y * ow + x
+
+    def offset_grad(b, ch, y, x):
+        at = per_point(b, ch // 2, y, x)
+        grad = te.if_then_else(ch % 2 == 0, grad_y[at], grad_x[at])
+        if mask is not None:
+            grad = grad * mask[b, ch // 2, y, x].astype(acc)
+        return grad.astype(geo.dtype)
+
+    outputs = [te.compute(offset.shape, offset_grad, name="grad_offset")]
+    if mask is not None:
+        grad_m = channel_sum(unmasked, "grad_mask_sum")
+        outputs.append(
+            te.compute(mask.shape, lambda b, ch, y, x: grad_m[per_point(b, ch, y, x)].astype(geo.dtype),
+                       name="grad_mask")
+        )
+    outputs += [grad_columns, *tables[:3]]
+    return [a for a in (data, offset, mask, weight, grad_output) if a is not None], outputs
+
+
+def backward_weight(geo: ConvGeometry, batch, height, width, position_align: int = 1):
+    """grad_weight [O, C/groups, KH, KW] and grad_bias [O] (eq. 8, the ordinary conv gradient).
+
+    Arguments (input, offset, [mask,] grad_output [N, O, OH, OW]); the columns are recomputed from
+    the sampling tables rather than saved by the forward.
+    """
+    data, offset, mask, _ = _operands(geo, batch, height, width)
+    oh, ow = geo.output_size(height, width)
+    grad_output = te.placeholder((batch, geo.out_channels, oh, ow), geo.dtype, name="grad_output")
+    acc, (kh_size, kw_size) = geo.acc_dtype, geo.kernel
+    positions = padded_positions(oh, ow, position_align)
+    columns = deform_columns(geo, data, sampling_tables(geo, offset, mask, height, width, positions))
+    grad_out = _padded_grad_output(geo, grad_output, positions)
+    c_per_group, o_per_group = geo.in_channels // geo.groups, geo.out_channels // geo.groups
+    rb = te.reduce_axis((0, batch), name="rb")
+    rp = te.reduce_axis((0, positions), name="rp")
+    weight_sum = te.compute(
+        (geo.out_channels, c_per_group, kh_size, kw_size),
+        lambda oc, c, kh, kw: te.sum(
+            grad_out[rb, oc, rp] * columns[rb, oc // o_per_group * c_per_group + c, kh, kw, rp].astype(acc),
+            axis=[rb, rp],
+        ),
+        name="grad_weight_sum",
+    )
+    grad_weight = te.compute(weight_sum.shape, lambda *i: weight_sum[i].astype(geo.dtype), name="grad_weight")
+    rb2 = te.reduce_axis((0, batch), name="rb")
+    rp2 = te.reduce_axis((0, positions), name="rp")
+    bias_sum = te.compute(
+        (geo.out_channels,), lambda oc: te.sum(grad_out[rb2, oc, rp2], axis=[rb2, rp2]), name="grad_bias_sum"
+    )
+    grad_bias = te.compute(bias_sum.shape, lambda oc: bias_sum[oc].astype(geo.dtype), name="grad_bias")
+    return [a for a in (data, offset, mask, grad_output) if a is not None], [grad_weight, grad_bias]
+
+
+def scatter_grad_input(acc_dtype: str, atomic: bool):
+    """PrimFunc adding each column gradient into the input gradient at its four corners (eq. 8).
+
+    (grad_columns [N, C, KH, KW, P], sample_rows, sample_cols, sample_weights) -> grad_input
+    [N, C, H, W] in acc_dtype, which the caller zero-fills; all sizes are symbolic.
+
+    The input gradient is a scatter: a sample may land anywhere, so it has no bounded gather form.
+    Channel c of image n only ever receives from grad_columns[n, c], so the (n, c) planes partition
+    the work: on the CPU one thread owns a plane and plain adds are race-free (`atomic=False`); on
+    the GPU there are too few planes to fill the device, so every (n, c, kh, kw, p) sample gets a
+    thread and the adds are atomic (`atomic=True`).
+    """
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def scatter(gcol_h: T.handle, rows_h: T.handle, cols_h: T.handle, weights_h: T.handle, gin_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n, c, og, kh, kw = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        p, h, w = T.int32(), T.int32(), T.int32()
+        grad_columns = T.match_buffer(gcol_h, (n, c, kh, kw, p), acc_dtype)
+        rows = T.match_buffer(rows_h, (n, og, kh, kw, p, 2), "int32")
+        cols = T.match_buffer(cols_h, (n, og, kh, kw, p, 2), "int32")
+        weights = T.match_buffer(weights_h, (n, og, kh, kw, p, 4), acc_dtype)
+        grad_input = T.match_buffer(gin_h, (n, c, h, w), acc_dtype)
+        if atomic:
+            for b, ch, i, j, q in T.grid(n, c, kh, kw, p):
+                with T.sblock("scatter_grad_input"):
+                    vb, vc, vi, vj, vq = T.axis.remap("SSSSS", [b, ch, i, j, q])
+                    T.reads(grad_columns[vb, vc, vi, vj, vq], rows[vb, 0:og, vi, vj, vq, 0:2],
+                            cols[vb, 0:og, vi, vj, vq, 0:2], weights[vb, 0:og, vi, vj, vq, 0:4])
+                    T.writes(grad_input[vb, vc, 0:h, 0:w])
+                    for t in range(4):
+                        T.evaluate(T.cuda.atomic_add(
+                            T.address_of(grad_input[vb, vc, rows[vb, vc // (c // og), vi, vj, vq, t // 2],
+                                                    cols[vb, vc // (c // og), vi, vj, vq, t % 2]]),
+                            weights[vb, vc // (c // og), vi, vj, vq, t] * grad_columns[vb, vc, vi, vj, vq],
+                        ))
+        else:
+            for b, ch in T.grid(n, c):
+                with T.sblock("scatter_grad_input"):
+                    vb, vc = T.axis.remap("SS", [b, ch])
+                    T.reads(grad_columns[vb, vc, 0:kh, 0:kw, 0:p], rows[vb, 0:og, 0:kh, 0:kw, 0:p, 0:2],
+                            cols[vb, 0:og, 0:kh, 0:kw, 0:p, 0:2], weights[vb, 0:og, 0:kh, 0:kw, 0:p, 0:4])
+                    T.writes(grad_input[vb, vc, 0:h, 0:w])
+                    g = vc // (c // og)
+                    for i, j, q, t in T.grid(kh, kw, p, 4):
+                        grad_input[vb, vc, rows[vb, g, i, j, q, t // 2], cols[vb, g, i, j, q, t % 2]] += (
+                            weights[vb, g, i, j, q, t] * grad_columns[vb, vc, i, j, q]
+                        )
+
+    return scatter

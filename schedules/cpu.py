@@ -1,0 +1,148 @@
+"""Default `llvm` schedules: parallel over cores, vectorised over output positions, no tuning needed.
+
+Each rule takes an `s_tir.Schedule` of the PrimFunc built by `dcn_tvm.compute` and finds the stages
+by name. The GEMM-like stages use a register-blocked micro-kernel: a block of output channels times
+`POSITION_TILE` positions accumulates in registers while the reduction streams through L1/L2.
+"""
+
+from __future__ import annotations
+
+#: Positions per tile; the compute pads P to a multiple of this, so tiles never have tails.
+POSITION_TILE = 32
+#: Bytes per vector register (AVX-512); narrower ISAs split the vectors, which LLVM does well.
+VECTOR_BYTES = 64
+
+
+def _lanes(sch, block) -> int:
+    """Vector lanes for the accumulator dtype of `block` (16 for float32, 8 for float64)."""
+    dtype = sch.get(block).writes[0].source.dtype
+    return VECTOR_BYTES * 8 // dtype.bits
+
+
+def _extent(sch, loop):
+    return sch.get(loop).extent
+
+
+def _divisor(value, candidates) -> int:
+    """The first candidate dividing the static `value` (1 if none does)."""
+    return next((c for c in candidates if int(value) % c == 0), 1)
+
+
+def parallel_outer(sch, name: str, inner: int = 1) -> None:
+    """Fuse every loop of stage `name` but the `inner` innermost ones and run them in parallel."""
+    block = sch.get_sblock(name)
+    loops = sch.get_loops(block)
+    outer = loops[: max(len(loops) - inner, 1)]
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+def _microkernel(sch, block, parallel_loops, channel_loop, position_loop, reduction_loops, unrolled=()):
+    """Tile `channel_loop` x `position_loop` into a register block and put the reduction inside it.
+
+    Loop order: parallel(parallel_loops, position tile) / channel block / reduction / unrolled /
+    channel in block / position vector chunks (unrolled) / vector lanes.
+    Returns the fused parallel loop (where callers compute the gather).
+    """
+    lanes = _lanes(sch, block)
+    channel_block = _divisor(_extent(sch, channel_loop), (8, 6, 4, 3, 2))
+    p_tile, p_in = sch.split(position_loop, [None, POSITION_TILE])
+    p_chunk, p_lane = sch.split(p_in, [None, lanes])
+    c_outer, c_inner = sch.split(channel_loop, [None, channel_block])
+    sch.reorder(*parallel_loops, p_tile, c_outer, *reduction_loops, *unrolled, c_inner, p_chunk, p_lane)
+    fused = sch.fuse(*parallel_loops, p_tile)
+    sch.parallel(fused)
+    accumulator = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(accumulator, c_outer)
+    for loop in (*unrolled, c_inner, p_chunk):
+        sch.unroll(loop)
+    sch.vectorize(p_lane)
+    sch.decompose_reduction(block, reduction_loops[0])
+    return fused
+
+
+def _sampling_tables(sch, names=("sample_rows", "sample_cols", "sample_weights")) -> None:
+    for name in names:
+        parallel_outer(sch, name, inner=2)
+
+
+def forward(sch) -> None:
+    """Tables at root; the gather of one position tile (all channels) computed inside the GEMM's
+    parallel loop, so the columns never exist beyond one L2-sized tile."""
+    _sampling_tables(sch)
+    gemm = sch.get_sblock("deform_gemm")
+    b, oc, p, rc, rkh, rkw = sch.get_loops(gemm)
+    tile_loop = _microkernel(sch, gemm, [b], oc, p, [rc, rkh, rkw])
+    sch.compute_at(sch.get_sblock("deform_columns"), tile_loop)
+    parallel_outer(sch, "output", inner=2)
+
+
+def backward_data(sch) -> None:
+    """grad_columns as a register-blocked GEMM; channel reductions for the offset/mask gradients."""
+    _sampling_tables(
+        sch, ("sample_rows", "sample_cols", "sample_weights", "sample_weights_unmasked",
+              "sample_weights_dy", "sample_weights_dx"),
+    )
+    sch.compute_inline(sch.get_sblock("grad_output_padded"))
+    gcol = sch.get_sblock("grad_columns")
+    b, c, kh, kw, p, ro = sch.get_loops(gcol)
+    # Register block: the KH*KW kernel points of one channel share each grad_output vector.
+    lanes = _lanes(sch, gcol)
+    p_tile, p_in = sch.split(p, [None, POSITION_TILE])
+    p_chunk, p_lane = sch.split(p_in, [None, lanes])
+    sch.reorder(b, c, p_tile, ro, kh, kw, p_chunk, p_lane)
+    sch.parallel(sch.fuse(b, c))
+    accumulator = sch.cache_write(gcol, 0, "local")
+    sch.reverse_compute_at(accumulator, p_tile)
+    for loop in (kh, kw, p_chunk):
+        sch.unroll(loop)
+    sch.vectorize(p_lane)
+    sch.decompose_reduction(gcol, ro)
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    for name in ("grad_offset_y", "grad_offset_x", "grad_mask_sum"):
+        if name in names:
+            block = sch.get_sblock(name)
+            bb, g, i, j, q, rc = sch.get_loops(block)
+            sch.reorder(bb, g, i, j, rc, q)
+            sch.parallel(sch.fuse(bb, g, i, j))
+            sch.decompose_reduction(block, rc)
+    for name in ("grad_offset", "grad_mask"):
+        if name in names:
+            parallel_outer(sch, name, inner=2)
+
+
+def backward_weight(sch) -> None:
+    """Columns materialised in parallel, then grad_weight as dot products along the positions,
+    split across vector lanes with rfactor so the reduction vectorises."""
+    _sampling_tables(sch)
+    parallel_outer(sch, "deform_columns", inner=1)
+    parallel_outer(sch, "grad_output_padded", inner=1)
+    gw = sch.get_sblock("grad_weight_sum")
+    oc, c, kh, kw, rb, rp = sch.get_loops(gw)
+    lanes = _lanes(sch, gw)
+    rp_outer, rp_lane = sch.split(rp, [None, lanes])
+    partial = sch.rfactor(rp_lane, 0)
+    lane, oc2, c2, kh2, kw2, rb2, rpo2 = sch.get_loops(partial)
+    sch.reorder(oc2, c2, rb2, rpo2, kh2, kw2, lane)
+    sch.parallel(sch.fuse(oc2, c2))
+    sch.unroll(kh2)
+    sch.unroll(kw2)
+    sch.vectorize(lane)
+    parallel_outer(sch, "grad_weight_sum", inner=1)
+    parallel_outer(sch, "grad_weight", inner=1)
+    bias = sch.get_sblock("grad_bias_sum")
+    sch.parallel(sch.get_loops(bias)[0])
+
+
+def scatter(sch) -> None:
+    """One thread per (image, channel) plane: the planes partition the writes (no atomics)."""
+    block = sch.get_sblock("scatter_grad_input")
+    b, c, *_ = sch.get_loops(block)
+    sch.parallel(sch.fuse(b, c))
+
+
+RULES = {
+    "forward": forward,
+    "backward_data": backward_data,
+    "backward_weight": backward_weight,
+    "scatter": scatter,
+}
