@@ -23,42 +23,9 @@ so no offset can make a kernel read out of bounds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from tvm import te, tirx
 
-TABLE_STAGES = ("sample_rows", "sample_cols", "sample_weights")
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """Static hyper-parameters of one deformable convolution; batch/height/width may be symbolic."""
-
-    in_channels: int
-    out_channels: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
-    offset_groups: int
-    with_mask: bool
-    dtype: str
-
-    @property
-    def acc_dtype(self) -> str:
-        return "float64" if self.dtype == "float64" else "float32"
-
-    @property
-    def kernel_points(self) -> int:
-        return self.kernel[0] * self.kernel[1]
-
-    def output_size(self, height, width):
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
-        return (
-            (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-            (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1,
-        )
+from dcn_tvm.kernels.spec import ConvGeometry
 
 
 def _cast(value, dtype):

@@ -1,0 +1,6 @@
+"""dcn_tvm: Deformable ConvNets operators written as TVM tensor expressions, called from PyTorch."""
+
+from dcn_tvm.ops.deform_conv2d import DeformConv2d, DeformConv2dPack, deform_conv2d
+
+__all__ = ["DeformConv2d", "DeformConv2dPack", "deform_conv2d"]
+__version__ = "0.1.0"

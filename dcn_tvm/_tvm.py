@@ -1,0 +1,26 @@
+"""The one gateway to the TVM compiler.
+
+Only the compile path goes through here (`dcn_tvm.kernels.build`, and the compute/ and schedules/
+modules it drives); running a kernel needs `tvm_ffi` alone. The import is lazy, so importing
+`dcn_tvm` or calling a cached kernel never loads the compiler.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+class CompilerUnavailable(RuntimeError):
+    """Raised when a kernel must be compiled but the TVM compiler is not installed."""
+
+
+@functools.cache
+def tvm():
+    """The `tvm` module, imported on first use."""
+    try:
+        import tvm as module
+    except ImportError as error:
+        raise CompilerUnavailable(
+            "compiling a dcn_tvm kernel needs the TVM compiler: pip install 'apache-tvm==0.27.0.post1'"
+        ) from error
+    return module

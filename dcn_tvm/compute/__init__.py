@@ -1,0 +1,1 @@
+"""Pure TE definitions of the operators: no torch, no schedules (compiler side only)."""

@@ -1,0 +1,1 @@
+"""Spec -> kernel: naming, resolution (in-process cache, disk cache, compile), and the DLPack call."""

@@ -1,0 +1,93 @@
+"""Kernel resolution: in-process cache -> on-disk cache -> compile (then store on disk).
+
+Disk entries are written atomically (export to a temporary file in the same folder, then rename)
+under an exclusive file lock, so several processes asking for the same spec compile it once and
+never see a half-written library.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import logging
+import os
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from dcn_tvm import env
+from dcn_tvm.kernels.runtime import load_function
+from dcn_tvm.kernels.spec import KernelSpec
+
+log = logging.getLogger("dcn_tvm")
+_kernels: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def cache_path(spec: KernelSpec) -> Path:
+    """Where the compiled library of `spec` lives on disk; the path carries the versions and target."""
+    versions = f"dcn_tvm-{_version('dcn_tvm')}_tvm-{_version('apache-tvm')}"
+    return env.cache_dir() / versions / spec.target / f"{spec.key}.so"
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _compile(spec: KernelSpec):
+    from dcn_tvm.kernels.build import build
+
+    log.info("dcn_tvm: compiling %s", spec.key)
+    return build(spec)
+
+
+def _compile_to_disk(spec: KernelSpec, path: Path):
+    executable = _compile(spec)
+    fd, temporary = tempfile.mkstemp(prefix=path.stem, suffix=".so.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        executable.export_library(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return load_function(path)
+
+
+def _resolve(spec: KernelSpec):
+    if not env.disk_cache_enabled():
+        return _compile(spec)["main"]
+    path = cache_path(spec)
+    if path.exists():
+        return load_function(path)
+    with _file_lock(path):
+        if path.exists():  # another process compiled it while we waited
+            return load_function(path)
+        return _compile_to_disk(spec, path)
+
+
+def get_kernel(spec: KernelSpec):
+    """The callable kernel for `spec`, compiling it at most once per machine."""
+    key = spec.key
+    kernel = _kernels.get(key)
+    if kernel is None:
+        with _lock:
+            kernel = _kernels.get(key)
+            if kernel is None:
+                kernel = _kernels[key] = _resolve(spec)
+    return kernel

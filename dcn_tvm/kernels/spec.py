@@ -1,0 +1,82 @@
+"""Readable kernel specs. One key names the in-process cache entry, the on-disk file and (later)
+the tuning record and the prebuilt artifact alike, e.g.
+
+    deform_conv2d_forward_float32_c512_o512_k3x3_s1x1_p2x2_d2x2_g1_og1_m0_n1_h38_w50_llvm-znver5
+
+A batch/height/width of None is symbolic ("nany"): one kernel serves every size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STAGES = ("forward", "backward_data", "backward_weight", "scatter")
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Static hyper-parameters of one deformable convolution layer."""
+
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    offset_groups: int
+    with_mask: bool
+    dtype: str
+
+    @property
+    def acc_dtype(self) -> str:
+        """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+        return "float64" if self.dtype == "float64" else "float32"
+
+    def output_size(self, height, width):
+        """(OH, OW) for an input of height x width (ints or symbolic expressions)."""
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
+        return (
+            (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+            (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1,
+        )
+
+    @property
+    def key(self) -> str:
+        pair = "{}x{}".format
+        return (
+            f"{self.dtype}_c{self.in_channels}_o{self.out_channels}_k{pair(*self.kernel)}"
+            f"_s{pair(*self.stride)}_p{pair(*self.padding)}_d{pair(*self.dilation)}"
+            f"_g{self.groups}_og{self.offset_groups}_m{int(self.with_mask)}"
+        )
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compiled function: an operator stage for a geometry, sizes and target."""
+
+    stage: str
+    geometry: ConvGeometry | None  # None for the scatter, which is generic in everything but dtype
+    batch: int | None
+    height: int | None
+    width: int | None
+    target: str  # a target key, see dcn_tvm.kernels.targets
+    acc_dtype: str = "float32"
+    op: str = "deform_conv2d"
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}, expected one of {STAGES}")
+
+    @property
+    def key(self) -> str:
+        def dim(name, value):
+            return f"{name}{'any' if value is None else value}"
+
+        body = (
+            self.geometry.key + "_" + "_".join(dim(*d) for d in (("n", self.batch), ("h", self.height), ("w", self.width)))
+            if self.geometry is not None
+            else self.acc_dtype
+        )
+        return f"{self.op}_{self.stage}_{body}_{self.target}"

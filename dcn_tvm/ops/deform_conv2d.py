@@ -1,0 +1,274 @@
+"""Deformable convolution for PyTorch: functional + modules, argument checks, torch.library ops.
+
+`deform_conv2d` has torchvision's signature, semantics and offset layout. The compiled TVM kernels
+run zero-copy on the caller's tensors (DLPack), on the current CUDA stream.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from dcn_tvm import env, schedules
+from dcn_tvm.kernels.cache import get_kernel
+from dcn_tvm.kernels.spec import DTYPES, ConvGeometry, KernelSpec
+from dcn_tvm.kernels.targets import target_key, target_kind
+
+_TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}
+
+
+def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _check_tensor(name: str, value, rank: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(value.shape)}")
+
+
+def _expect_shape(name: str, value: Tensor | None, expected: tuple[int, ...], layout: str) -> None:
+    if value is not None and tuple(value.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected} ({layout}), got {tuple(value.shape)}")
+
+
+def geometry(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None, stride, padding,
+             dilation) -> ConvGeometry:
+    """Check every argument of deform_conv2d and return the layer's static geometry."""
+    _check_tensor("input", input, 4)
+    _check_tensor("offset", offset, 4)
+    _check_tensor("weight", weight, 4)
+    _check_tensor("mask", mask, 4, optional=True)
+    stride, padding, dilation = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    if input.dtype not in _TORCH_DTYPES:
+        raise TypeError(f"input must have a floating dtype among {DTYPES}, got {input.dtype}")
+    for name, value in (("offset", offset), ("weight", weight), ("mask", mask)):
+        if value is not None and value.dtype != input.dtype:
+            raise TypeError(f"{name} must have the input's dtype {input.dtype}, got {value.dtype}")
+        if value is not None and value.device != input.device:
+            raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
+    if input.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"dcn_tvm runs on cpu and cuda devices, got {input.device}")
+    n, c, h, w = input.shape
+    o, c_per_group, kh, kw = weight.shape
+    if c_per_group == 0 or c % c_per_group != 0:
+        raise ValueError(f"input channels ({c}) must be a multiple of weight.shape[1] ({c_per_group})")
+    groups = c // c_per_group
+    if o % groups != 0:
+        raise ValueError(f"out channels ({o}) must be a multiple of groups ({groups} = {c} // {c_per_group})")
+    if offset.shape[1] == 0 or offset.shape[1] % (2 * kh * kw) != 0:
+        raise ValueError(f"offset.shape[1] must be a positive multiple of 2*KH*KW = {2 * kh * kw}, "
+                         f"got {offset.shape[1]}")
+    offset_groups = offset.shape[1] // (2 * kh * kw)
+    if c % offset_groups != 0:
+        raise ValueError(f"input channels ({c}) must be a multiple of offset groups ({offset_groups})")
+    geo = ConvGeometry(c, o, (kh, kw), stride, padding, dilation, groups, offset_groups, mask is not None,
+                       _TORCH_DTYPES[input.dtype])
+    oh, ow = geo.output_size(h, w)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding} "
+                         f"and dilation {dilation}: the output would be {oh}x{ow}")
+    _expect_shape("offset", offset, (n, 2 * offset_groups * kh * kw, oh, ow), "N, 2*offset_groups*KH*KW, OH, OW")
+    _expect_shape("mask", mask, (n, offset_groups * kh * kw, oh, ow), "N, offset_groups*KH*KW, OH, OW")
+    return geo
+
+
+def _spec(stage: str, geo: ConvGeometry, input: Tensor) -> KernelSpec:
+    n, _, h, w = input.shape
+    if env.dynamic_shapes():
+        n = h = w = None
+    return KernelSpec(stage, geo, n, h, w, target_key(input.device))
+
+
+def _positions(geo: ConvGeometry, input: Tensor) -> int:
+    oh, ow = geo.output_size(input.shape[2], input.shape[3])
+    tile = schedules.position_tile(target_kind(target_key(input.device)))
+    return (oh * ow + tile - 1) // tile * tile
+
+
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+@torch.library.custom_op("dcn_tvm::deform_conv2d", mutates_args=())
+def _forward_op(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tensor, bias: Tensor,
+                stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    input, offset, mask, weight, bias = _contiguous(input, offset, mask, weight, bias)
+    geo = geometry(input, offset, weight, mask, stride, padding, dilation)
+    oh, ow = geo.output_size(input.shape[2], input.shape[3])
+    output = input.new_empty(input.shape[0], geo.out_channels, oh, ow)
+    if input.shape[0] == 0:
+        return output
+    kernel = get_kernel(_spec("forward", geo, input))
+    kernel(*[t for t in (input, offset, mask, weight, bias) if t is not None], output)
+    return output
+
+
+@_forward_op.register_fake
+def _forward_fake(input, offset, mask, weight, bias, stride, padding, dilation):
+    return input.new_empty(input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
+
+
+@torch.library.custom_op("dcn_tvm::deform_conv2d_backward", mutates_args=())
+def _backward_op(grad_output: Tensor, input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tensor,
+                 stride: list[int], padding: list[int], dilation: list[int]
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_offset, grad_mask or an empty tensor without mask, grad_weight, grad_bias)."""
+    grad_output, input, offset, mask, weight = _contiguous(grad_output, input, offset, mask, weight)
+    geo = geometry(input, offset, weight, mask, stride, padding, dilation)
+    grad_offset = torch.zeros_like(offset)
+    grad_mask = torch.zeros_like(mask) if mask is not None else input.new_empty(0)
+    n = input.shape[0]
+    if n == 0:
+        return (torch.zeros_like(input), grad_offset, grad_mask, torch.zeros_like(weight),
+                weight.new_zeros(weight.shape[0]))
+    acc = getattr(torch, geo.acc_dtype)
+    (kh, kw), og, p = geo.kernel, geo.offset_groups, _positions(geo, input)
+    grad_columns = input.new_empty(n, geo.in_channels, kh, kw, p, dtype=acc)
+    rows = input.new_empty(n, og, kh, kw, p, 2, dtype=torch.int32)
+    cols = torch.empty_like(rows)
+    weights = input.new_empty(n, og, kh, kw, p, 4, dtype=acc)
+    operands = [t for t in (input, offset, mask, weight, grad_output) if t is not None]
+    results = [t for t in (grad_offset, grad_mask if mask is not None else None) if t is not None]
+    get_kernel(_spec("backward_data", geo, input))(*operands, *results, grad_columns, rows, cols, weights)
+
+    grad_input = torch.zeros(input.shape, dtype=acc, device=input.device)
+    scatter = KernelSpec("scatter", None, None, None, None, target_key(input.device), acc_dtype=geo.acc_dtype)
+    get_kernel(scatter)(grad_columns, rows, cols, weights, grad_input)
+
+    grad_weight, grad_bias = torch.empty_like(weight), weight.new_empty(weight.shape[0])
+    operands = [t for t in (input, offset, mask, grad_output) if t is not None]
+    get_kernel(_spec("backward_weight", geo, input))(*operands, grad_weight, grad_bias)
+    return grad_input.to(input.dtype), grad_offset, grad_mask, grad_weight, grad_bias
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_output, input, offset, mask, weight, stride, padding, dilation):
+    grad_mask = torch.empty_like(mask) if mask is not None else input.new_empty(0)
+    return (torch.empty_like(input), torch.empty_like(offset), grad_mask, torch.empty_like(weight),
+            weight.new_empty(weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    input, offset, mask, weight, _, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, offset, mask, weight)
+    ctx.conv = (stride, padding, dilation)
+
+
+def _backward(ctx, grad_output):
+    input, offset, mask, weight = ctx.saved_tensors
+    grad_input, grad_offset, grad_mask, grad_weight, grad_bias = torch.ops.dcn_tvm.deform_conv2d_backward(
+        grad_output, input, offset, mask, weight, *ctx.conv
+    )
+    return grad_input, grad_offset, grad_mask if mask is not None else None, grad_weight, grad_bias, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,
+                  stride=(1, 1), padding=(0, 0), dilation=(1, 1), mask: Tensor | None = None) -> Tensor:
+    """Deformable convolution (DCNv1; DCNv2 with `mask`), a drop-in for torchvision.ops.deform_conv2d.
+
+    Args:
+        input (Tensor[N, C, H, W]): input feature map.
+        offset (Tensor[N, 2*offset_groups*KH*KW, OH, OW]): channel 2*(g*KH*KW + k) is dy and
+            2*(g*KH*KW + k) + 1 is dx of kernel point k (row-major) of offset group g.
+        weight (Tensor[O, C/groups, KH, KW]): convolution weights; groups = C // weight.shape[1].
+        bias (Tensor[O], optional): added to every output position.
+        stride, padding, dilation (int or (int, int)): as in torch.nn.functional.conv2d.
+        mask (Tensor[N, offset_groups*KH*KW, OH, OW], optional): DCNv2 modulation per sample.
+
+    A sample at (y, x) is bilinear with every corner outside the image read as zero, and counts only
+    when -1 < y < H and -1 < x < W. Returns Tensor[N, O, OH, OW].
+    """
+    _check_tensor("bias", bias, 1, optional=True)
+    geo = geometry(input, offset, weight, mask, stride, padding, dilation)
+    if bias is None:
+        bias = weight.new_zeros(weight.shape[0])
+    elif bias.dtype != input.dtype or bias.device != input.device:
+        raise TypeError(f"bias must have the input's dtype {input.dtype} on {input.device}, "
+                        f"got {bias.dtype} on {bias.device}")
+    _expect_shape("bias", bias, (geo.out_channels,), "O")
+    return _forward_op(input, offset, mask, weight, bias, list(geo.stride), list(geo.padding), list(geo.dilation))
+
+
+class DeformConv2d(nn.Module):
+    """Deformable convolution layer with torchvision's signature; offsets (and mask) are inputs.
+
+    forward(input [N, C, H, W], offset [N, 2*og*KH*KW, OH, OW], mask [N, og*KH*KW, OH, OW] or None)
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True):
+        super().__init__()
+        if in_channels % groups != 0 or out_channels % groups != 0:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
+                             f"multiples of groups ({groups})")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride, self.padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+        self.dilation = _pair(dilation, "dilation", 1)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The initialisation of torch.nn.Conv2d."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight.shape[1] * self.kernel_size[0] * self.kernel_size[1]
+            nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+    def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
+        return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}")
+
+
+class DeformConv2dPack(DeformConv2d):
+    """The paper's deformable layer: owns the conv that predicts its offsets (and DCNv2 mask).
+
+    The offset conv has 2*offset_groups*KH*KW channels (+ offset_groups*KH*KW mask logits when
+    `modulated`), the same kernel, stride, padding and dilation, and starts at zero, so the layer
+    starts as the plain convolution (mask sigmoid(0)*2 = 1). `offset_lr_mult` scales the offset conv's
+    gradients, which under SGD is the paper's learning-rate multiplier for offset layers.
+
+    forward(input [N, C, H, W]) -> [N, O, OH, OW]
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, offset_groups: int = 1, bias: bool = True, modulated: bool = False,
+                 offset_lr_mult: float = 1.0):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        if in_channels % offset_groups != 0:
+            raise ValueError(f"in_channels ({in_channels}) must be a multiple of offset_groups ({offset_groups})")
+        points = offset_groups * self.kernel_size[0] * self.kernel_size[1]
+        self.offset_groups, self.modulated, self.offset_lr_mult = offset_groups, modulated, offset_lr_mult
+        self.conv_offset = nn.Conv2d(in_channels, points * (3 if modulated else 2), self.kernel_size,
+                                     self.stride, self.padding, self.dilation)
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+        if offset_lr_mult != 1.0:
+            for parameter in self.conv_offset.parameters():
+                parameter.register_hook(lambda grad: grad * self.offset_lr_mult)
+
+    def forward(self, input: Tensor) -> Tensor:
+        out = self.conv_offset(input)
+        if not self.modulated:
+            return super().forward(input, out)
+        points = self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
+        offset, logits = out[:, : 2 * points], out[:, 2 * points :]
+        return super().forward(input, offset, torch.sigmoid(logits))
