@@ -1,25 +1,26 @@
-"""Default schedules, one rule per (op stage, target kind); they need no tuning records.
+"""Default schedules: one module per (operator, target kind), `<op>_<kind>.py`, needing no tuning records.
 
-`apply(kind, stage, sch)` schedules in place; `position_tile(kind)` is the padding the compute must
-give the output-position axis so the rule's tiles have no tails.
+Each module has `RULES` (stage name -> rule scheduling an `s_tir.Schedule` in place, finding the
+compute's stages by name) and may set `POSITION_TILE`, the multiple the compute pads its output
+position axis to so the rule's tiles have no tails.
 """
 
 from __future__ import annotations
 
-from . import cpu, cuda
+import importlib
 
-_BY_KIND = {"llvm": cpu, "cuda": cuda}
-
-
-def _module(kind: str):
-    if kind not in _BY_KIND:
-        raise ValueError(f"no default schedule for target kind {kind!r}; expected one of {sorted(_BY_KIND)}")
-    return _BY_KIND[kind]
+KINDS = ("llvm", "cuda")
 
 
-def position_tile(kind: str) -> int:
-    return _module(kind).POSITION_TILE
+def _module(op: str, kind: str):
+    if kind not in KINDS:
+        raise ValueError(f"no default schedule for target kind {kind!r}; expected one of {KINDS}")
+    return importlib.import_module(f"{__name__}.{op}_{kind}")
 
 
-def apply(kind: str, stage: str, sch) -> None:
-    _module(kind).RULES[stage](sch)
+def position_tile(op: str, kind: str) -> int:
+    return getattr(_module(op, kind), "POSITION_TILE", 1)
+
+
+def apply(op: str, kind: str, stage: str, sch) -> None:
+    _module(op, kind).RULES[stage](sch)

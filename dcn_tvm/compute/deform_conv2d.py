@@ -343,3 +343,15 @@ def scatter_grad_input(acc_dtype: str, atomic: bool):
                         )
 
     return scatter
+
+
+def prim_func(stage: str, geo: ConvGeometry | None, sizes, *, acc_dtype: str, position_align: int, atomic: bool):
+    """The PrimFunc of one stage: forward, backward_data, backward_weight (sizes = batch, height,
+    width) or scatter (generic; `atomic` for GPUs)."""
+    if stage == "scatter":
+        return scatter_grad_input(acc_dtype, atomic)
+    stages = {"forward": forward, "backward_data": backward_data, "backward_weight": backward_weight}
+    if stage not in stages:
+        raise ValueError(f"unknown deform_conv2d stage {stage!r}")
+    arguments, outputs = stages[stage](geo, *sizes, position_align=position_align)
+    return te.create_prim_func(arguments + outputs)

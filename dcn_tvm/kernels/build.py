@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
+
 from dcn_tvm._tvm import tvm
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_config, target_kind
 
 
 def prim_func(spec: KernelSpec):
-    """The scheduled-to-be PrimFunc of a spec (symbolic sizes where the spec has None)."""
-    te = tvm().te
+    """The PrimFunc of a spec, from `dcn_tvm.compute.<op>` (symbolic sizes where the spec has None)."""
     from dcn_tvm import schedules
-    from dcn_tvm.compute import deform_conv2d as compute
 
-    if spec.stage == "scatter":
-        return compute.scatter_grad_input(spec.acc_dtype, atomic=target_kind(spec.target) == "cuda")
-    sizes = [te.var(name) if value is None else value
-             for name, value in (("batch", spec.batch), ("height", spec.height), ("width", spec.width))]
-    make = getattr(compute, spec.stage)
-    arguments, outputs = make(spec.geometry, *sizes, position_align=schedules.position_tile(target_kind(spec.target)))
-    return te.create_prim_func(arguments + outputs)
+    te = tvm().te
+    compute = importlib.import_module(f"dcn_tvm.compute.{spec.op}")
+    kind = target_kind(spec.target)
+    sizes = [te.var(name) if value is None else value for name, value in spec.sizes]
+    return compute.prim_func(spec.stage, spec.geometry, sizes, acc_dtype=spec.acc_dtype,
+                             position_align=schedules.position_tile(spec.op, kind), atomic=kind == "cuda")
 
 
 def build(spec: KernelSpec):
@@ -28,7 +27,7 @@ def build(spec: KernelSpec):
 
     kind = target_kind(spec.target)
     sch = tvm().s_tir.Schedule(prim_func(spec))
-    schedules.apply(kind, spec.stage, sch)
+    schedules.apply(spec.op, kind, spec.stage, sch)
     target = tvm().target.Target(target_config(spec.target))
     with target:
         executable = tvm().compile(sch.mod, target=target)

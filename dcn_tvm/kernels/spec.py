@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STAGES = ("forward", "backward_data", "backward_weight", "scatter")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -54,29 +53,23 @@ class ConvGeometry:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One compiled function: an operator stage for a geometry, sizes and target."""
+    """One compiled function: an operator stage for a geometry, sizes and target.
 
+    `geometry` is the operator's static description (anything with a `.key`), or None for stages
+    that are generic in everything but `acc_dtype`. `sizes` are the (name, value) pairs of the
+    dimensions that may be symbolic; a value of None compiles a kernel for every size.
+    """
+
+    op: str
     stage: str
-    geometry: ConvGeometry | None  # None for the scatter, which is generic in everything but dtype
-    batch: int | None
-    height: int | None
-    width: int | None
+    geometry: object | None
+    sizes: tuple[tuple[str, int | None], ...]
     target: str  # a target key, see dcn_tvm.kernels.targets
     acc_dtype: str = "float32"
-    op: str = "deform_conv2d"
-
-    def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ValueError(f"unknown stage {self.stage!r}, expected one of {STAGES}")
 
     @property
     def key(self) -> str:
-        def dim(name, value):
-            return f"{name}{'any' if value is None else value}"
-
-        body = (
-            self.geometry.key + "_" + "_".join(dim(*d) for d in (("n", self.batch), ("h", self.height), ("w", self.width)))
-            if self.geometry is not None
-            else self.acc_dtype
-        )
-        return f"{self.op}_{self.stage}_{body}_{self.target}"
+        if self.geometry is None:
+            return f"{self.op}_{self.stage}_{self.acc_dtype}_{self.target}"
+        dims = "_".join(f"{name}{'any' if value is None else value}" for name, value in self.sizes)
+        return f"{self.op}_{self.stage}_{self.geometry.key}_{dims}_{self.target}"

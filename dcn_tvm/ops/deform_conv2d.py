@@ -16,6 +16,7 @@ from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import DTYPES, ConvGeometry, KernelSpec
 from dcn_tvm.kernels.targets import target_key, target_kind
 
+OP = "deform_conv2d"
 _TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}
 
 
@@ -87,12 +88,12 @@ def _spec(stage: str, geo: ConvGeometry, input: Tensor) -> KernelSpec:
     n, _, h, w = input.shape
     if env.dynamic_shapes():
         n = h = w = None
-    return KernelSpec(stage, geo, n, h, w, target_key(input.device))
+    return KernelSpec(OP, stage, geo, (("n", n), ("h", h), ("w", w)), target_key(input.device))
 
 
 def _positions(geo: ConvGeometry, input: Tensor) -> int:
     oh, ow = geo.output_size(input.shape[2], input.shape[3])
-    tile = schedules.position_tile(target_kind(target_key(input.device)))
+    tile = schedules.position_tile(OP, target_kind(target_key(input.device)))
     return (oh * ow + tile - 1) // tile * tile
 
 
@@ -143,7 +144,7 @@ def _backward_op(grad_output: Tensor, input: Tensor, offset: Tensor, mask: Tenso
     get_kernel(_spec("backward_data", geo, input))(*operands, *results, grad_columns, rows, cols, weights)
 
     grad_input = torch.zeros(input.shape, dtype=acc, device=input.device)
-    scatter = KernelSpec("scatter", None, None, None, None, target_key(input.device), acc_dtype=geo.acc_dtype)
+    scatter = KernelSpec(OP, "scatter", None, (), target_key(input.device), acc_dtype=geo.acc_dtype)
     get_kernel(scatter)(grad_columns, rows, cols, weights, grad_input)
 
     grad_weight, grad_bias = torch.empty_like(weight), weight.new_empty(weight.shape[0])

@@ -10,6 +10,8 @@ fallback below (one thread per output element, reductions serial in the thread).
 
 from __future__ import annotations
 
+from .common import bind_remaining
+
 #: The compute pads the positions to a multiple of this, so position tiles have no tails.
 POSITION_TILE = 64
 BLOCK_CHANNELS = 64
@@ -20,19 +22,6 @@ REDUCTION_STEP = 16
 def _threads() -> int:
     side = POSITION_TILE // THREAD_TILE
     return side * side
-
-
-def bind_remaining(sch) -> None:
-    """Bind every root stage not yet on the GPU: spatial loops fused over blocks x 256 threads."""
-    for block in sch.get_child_blocks(sch.get_sblock("root")):
-        loops = sch.get_loops(block)
-        if any(sch.get(loop).thread_binding is not None for loop in loops):
-            continue
-        spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == 0)
-        fused = sch.fuse(*loops[:spatial]) if spatial > 1 else loops[0]
-        blocks, threads = sch.split(fused, [None, 256])
-        sch.bind(blocks, "blockIdx.x")
-        sch.bind(threads, "threadIdx.x")
 
 
 def _cooperative_load(sch, block, loop, depth: int) -> None:

@@ -7,6 +7,8 @@ by name. The GEMM-like stages use a register-blocked micro-kernel: a block of ou
 
 from __future__ import annotations
 
+from .common import parallel_outer
+
 #: Positions per tile; the compute pads P to a multiple of this, so tiles never have tails.
 POSITION_TILE = 32
 #: Bytes per vector register (AVX-512); narrower ISAs split the vectors, which LLVM does well.
@@ -26,14 +28,6 @@ def _extent(sch, loop):
 def _divisor(value, candidates) -> int:
     """The first candidate dividing the static `value` (1 if none does)."""
     return next((c for c in candidates if int(value) % c == 0), 1)
-
-
-def parallel_outer(sch, name: str, inner: int = 1) -> None:
-    """Fuse every loop of stage `name` but the `inner` innermost ones and run them in parallel."""
-    block = sch.get_sblock(name)
-    loops = sch.get_loops(block)
-    outer = loops[: max(len(loops) - inner, 1)]
-    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
 def _microkernel(sch, block, parallel_loops, channel_loop, position_loop, reduction_loops, unrolled=()):
@@ -60,9 +54,15 @@ def _microkernel(sch, block, parallel_loops, channel_loop, position_loop, reduct
     return fused
 
 
-def _sampling_tables(sch, names=("sample_rows", "sample_cols", "sample_weights")) -> None:
-    for name in names:
-        parallel_outer(sch, name, inner=2)
+def _stage_names(sch) -> set[str]:
+    return {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
+
+
+def _sampling_tables(sch) -> None:
+    """Every sampling table present (the unmasked one exists only with a mask) in parallel."""
+    for name in _stage_names(sch):
+        if name.startswith("sample_"):
+            parallel_outer(sch, name, inner=2)
 
 
 def forward(sch) -> None:
@@ -78,10 +78,7 @@ def forward(sch) -> None:
 
 def backward_data(sch) -> None:
     """grad_columns as a register-blocked GEMM; channel reductions for the offset/mask gradients."""
-    _sampling_tables(
-        sch, ("sample_rows", "sample_cols", "sample_weights", "sample_weights_unmasked",
-              "sample_weights_dy", "sample_weights_dx"),
-    )
+    _sampling_tables(sch)
     sch.compute_inline(sch.get_sblock("grad_output_padded"))
     gcol = sch.get_sblock("grad_columns")
     b, c, kh, kw, p, ro = sch.get_loops(gcol)
@@ -97,7 +94,7 @@ def backward_data(sch) -> None:
         sch.unroll(loop)
     sch.vectorize(p_lane)
     sch.decompose_reduction(gcol, ro)
-    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    names = _stage_names(sch)
     for name in ("grad_offset_y", "grad_offset_x", "grad_mask_sum"):
         if name in names:
             block = sch.get_sblock(name)
