@@ -108,23 +108,37 @@ def backward_data(sch) -> None:
 
 
 def backward_weight(sch) -> None:
-    """Columns materialised in parallel, then grad_weight as dot products along the positions,
-    split across vector lanes with rfactor so the reduction vectorises."""
+    """grad_weight[o, (c, kh, kw)] = sum over (n, p) of grad_output[n, o, p] * columns[n, (c, kh, kw), p].
+
+    The columns are materialised position-major ([N, P, C, KH, KW], by transform_layout) so that a
+    register block of output channels x a vector of (c, kh, kw) accumulates over all positions with
+    contiguous vector loads and broadcast grad_output values.
+    """
     _sampling_tables(sch)
-    parallel_outer(sch, "deform_columns", inner=1)
+    columns = sch.get_sblock("deform_columns")
+    sch.transform_layout(columns, ("write", 0), lambda b, c, kh, kw, p: (b, p, c, kh, kw))
+    b, c, kh, kw, p = sch.get_loops(columns)
+    sch.reorder(b, p, c, kh, kw)
+    sch.parallel(sch.fuse(b, p))
     parallel_outer(sch, "grad_output_padded", inner=1)
+
     gw = sch.get_sblock("grad_weight_sum")
     oc, c, kh, kw, rb, rp = sch.get_loops(gw)
     lanes = _lanes(sch, gw)
-    rp_outer, rp_lane = sch.split(rp, [None, lanes])
-    partial = sch.rfactor(rp_lane, 0)
-    lane, oc2, c2, kh2, kw2, rb2, rpo2 = sch.get_loops(partial)
-    sch.reorder(oc2, c2, rb2, rpo2, kh2, kw2, lane)
-    sch.parallel(sch.fuse(oc2, c2))
-    sch.unroll(kh2)
-    sch.unroll(kw2)
-    sch.vectorize(lane)
-    parallel_outer(sch, "grad_weight_sum", inner=1)
+    ck = sch.fuse(c, kh, kw)
+    ck_tile = _divisor(_extent(sch, ck), (2 * lanes, lanes, 8, 4, 2))
+    channel_block = _divisor(_extent(sch, oc), (8, 6, 4, 3, 2))
+    o_outer, o_inner = sch.split(oc, [None, channel_block])
+    ck_outer, ck_inner = sch.split(ck, [None, ck_tile])
+    ck_chunk, ck_lane = sch.split(ck_inner, [None, min(lanes, ck_tile)])
+    sch.reorder(o_outer, ck_outer, rb, rp, o_inner, ck_chunk, ck_lane)
+    sch.parallel(sch.fuse(o_outer, ck_outer))
+    accumulator = sch.cache_write(gw, 0, "local")
+    sch.reverse_compute_at(accumulator, sch.get_loops(gw)[0])
+    sch.unroll(o_inner)
+    sch.unroll(ck_chunk)
+    sch.vectorize(ck_lane)
+    sch.decompose_reduction(gw, rb)
     parallel_outer(sch, "grad_weight", inner=1)
     bias = sch.get_sblock("grad_bias_sum")
     sch.parallel(sch.get_loops(bias)[0])

@@ -8,7 +8,10 @@ never see a half-written library.
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import tempfile
@@ -32,9 +35,20 @@ def _version(package: str) -> str:
         return "unknown"
 
 
+@functools.cache
+def _code_fingerprint() -> str:
+    """Hash of the compute and schedule sources: editing either invalidates the cached kernels."""
+    digest = hashlib.sha256()
+    for package in ("dcn_tvm.compute", "dcn_tvm.schedules"):
+        folder = Path(next(iter(importlib.util.find_spec(package).submodule_search_locations)))
+        for source in sorted(folder.glob("*.py")):
+            digest.update(source.name.encode() + source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def cache_path(spec: KernelSpec) -> Path:
     """Where the compiled library of `spec` lives on disk; the path carries the versions and target."""
-    versions = f"dcn_tvm-{_version('dcn_tvm')}_tvm-{_version('apache-tvm')}"
+    versions = f"dcn_tvm-{_version('dcn_tvm')}_tvm-{_version('apache-tvm')}_{_code_fingerprint()}"
     return env.cache_dir() / versions / spec.target / f"{spec.key}.so"
 
 
