@@ -79,17 +79,19 @@ def forward(sch) -> None:
 def backward_data(sch) -> None:
     """grad_columns as a register-blocked GEMM; channel reductions for the offset/mask gradients."""
     _sampling_tables(sch)
-    sch.compute_inline(sch.get_sblock("grad_output_padded"))
+    # Materialised, not inlined: inlined, its p // OW, p % OW indexing defeats vector loads.
+    parallel_outer(sch, "grad_output_padded", inner=1)
     gcol = sch.get_sblock("grad_columns")
     b, c, kh, kw, p, ro = sch.get_loops(gcol)
-    # Register block: the KH*KW kernel points of one channel share each grad_output vector.
+    # Register block: the KH*KW kernel points of one channel share each grad_output vector. Position
+    # tiles outermost, so a tile of grad_output stays in L2 while every channel reads it.
     lanes = _lanes(sch, gcol)
     p_tile, p_in = sch.split(p, [None, POSITION_TILE])
     p_chunk, p_lane = sch.split(p_in, [None, lanes])
-    sch.reorder(b, c, p_tile, ro, kh, kw, p_chunk, p_lane)
-    sch.parallel(sch.fuse(b, c))
+    sch.reorder(b, p_tile, c, ro, kh, kw, p_chunk, p_lane)
+    sch.parallel(sch.fuse(b, p_tile))
     accumulator = sch.cache_write(gcol, 0, "local")
-    sch.reverse_compute_at(accumulator, p_tile)
+    sch.reverse_compute_at(accumulator, c)
     for loop in (kh, kw, p_chunk):
         sch.unroll(loop)
     sch.vectorize(p_lane)
@@ -123,9 +125,8 @@ def backward_weight(sch) -> None:
     parallel_outer(sch, "grad_output_padded", inner=1)
 
     gw = sch.get_sblock("grad_weight_sum")
-    oc, c, kh, kw, rb, rp = sch.get_loops(gw)
+    oc, ck, rb, rp = sch.get_loops(gw)
     lanes = _lanes(sch, gw)
-    ck = sch.fuse(c, kh, kw)
     ck_tile = _divisor(_extent(sch, ck), (2 * lanes, lanes, 8, 4, 2))
     channel_block = _divisor(_extent(sch, oc), (8, 6, 4, 3, 2))
     o_outer, o_inner = sch.split(oc, [None, channel_block])

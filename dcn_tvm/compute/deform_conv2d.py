@@ -274,15 +274,23 @@ def backward_weight(geo: ConvGeometry, batch, height, width, position_align: int
     c_per_group, o_per_group = geo.in_channels // geo.groups, geo.out_channels // geo.groups
     rb = te.reduce_axis((0, batch), name="rb")
     rp = te.reduce_axis((0, positions), name="rp")
+    points = kh_size * kw_size
+    # One flat (c, kh, kw) axis, so a schedule can tile it into contiguous vectors.
     weight_sum = te.compute(
-        (geo.out_channels, c_per_group, kh_size, kw_size),
-        lambda oc, c, kh, kw: te.sum(
-            grad_out[rb, oc, rp] * columns[rb, oc // o_per_group * c_per_group + c, kh, kw, rp].astype(acc),
+        (geo.out_channels, c_per_group * points),
+        lambda oc, ck: te.sum(
+            grad_out[rb, oc, rp]
+            * columns[rb, oc // o_per_group * c_per_group + ck // points, ck % points // kw_size, ck % kw_size,
+                      rp].astype(acc),
             axis=[rb, rp],
         ),
         name="grad_weight_sum",
     )
-    grad_weight = te.compute(weight_sum.shape, lambda *i: weight_sum[i].astype(geo.dtype), name="grad_weight")
+    grad_weight = te.compute(
+        (geo.out_channels, c_per_group, kh_size, kw_size),
+        lambda oc, c, kh, kw: weight_sum[oc, (c * kh_size + kh) * kw_size + kw].astype(geo.dtype),
+        name="grad_weight",
+    )
     rb2 = te.reduce_axis((0, batch), name="rb")
     rp2 = te.reduce_axis((0, positions), name="rp")
     bias_sum = te.compute(
