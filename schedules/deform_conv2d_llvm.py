@@ -132,8 +132,9 @@ def backward_weight(sch) -> None:
     o_outer, o_inner = sch.split(oc, [None, channel_block])
     ck_outer, ck_inner = sch.split(ck, [None, ck_tile])
     ck_chunk, ck_lane = sch.split(ck_inner, [None, min(lanes, ck_tile)])
-    sch.reorder(o_outer, ck_outer, rb, rp, o_inner, ck_chunk, ck_lane)
-    sch.parallel(sch.fuse(o_outer, ck_outer))
+    # (c, kh, kw) strips outermost: consecutive tasks reuse one strip of columns from L2.
+    sch.reorder(ck_outer, o_outer, rb, rp, o_inner, ck_chunk, ck_lane)
+    sch.parallel(sch.fuse(ck_outer, o_outer))
     accumulator = sch.cache_write(gw, 0, "local")
     sch.reverse_compute_at(accumulator, sch.get_loops(gw)[0])
     sch.unroll(o_inner)
