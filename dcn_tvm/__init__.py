@@ -1,6 +1,7 @@
 """dcn_tvm: Deformable ConvNets operators written as TVM tensor expressions, called from PyTorch."""
 
 from dcn_tvm.ops.deform_conv2d import DeformConv2d, DeformConv2dPack, deform_conv2d
+from dcn_tvm.ops.deform_roi_pool import DeformPSRoIPool, DeformRoIPool, deform_roi_pool
 
-__all__ = ["DeformConv2d", "DeformConv2dPack", "deform_conv2d"]
+__all__ = ["DeformConv2d", "DeformConv2dPack", "DeformPSRoIPool", "DeformRoIPool", "deform_conv2d", "deform_roi_pool"]
 __version__ = "0.1.0"

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+_DATA_PAR, _COMM_REDUCE = 0, 2  # tirx.IterVar kinds
+
+
+def count_iters(sch, block, reduction: bool) -> int:
+    """Number of reduction (or spatial) block iterators of `block`."""
+    kind = _COMM_REDUCE if reduction else _DATA_PAR
+    return sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == kind)
+
 
 def parallel_outer(sch, name: str, inner: int = 1) -> None:
     """Fuse every loop of stage `name` but the `inner` innermost ones and run them in parallel."""
@@ -17,7 +25,7 @@ def bind_remaining(sch) -> None:
         loops = sch.get_loops(block)
         if any(sch.get(loop).thread_binding is not None for loop in loops):
             continue
-        spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == 0)
+        spatial = count_iters(sch, block, reduction=False)
         fused = sch.fuse(*loops[:spatial]) if spatial > 1 else loops[0]
         blocks, threads = sch.split(fused, [None, 256])
         sch.bind(blocks, "blockIdx.x")

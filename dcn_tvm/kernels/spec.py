@@ -13,6 +13,11 @@ from dataclasses import dataclass
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
+def accumulation_dtype(dtype: str) -> str:
+    """float64 accumulates in float64, every other dtype in float32."""
+    return "float64" if dtype == "float64" else "float32"
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     """Static hyper-parameters of one deformable convolution layer."""
@@ -30,8 +35,7 @@ class ConvGeometry:
 
     @property
     def acc_dtype(self) -> str:
-        """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
-        return "float64" if self.dtype == "float64" else "float32"
+        return accumulation_dtype(self.dtype)
 
     def output_size(self, height, width):
         """(OH, OW) for an input of height x width (ints or symbolic expressions)."""

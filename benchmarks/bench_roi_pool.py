@@ -1,0 +1,93 @@
+"""Benchmark deform_roi_pool at the R-FCN head size: dcn_tvm, plain PyTorch, torchvision.
+
+    python benchmarks/bench_roi_pool.py [--repeats 15] [--dtype float32] [--device cpu|cuda]
+
+300 RoIs on the 1029-channel (7·7·21) score maps of a 600x1000 image at stride 16 (38x63), k = 7,
+sampling_ratio 4: deformable PS RoI pooling with class-aware offsets, and PS RoI pooling without
+offsets, where torchvision.ops.ps_roi_align (a different sampling rule, shown for scale only) runs
+beside it if it imports. Medians of repeated runs after a warm-up (which also compiles dcn_tvm's
+kernels). Prints the device and a Markdown table; ratios are last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+from bench_deform_conv2d import device_name, median_ms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_roi_pool import deform_roi_pool_torch  # noqa: E402
+
+import dcn_tvm  # noqa: E402
+
+IMAGE, STRIDE, ROIS, CLASSES, K = (600, 1000), 16, 300, 21, 7
+POOL = dict(output_size=K, spatial_scale=1 / STRIDE, group_size=K, sampling_ratio=4, gamma=0.1)
+
+
+def inputs(dtype, device):
+    """Score maps [1, 7·7·21, 38, 63], proposals [300, 5] of 32..512 px, offsets [300, 42, 7, 7]."""
+    gen = torch.Generator().manual_seed(0)
+    height, width = (-(-side // STRIDE) for side in IMAGE)
+    maps = torch.randn(1, K * K * CLASSES, height, width, generator=gen)
+    size = 32 + torch.rand(ROIS, 2, generator=gen) * 480
+    corner = torch.rand(ROIS, 2, generator=gen) * (torch.tensor([IMAGE[1], IMAGE[0]]) - size)
+    rois = torch.cat([torch.zeros(ROIS, 1), corner, corner + size], dim=1)
+    offset = torch.randn(ROIS, 2 * CLASSES, K, K, generator=gen)
+    return maps.to(device, dtype), rois.to(device), offset.to(device, dtype)
+
+
+def methods(deformable: bool):
+    found = {
+        "dcn_tvm": lambda maps, rois, offset: dcn_tvm.deform_roi_pool(maps, rois, offset, **POOL),
+        "plain torch": lambda maps, rois, offset: deform_roi_pool_torch(maps, rois, offset, **POOL),
+    }
+    if not deformable and importlib.util.find_spec("torchvision") is not None:
+        import torchvision
+
+        found["torchvision ps_roi_align"] = lambda maps, rois, offset: torchvision.ops.ps_roi_align(
+            maps, rois.to(maps.dtype), K, POOL["spatial_scale"], POOL["sampling_ratio"])
+    return found
+
+
+def run(deformable: bool, dtype, device, repeats):
+    maps, rois, offset = inputs(dtype, device)
+    offset = offset.requires_grad_() if deformable else None
+    maps.requires_grad_()
+    leaves = [t for t in (maps, offset) if t is not None]
+    grad = torch.randn(ROIS, CLASSES, K, K).to(device, dtype)
+    results = {}
+    for name, fn in methods(deformable).items():
+        def forward():
+            with torch.no_grad():
+                fn(maps, rois, offset)
+
+        def forward_backward():
+            torch.autograd.grad(fn(maps, rois, offset), leaves, grad)
+
+        results[name] = (median_ms(forward, repeats, device), median_ms(forward_backward, repeats, device))
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(f"device: {device_name(device)} | torch {torch.__version__} | {args.dtype} | median of {args.repeats} runs\n")
+    print("| pooling | method | forward ms | fwd+bwd ms | dcn_tvm speed-up (fwd, fwd+bwd) |")
+    print("|---|---|---:|---:|---:|")
+    for label, deformable in (("deformable PS, class-aware offsets", True), ("PS, no offsets", False)):
+        results = run(deformable, dtype, device, args.repeats)
+        ours = results["dcn_tvm"]
+        for name, (fwd, fwd_bwd) in results.items():
+            print(f"| {label} | {name} | {fwd:.2f} | {fwd_bwd:.2f} | {fwd / ours[0]:.2f}x, {fwd_bwd / ours[1]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

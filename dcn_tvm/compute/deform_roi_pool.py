@@ -1,0 +1,384 @@
+"""Deformable position-sensitive RoI pooling (Dai et al. 2017, §2.2; gradients as eq. 10) as pure TE.
+
+One operator covers the paper's four RoI poolings: group_size G = 1 pools plain RoIs, G = k is
+position-sensitive, and offsets make either deformable. The rules are the original
+DeformablePSROIPooling's, so that published models carry over (k = output_size, P = part_size,
+S = sampling_ratio, s = spatial_scale, O = out_channels, NC = offset classes):
+
+- RoI r = (batch, x1, y1, x2, y2): start_w = round(x1)*s - 0.5, end_w = (round(x2) + 1)*s - 0.5 with
+  round half away from zero; roi_w = max(end_w - start_w, 0.1); bin_w = roi_w / k; likewise for h.
+- Output (r, c, i, j): class = c // (O / NC); part (i*P // k, j*P // k); tx = offset[r, 2*class, part]
+  * gamma and ty = offset[r, 2*class + 1, part] * gamma (x first); the bin starts at
+  w0 = j*bin_w + start_w + tx*roi_w, h0 = i*bin_h + start_h + ty*roi_h and reads input channel
+  (c*G + i*G // k)*G + j*G // k.
+- Samples at (h0 + b*bin_h/S, w0 + a*bin_w/S) for a, b < S. A sample with w outside [-0.5, W - 0.5]
+  or h outside [-0.5, H - 0.5] is skipped; the others are clamped to [0, W-1] x [0, H-1] and read
+  bilinearly between the floor and ceil pixels. Output = mean of the samples taken, 0 if none.
+
+Stages, by the names schedules look up:
+
+    roi_batch      [R]              int32 image of every RoI
+    roi_boxes      [R, 4]           start_w, start_h, roi_w, roi_h
+    sample_count   [R, NC', k, k]   samples taken per bin (NC' = NC, or 1 without offsets)
+    pool_sum       [R, O, k, k]     their sum, in acc_dtype
+    output         [R, O, k, k]     pool_sum / sample_count (0 for empty bins), cast to dtype
+
+The backward adds grad_scale, grad_offset_bins, grad_offset and the scatter's sampling tables
+(see `backward`). NaN, inf and huge offsets or boxes fail the range test and sample nothing; an
+out-of-range batch index reads image 0 (the torch op refuses it first); every pixel index comes
+from a clamped position, so no input makes a kernel read out of bounds.
+
+R is symbolic in practice (the RoI count changes with every image); N, H and W may be.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from tvm import te, tirx
+
+from dcn_tvm.kernels.roi_spec import RoIPoolGeometry
+
+
+def _const(value, dtype):
+    return tirx.const(value, dtype)
+
+
+def _cast(value, dtype):
+    """A Python int or an integer PrimExpr as a `dtype` expression."""
+    return _const(value, dtype) if isinstance(value, int) else value.astype(dtype)
+
+
+def _corner(index, first, second):
+    """Select `first` for corner index 0 and `second` for corner index 1 of a bilinear pair."""
+    return tirx.Select(index == 0, first, second)
+
+
+def _round(x, dtype):
+    """C's round (half away from zero), exactly: trunc(x) moved one step out when |frac| >= 0.5."""
+    whole, half = tirx.trunc(x), _const(0.5, dtype)
+    one, zero = _const(1, dtype), _const(0, dtype)
+    return whole + tirx.Select(x - whole >= half, one, zero) - tirx.Select(whole - x >= half, one, zero)
+
+
+def bins_of(part, parts: int, k: int):
+    """[first, end): the bins i < k with i*parts // k == part; never more than ceil(k / parts)."""
+    return (part * k + parts - 1) // parts, ((part + 1) * k + parts - 1) // parts
+
+
+def input_channel(geo: RoIPoolGeometry, c, i, j):
+    """Input channel read by output channel c at bin (i, j): (c*G + i*G // k)*G + j*G // k."""
+    g, k = geo.group_size, geo.output_size
+    return (c * g + i * g // k) * g + j * g // k
+
+
+class _Axis(NamedTuple):
+    """One sample along one axis: taken?, floor and ceil pixels of the clamped position, fraction."""
+
+    taken: object
+    low: object
+    high: object
+    frac: object
+
+
+def _axis(origin, step, index, size, acc) -> _Axis:
+    """Sample `index` along one axis of `size` pixels of a bin starting at `origin`."""
+    position = origin + index.astype(acc) * step
+    last = _cast(size, acc) - _const(1, acc)
+    taken = tirx.all(position >= _const(-0.5, acc), position <= last + _const(0.5, acc))
+    # Skipped positions (NaN and inf included) become 0, so floor/ceil and the integer casts are defined.
+    position = tirx.Select(taken, tirx.min(tirx.max(position, _const(0, acc)), last), _const(0, acc))
+    low = te.floor(position)
+    return _Axis(taken, low.astype("int32"), te.ceil(position).astype("int32"), position - low)
+
+
+class _Bin(NamedTuple):
+    """One bin of one RoI and offset class: its image, first sample and sub-bin steps."""
+
+    image: object
+    w0: object
+    h0: object
+    step_w: object
+    step_h: object
+    acc: str
+
+    def row(self, index, height) -> _Axis:
+        return _axis(self.h0, self.step_h, index, height, self.acc)
+
+    def col(self, index, width) -> _Axis:
+        return _axis(self.w0, self.step_w, index, width, self.acc)
+
+
+class _RoIs(NamedTuple):
+    """The per-RoI stages roi_batch and roi_boxes (see the module docstring)."""
+
+    batch: te.Tensor
+    boxes: te.Tensor
+
+
+def _roi_stages(geo: RoIPoolGeometry, rois, batch) -> _RoIs:
+    """The image and box of every RoI; a batch index outside [0, N) (or NaN) gives image 0."""
+    acc = geo.acc_dtype
+
+    def image(r):
+        index = rois[r, 0]
+        in_range = tirx.all(index >= _const(0, acc), index < _cast(batch, acc))
+        return tirx.Select(in_range, index, _const(0, acc)).astype("int32")
+
+    def box(r, t):
+        scale, half, one = _const(geo.spatial_scale, acc), _const(0.5, acc), _const(1, acc)
+        start = [_round(rois[r, 1 + axis], acc) * scale - half for axis in (0, 1)]
+        end = [(_round(rois[r, 3 + axis], acc) + one) * scale - half for axis in (0, 1)]
+        size = [tirx.max(e - b, _const(0.1, acc)) for b, e in zip(start, end)]
+        return tirx.Select(t < 2, _corner(t, start[0], start[1]), _corner(t - 2, size[0], size[1]))
+
+    rois_count = rois.shape[0]
+    return _RoIs(te.compute((rois_count,), image, name="roi_batch"),
+                 te.compute((rois_count, 4), box, name="roi_boxes"))
+
+
+def _bin(geo: RoIPoolGeometry, roi: _RoIs, offset, r, cls, i, j) -> _Bin:
+    """Bin (i, j) of RoI r as offset class `cls` sees it (the module docstring's rules)."""
+    acc, k, s = geo.acc_dtype, geo.output_size, geo.sampling_ratio
+    start_w, start_h, roi_w, roi_h = (roi.boxes[r, t] for t in range(4))
+    bin_w, bin_h = roi_w / _const(k, acc), roi_h / _const(k, acc)
+    w0, h0 = j.astype(acc) * bin_w + start_w, i.astype(acc) * bin_h + start_h
+    if offset is not None:
+        part_row, part_col = i * geo.part_size // k, j * geo.part_size // k
+        gamma = _const(geo.gamma, acc)
+        w0 = w0 + offset[r, 2 * cls, part_row, part_col].astype(acc) * gamma * roi_w
+        h0 = h0 + offset[r, 2 * cls + 1, part_row, part_col].astype(acc) * gamma * roi_h
+    return _Bin(roi.batch[r], w0, h0, bin_w / _const(s, acc), bin_h / _const(s, acc), acc)
+
+
+def _interpolate(data, image, channel, ys: _Axis, xs: _Axis, acc, along=None):
+    """Bilinear value at the sample (along=None), or its derivative along "x" or "y"."""
+    one = _const(1, acc)
+    wy = (-one, one) if along == "y" else (one - ys.frac, ys.frac)
+    wx = (-one, one) if along == "x" else (one - xs.frac, xs.frac)
+    value = _const(0, acc)
+    for ty, row in enumerate((ys.low, ys.high)):
+        for tx, col in enumerate((xs.low, xs.high)):
+            value = value + wy[ty] * wx[tx] * data[image, channel, row, col].astype(acc)
+    return value
+
+
+def _operands(geo: RoIPoolGeometry, rois_count, batch, height, width):
+    """Placeholders input [N, C, H, W], rois [R, 5] (acc_dtype), offset [R, 2*NC, P, P] or None."""
+    data = te.placeholder((batch, geo.in_channels, height, width), geo.dtype, name="input")
+    rois = te.placeholder((rois_count, 5), geo.acc_dtype, name="rois")
+    offset = None
+    if geo.with_offset:
+        p = geo.part_size
+        offset = te.placeholder((rois_count, 2 * geo.num_classes, p, p), geo.dtype, name="offset")
+    return data, rois, offset
+
+
+def _sample_count(geo: RoIPoolGeometry, roi: _RoIs, offset, height, width):
+    """[R, NC', k, k]: samples taken in every bin, in acc_dtype."""
+    k, s = geo.output_size, geo.sampling_ratio
+    rb, ra = te.reduce_axis((0, s), name="rb"), te.reduce_axis((0, s), name="ra")
+
+    def count(r, cls, i, j):
+        at = _bin(geo, roi, offset, r, cls, i, j)
+        taken = tirx.all(at.row(rb, height).taken, at.col(ra, width).taken)
+        return te.sum(taken.astype(geo.acc_dtype), axis=[rb, ra])
+
+    return te.compute((roi.batch.shape[0], geo.sample_classes, k, k), count, name="sample_count")
+
+
+def forward(geo: RoIPoolGeometry, rois_count, batch, height, width):
+    """(input, rois, [offset]) -> output [R, O, k, k]; returns (arguments, outputs) in call order."""
+    data, rois, offset = _operands(geo, rois_count, batch, height, width)
+    acc, k, s, per_class = geo.acc_dtype, geo.output_size, geo.sampling_ratio, geo.channels_per_class
+    roi = _roi_stages(geo, rois, batch)
+    count = _sample_count(geo, roi, offset, height, width)
+    rb, ra = te.reduce_axis((0, s), name="rb"), te.reduce_axis((0, s), name="ra")
+
+    def pooled(r, c, i, j):
+        at = _bin(geo, roi, offset, r, c // per_class, i, j)
+        ys, xs = at.row(rb, height), at.col(ra, width)
+        value = _interpolate(data, at.image, input_channel(geo, c, i, j), ys, xs, acc)
+        return te.sum(tirx.Select(tirx.all(ys.taken, xs.taken), value, _const(0, acc)), axis=[rb, ra])
+
+    total = te.compute((rois_count, geo.out_channels, k, k), pooled, name="pool_sum")
+
+    def mean(r, c, i, j):
+        taken = count[r, c // per_class, i, j]
+        return tirx.Select(taken > _const(0, acc), total[r, c, i, j] / taken, _const(0, acc)).astype(geo.dtype)
+
+    output = te.compute(total.shape, mean, name="output")
+    return [a for a in (data, rois, offset) if a is not None], [output]
+
+
+def backward(geo: RoIPoolGeometry, rois_count, batch, height, width):
+    """Gradient w.r.t. offset (eq. 10) and the tables of the input-gradient scatter.
+
+    Arguments (input, rois, [offset,] grad_output [R, O, k, k]); outputs in call order:
+
+        grad_offset         [R, 2*NC, P, P]        dtype (only with offsets)
+        grad_scale          [R, O, k, k]           grad_output / sample_count, 0 for empty bins
+        roi_batch           [R]                    int32, the image of every RoI
+        sample_rows         [R, NC', k, k, S, 2]   int32, floor and ceil rows of sample row b
+        sample_row_weights  [R, NC', k, k, S, 2]   (1 - fy, fy), zero where the row is skipped
+        sample_cols         [R, NC', k, k, S, 2]   likewise for the columns
+        sample_col_weights  [R, NC', k, k, S, 2]
+
+    The offset gradient sums d(sample)/dw * gamma * roi_w (d/dh and roi_h for ty) * grad_scale
+    over the samples of every bin of the part cell and every channel of the class. As in the
+    original it is the derivative of the interpolation at the clamped position: zero in the clamped
+    margins [-0.5, 0) and (W-1, W-0.5] (where the clamp makes it right), zero at integer positions
+    (floor == ceil there, where the true function has a kink), and blind to samples entering or
+    leaving [-0.5, W-0.5], which changes the count (the mean is taken as over a fixed set).
+    """
+    data, rois, offset = _operands(geo, rois_count, batch, height, width)
+    acc, k, s, per_class = geo.acc_dtype, geo.output_size, geo.sampling_ratio, geo.channels_per_class
+    grad_output = te.placeholder((rois_count, geo.out_channels, k, k), geo.dtype, name="grad_output")
+    roi = _roi_stages(geo, rois, batch)
+    count = _sample_count(geo, roi, offset, height, width)
+    zero = _const(0, acc)
+
+    def scale(r, c, i, j):
+        taken = count[r, c // per_class, i, j]
+        return tirx.Select(taken > zero, grad_output[r, c, i, j].astype(acc) / taken, zero)
+
+    grad_scale = te.compute(grad_output.shape, scale, name="grad_scale")
+
+    def table(name: str, along_rows: bool, weights: bool):
+        def entry(r, cls, i, j, index, t):
+            at = _bin(geo, roi, offset, r, cls, i, j)
+            axis = at.row(index, height) if along_rows else at.col(index, width)
+            if not weights:
+                return _corner(t, axis.low, axis.high)
+            return tirx.Select(axis.taken, _corner(t, _const(1, acc) - axis.frac, axis.frac), zero)
+
+        return te.compute((rois_count, geo.sample_classes, k, k, s, 2), entry, name=name)
+
+    tables = [roi.batch, table("sample_rows", True, False), table("sample_row_weights", True, True),
+              table("sample_cols", False, False), table("sample_col_weights", False, True)]
+    if offset is None:
+        return [data, rois, grad_output], [grad_scale, *tables]
+
+    rc = te.reduce_axis((0, per_class), name="rc")
+    rb, ra = te.reduce_axis((0, s), name="rb"), te.reduce_axis((0, s), name="ra")
+    pair_sum = te.comm_reducer(lambda a, b: (a[0] + b[0], a[1] + b[1]),
+                               lambda t0, t1: (_const(0, t0), _const(0, t1)), name="pair_sum")
+
+    def bin_gradient(r, cls, i, j):
+        """(d/dtx, d/dty) of bin (i, j) before the gamma * roi size factor, sharing every sample."""
+        at = _bin(geo, roi, offset, r, cls, i, j)
+        ys, xs = at.row(rb, height), at.col(ra, width)
+        c = cls * per_class + rc
+        channel, taken = input_channel(geo, c, i, j), tirx.all(ys.taken, xs.taken)
+
+        def slope(along):
+            value = _interpolate(data, at.image, channel, ys, xs, acc, along)
+            return tirx.Select(taken, grad_scale[r, c, i, j] * value, zero)
+
+        return pair_sum((slope("x"), slope("y")), axis=[rc, rb, ra])
+
+    bins = te.compute((rois_count, geo.num_classes, k, k), bin_gradient, name="grad_offset_bins")
+    p = geo.part_size
+    span = (k + p - 1) // p
+    di, dj = te.reduce_axis((0, span), name="di"), te.reduce_axis((0, span), name="dj")
+
+    def part_gradient(r, channel, part_row, part_col):
+        (first_i, end_i), (first_j, end_j) = bins_of(part_row, p, k), bins_of(part_col, p, k)
+        i, j = first_i + di, first_j + dj
+        # The min() only keeps the index expression in bounds where the bin is not used.
+        at = (r, channel // 2, tirx.min(i, k - 1), tirx.min(j, k - 1))
+        slope = _corner(channel % 2, bins[0][at], bins[1][at])
+        return te.sum(tirx.Select(tirx.all(i < end_i, j < end_j), slope, zero), axis=[di, dj])
+
+    parts = te.compute(offset.shape, part_gradient, name="grad_offset_parts")
+
+    def offset_gradient(r, channel, part_row, part_col):
+        size = _corner(channel % 2, roi.boxes[r, 2], roi.boxes[r, 3])
+        return (parts[r, channel, part_row, part_col] * _const(geo.gamma, acc) * size).astype(geo.dtype)
+
+    grad_offset = te.compute(offset.shape, offset_gradient, name="grad_offset")
+    return [data, rois, offset, grad_output], [grad_offset, grad_scale, *tables]
+
+
+def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
+    """PrimFunc adding every sample's bilinear weights x grad_scale into the input gradient.
+
+    (grad_scale, roi_batch, sample_rows, sample_row_weights, sample_cols, sample_col_weights) ->
+    grad_input [N, C, H, W] in acc_dtype, which the caller zero-fills; R, N, H, W are symbolic.
+
+    Input channel ch only ever receives from output channel ch // G² at the bins of its group
+    (ch // G % G, ch % G), from every RoI. On the CPU one thread owns a channel and plain adds are
+    race-free (`atomic=False`). On the GPU every (RoI, output channel, bin, sample) gets a thread
+    and the adds are atomic (`atomic=True`): RoIs overlap, so any two threads may meet.
+    """
+    from tvm.script import tirx as T
+
+    acc, k, g, s = geo.acc_dtype, geo.output_size, geo.group_size, geo.sampling_ratio
+    o, c_in, nc, per_class = geo.out_channels, geo.in_channels, geo.sample_classes, geo.channels_per_class
+    span = (k + g - 1) // g
+
+    @T.prim_func(s_tir=True)
+    def scatter(scale_h: T.handle, batch_h: T.handle, rows_h: T.handle, row_weights_h: T.handle,
+                cols_h: T.handle, col_weights_h: T.handle, grad_input_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        r, n, h, w = T.int32(), T.int32(), T.int32(), T.int32()
+        grad_scale = T.match_buffer(scale_h, (r, o, k, k), acc)
+        roi_batch = T.match_buffer(batch_h, (r,), "int32")
+        rows = T.match_buffer(rows_h, (r, nc, k, k, s, 2), "int32")
+        row_weights = T.match_buffer(row_weights_h, (r, nc, k, k, s, 2), acc)
+        cols = T.match_buffer(cols_h, (r, nc, k, k, s, 2), "int32")
+        col_weights = T.match_buffer(col_weights_h, (r, nc, k, k, s, 2), acc)
+        grad_input = T.match_buffer(grad_input_h, (n, c_in, h, w), acc)
+        if atomic:
+            for roi, oc, i, j, sy, sx in T.grid(r, o, k, k, s, s):
+                with T.sblock("scatter_grad_input"):
+                    vr, vo, vi, vj, vy, vx = T.axis.remap("SSSSSS", [roi, oc, i, j, sy, sx])
+                    T.reads(grad_scale[vr, vo, vi, vj], roi_batch[vr], rows[vr, 0:nc, vi, vj, vy, 0:2],
+                            row_weights[vr, 0:nc, vi, vj, vy, 0:2], cols[vr, 0:nc, vi, vj, vx, 0:2],
+                            col_weights[vr, 0:nc, vi, vj, vx, 0:2])
+                    T.writes(grad_input[0:n, 0:c_in, 0:h, 0:w])
+                    cls = vo // per_class
+                    for t in range(4):
+                        T.evaluate(T.cuda.atomic_add(
+                            T.address_of(grad_input[roi_batch[vr], input_channel(geo, vo, vi, vj),
+                                                    rows[vr, cls, vi, vj, vy, t // 2],
+                                                    cols[vr, cls, vi, vj, vx, t % 2]]),
+                            row_weights[vr, cls, vi, vj, vy, t // 2] * col_weights[vr, cls, vi, vj, vx, t % 2]
+                            * grad_scale[vr, vo, vi, vj],
+                        ))
+        else:
+            for ch in T.serial(c_in):
+                with T.sblock("scatter_grad_input"):
+                    vc = T.axis.remap("S", [ch])
+                    T.reads(grad_scale[0:r, 0:o, 0:k, 0:k], roi_batch[0:r], rows[0:r, 0:nc, 0:k, 0:k, 0:s, 0:2],
+                            row_weights[0:r, 0:nc, 0:k, 0:k, 0:s, 0:2], cols[0:r, 0:nc, 0:k, 0:k, 0:s, 0:2],
+                            col_weights[0:r, 0:nc, 0:k, 0:k, 0:s, 0:2])
+                    T.writes(grad_input[0:n, vc, 0:h, 0:w])
+                    oc = vc // (g * g)
+                    cls = oc // per_class
+                    first_i, end_i = bins_of(vc // g % g, g, k)
+                    first_j, end_j = bins_of(vc % g, g, k)
+                    for roi, di, dj, sy, sx, t in T.grid(r, span, span, s, s, 4):
+                        i = first_i + di
+                        j = first_j + dj
+                        if i < end_i and j < end_j:
+                            grad_input[roi_batch[roi], vc, rows[roi, cls, i, j, sy, t // 2],
+                                       cols[roi, cls, i, j, sx, t % 2]] += (
+                                row_weights[roi, cls, i, j, sy, t // 2] * col_weights[roi, cls, i, j, sx, t % 2]
+                                * grad_scale[roi, oc, i, j]
+                            )
+
+    return scatter
+
+
+def prim_func(stage: str, geo: RoIPoolGeometry, sizes, *, acc_dtype: str, position_align: int, atomic: bool):
+    """The PrimFunc of one stage: forward or backward (sizes = R, N, H, W), or scatter (R, N, H, W
+    symbolic; `atomic` for GPUs). Accumulation follows `geo.acc_dtype`; there is no position axis
+    to pad, so `acc_dtype` and `position_align` are unused."""
+    if stage == "scatter":
+        return scatter_grad_input(geo, atomic)
+    stages = {"forward": forward, "backward": backward}
+    if stage not in stages:
+        raise ValueError(f"unknown deform_roi_pool stage {stage!r}")
+    arguments, outputs = stages[stage](geo, *sizes)
+    return te.create_prim_func(arguments + outputs)

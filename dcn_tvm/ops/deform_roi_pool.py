@@ -1,0 +1,336 @@
+"""Deformable (PS) RoI pooling for PyTorch: functional, the paper's two heads, torch.library ops.
+
+One operator covers the paper's four RoI poolings (§2.2): `group_size=1` pools plain RoIs,
+`group_size=k` is position-sensitive, and offsets make either deformable. The rules are the
+original DeformablePSROIPooling's (see `dcn_tvm.compute.deform_roi_pool`). The compiled TVM kernels
+run zero-copy on the caller's tensors (DLPack), on the current CUDA stream; they are compiled for
+every RoI count at once (R is symbolic), so a changing number of proposals never recompiles.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor, nn
+
+from dcn_tvm import env
+from dcn_tvm.kernels.cache import get_kernel
+from dcn_tvm.kernels.roi_spec import RoIPoolGeometry
+from dcn_tvm.kernels.spec import DTYPES, KernelSpec
+from dcn_tvm.kernels.targets import target_key
+
+OP = "deform_roi_pool"
+_TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _finite(name: str, value, positive: bool = False) -> float:
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be {'positive and ' if positive else ''}finite, got {value!r}")
+    return float(value)
+
+
+def _check_tensor(name: str, value, rank: int, input: Tensor) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(value.shape)}")
+    if value.device != input.device:
+        raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
+
+
+def roi_rows(rois, input: Tensor) -> Tensor:
+    """rois as one [R, 5] tensor of (batch_index, x1, y1, x2, y2) rows.
+
+    Accepts that tensor itself, or a list of [L_i, 4] box tensors, one per image (torchvision's
+    format), whose rows get batch index i.
+    """
+    if isinstance(rois, Tensor):
+        return rois
+    if not isinstance(rois, (list, tuple)):
+        raise TypeError(f"rois must be a Tensor[R, 5] or a list of Tensor[L, 4], got {type(rois).__name__}")
+    rows = []
+    for index, boxes in enumerate(rois):
+        _check_tensor(f"rois[{index}]", boxes, 2, input)
+        if boxes.shape[1] != 4:
+            raise ValueError(f"rois[{index}] must have shape [L, 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+        rows.append(torch.cat([boxes.new_full((boxes.shape[0], 1), index), boxes], dim=1))
+    if not rows:
+        return input.new_zeros(0, 5)
+    return torch.cat(rows)
+
+
+def geometry(input: Tensor, rois: Tensor, offset: Tensor | None, output_size, spatial_scale, group_size,
+             part_size, sampling_ratio, gamma) -> RoIPoolGeometry:
+    """Check every argument of deform_roi_pool (rois as [R, 5]) and return the call's geometry."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"input must have 4 dimensions [N, C, H, W], got shape {tuple(input.shape)}")
+    if input.dtype not in _TORCH_DTYPES:
+        raise TypeError(f"input must have a floating dtype among {DTYPES}, got {input.dtype}")
+    if input.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"dcn_tvm runs on cpu and cuda devices, got {input.device}")
+    _check_tensor("rois", rois, 2, input)
+    if rois.shape[1] != 5:
+        raise ValueError(f"rois must have shape [R, 5] (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}")
+    if not rois.dtype.is_floating_point:
+        raise TypeError(f"rois must have a floating dtype, got {rois.dtype}")
+    k, g = _positive_int("output_size", output_size), _positive_int("group_size", group_size)
+    p = k if part_size is None else _positive_int("part_size", part_size)
+    s = _positive_int("sampling_ratio", sampling_ratio)
+    scale, gamma = _finite("spatial_scale", spatial_scale, positive=True), _finite("gamma", gamma)
+    channels = input.shape[1]
+    if channels == 0 or channels % (g * g) != 0:
+        raise ValueError(f"input channels ({channels}) must be a positive multiple of group_size² ({g * g})")
+    out_channels = channels // (g * g)
+    if offset is None:
+        return RoIPoolGeometry(out_channels, k, g, 0, s, 0, scale, 0.0, _TORCH_DTYPES[input.dtype])
+    _check_tensor("offset", offset, 4, input)
+    if offset.dtype != input.dtype:
+        raise TypeError(f"offset must have the input's dtype {input.dtype}, got {offset.dtype}")
+    classes, odd = divmod(offset.shape[1], 2)
+    if odd or not classes or (offset.shape[0], offset.shape[2], offset.shape[3]) != (rois.shape[0], p, p):
+        raise ValueError(f"offset must have shape ({rois.shape[0]}, 2*num_classes, {p}, {p}) "
+                         f"(R, 2*num_classes, part_size, part_size), got {tuple(offset.shape)}")
+    if out_channels % classes != 0:
+        raise ValueError(f"out channels ({out_channels} = {channels} // group_size²) must be a multiple of "
+                         f"the offset classes ({classes} = offset.shape[1] // 2)")
+    return RoIPoolGeometry(out_channels, k, g, p, s, classes, scale, gamma, _TORCH_DTYPES[input.dtype])
+
+
+def _kernel_rois(rois: Tensor, geo: RoIPoolGeometry, batch: int) -> Tensor:
+    """rois in acc_dtype, contiguous, after checking every batch index is in [0, N) (a host sync)."""
+    index = rois[:, 0]
+    bad = ~((index >= 0) & (index < batch))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"rois[:, 0] must be batch indices in [0, {batch}) (input has {batch} images), "
+                         f"got {index[row].item()} in row {row}")
+    return rois.to(getattr(torch, geo.acc_dtype)).contiguous()
+
+
+def _spec(stage: str, geo: RoIPoolGeometry, input: Tensor) -> KernelSpec:
+    """R is always symbolic; N, H, W too under DCN_TVM_SHAPES=dynamic, and for the scatter, which gains
+    nothing from static sizes."""
+    n, _, h, w = input.shape
+    if env.dynamic_shapes() or stage == "scatter":
+        n = h = w = None
+    return KernelSpec(OP, stage, geo, (("r", None), ("n", n), ("h", h), ("w", w)), target_key(input.device),
+                      acc_dtype=geo.acc_dtype)
+
+
+def _prepare(input, rois, offset, *parameters):
+    """(geometry, input, rois in acc_dtype, offset), contiguous and checked, for the ops below."""
+    geo = geometry(input, rois, offset, *parameters)
+    offset = None if offset is None else offset.contiguous()
+    return geo, input.contiguous(), _kernel_rois(rois, geo, input.shape[0]), offset
+
+
+def _output_shape(input: Tensor, rois: Tensor, output_size: int, group_size: int) -> tuple[int, int, int, int]:
+    return rois.shape[0], input.shape[1] // (group_size * group_size), output_size, output_size
+
+
+@torch.library.custom_op("dcn_tvm::deform_roi_pool", mutates_args=())
+def _forward_op(input: Tensor, rois: Tensor, offset: Tensor | None, output_size: int, spatial_scale: float,
+                group_size: int, part_size: int, sampling_ratio: int, gamma: float) -> Tensor:
+    geo, input, rois, offset = _prepare(input, rois, offset, output_size, spatial_scale, group_size, part_size,
+                                        sampling_ratio, gamma)
+    output = input.new_empty(_output_shape(input, rois, output_size, group_size))
+    if rois.shape[0] == 0:
+        return output
+    kernel = get_kernel(_spec("forward", geo, input))
+    kernel(*[t for t in (input, rois, offset) if t is not None], output)
+    return output
+
+
+@_forward_op.register_fake
+def _forward_fake(input, rois, offset, output_size, spatial_scale, group_size, part_size, sampling_ratio, gamma):
+    return input.new_empty(_output_shape(input, rois, output_size, group_size))
+
+
+@torch.library.custom_op("dcn_tvm::deform_roi_pool_backward", mutates_args=())
+def _backward_op(grad_output: Tensor, input: Tensor, rois: Tensor, offset: Tensor | None, output_size: int,
+                 spatial_scale: float, group_size: int, part_size: int, sampling_ratio: int, gamma: float
+                 ) -> tuple[Tensor, Tensor]:
+    """(grad_input, grad_offset or an empty tensor without offsets)."""
+    geo, input, rois, offset = _prepare(input, rois, offset, output_size, spatial_scale, group_size, part_size,
+                                        sampling_ratio, gamma)
+    expected = _output_shape(input, rois, output_size, group_size)
+    if tuple(grad_output.shape) != expected or grad_output.dtype != input.dtype:
+        raise ValueError(f"grad_output must be {input.dtype} of shape {expected} (R, out_channels, k, k), "
+                         f"got {grad_output.dtype} of shape {tuple(grad_output.shape)}")
+    grad_offset = input.new_empty(0) if offset is None else torch.empty_like(offset)
+    r = rois.shape[0]
+    if r == 0:
+        return torch.zeros_like(input), grad_offset.zero_()
+    acc = getattr(torch, geo.acc_dtype)
+    k, s, classes = geo.output_size, geo.sampling_ratio, geo.sample_classes
+    grad_scale = input.new_empty(r, geo.out_channels, k, k, dtype=acc)
+    roi_batch = input.new_empty(r, dtype=torch.int32)
+    rows, cols = (input.new_empty(r, classes, k, k, s, 2, dtype=torch.int32) for _ in range(2))
+    row_weights, col_weights = (input.new_empty(r, classes, k, k, s, 2, dtype=acc) for _ in range(2))
+    tables = (grad_scale, roi_batch, rows, row_weights, cols, col_weights)
+    operands = [t for t in (input, rois, offset, grad_output.contiguous()) if t is not None]
+    results = [grad_offset] if offset is not None else []
+    get_kernel(_spec("backward", geo, input))(*operands, *results, *tables)
+    grad_input = torch.zeros(input.shape, dtype=acc, device=input.device)
+    get_kernel(_spec("scatter", geo, input))(*tables, grad_input)
+    return grad_input.to(input.dtype), grad_offset
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_output, input, rois, offset, output_size, spatial_scale, group_size, part_size,
+                   sampling_ratio, gamma):
+    return torch.empty_like(input), input.new_empty(0) if offset is None else torch.empty_like(offset)
+
+
+def _setup_context(ctx, inputs, output):
+    input, rois, offset, *parameters = inputs
+    ctx.save_for_backward(input, rois, offset)
+    ctx.parameters = parameters
+
+
+def _backward(ctx, grad_output):
+    input, rois, offset = ctx.saved_tensors
+    grad_input, grad_offset = torch.ops.dcn_tvm.deform_roi_pool_backward(grad_output, input, rois, offset,
+                                                                         *ctx.parameters)
+    return (grad_input, None, grad_offset if offset is not None else None) + (None,) * len(ctx.parameters)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def deform_roi_pool(input: Tensor, rois, offset: Tensor | None = None, output_size: int = 7,
+                    spatial_scale: float = 1.0, group_size: int = 1, part_size: int | None = None,
+                    sampling_ratio: int = 4, gamma: float = 0.1) -> Tensor:
+    """(Deformable) (position-sensitive) RoI pooling, as the original DeformablePSROIPooling.
+
+    Args:
+        input (Tensor[N, C, H, W]): feature or score maps, C = out_channels * group_size².
+        rois (Tensor[R, 5] or list of Tensor[L_i, 4]): (batch_index, x1, y1, x2, y2) rows in image
+            pixels, or one box tensor per image. Any floating dtype; the kernels read them in
+            float32 (float64 for float64 input). No gradient flows to them.
+        offset (Tensor[R, 2*num_classes, P, P], optional): normalised offsets per part cell,
+            channel 2*class is tx and 2*class + 1 is ty (x first); class = c // (out_channels /
+            num_classes). None pools without deformation.
+        output_size (int): k, the bins per side.
+        spatial_scale (float): input pixels per image pixel (1/16 for stride 16).
+        group_size (int): 1 for plain RoI pooling, k for position-sensitive pooling.
+        part_size (int, optional): P, the offset cells per side; default output_size.
+        sampling_ratio (int): samples per bin side.
+        gamma (float): offset scale; the bin moves by gamma * offset * (roi width, roi height).
+
+    Returns Tensor[R, out_channels, k, k]: every bin the mean of its samples inside the image.
+    Batch indices outside [0, N) raise ValueError (checking them synchronises with the device).
+    """
+    rois = roi_rows(rois, input)
+    geo = geometry(input, rois, offset, output_size, spatial_scale, group_size, part_size, sampling_ratio, gamma)
+    return _forward_op(input, rois, offset, geo.output_size, geo.spatial_scale, geo.group_size,
+                       geo.part_size or geo.output_size, geo.sampling_ratio, geo.gamma)
+
+
+def _scale_gradients(module: nn.Module, factor: float) -> None:
+    """Multiply the gradients of `module`'s parameters by `factor` (under SGD, its learning-rate multiplier)."""
+    if factor != 1.0:
+        for parameter in module.parameters():
+            parameter.register_hook(lambda grad: grad * factor)
+
+
+class DeformRoIPool(nn.Module):
+    """Deformable RoI pooling, the paper's Faster R-CNN head (§2.2, Fig. 3).
+
+    Plain RoI pooling feeds a fc layer that predicts normalised offsets [R, 2, k, k] (zero-initialised,
+    so the layer starts as plain pooling); the RoI is then pooled again with the bins moved by
+    gamma * offset * (roi width, roi height). `offset_lr_mult` (the paper's beta, 0.01 for Faster
+    R-CNN) scales the fc's gradients, which under SGD is its learning-rate multiplier.
+
+    forward(input [N, C, H, W], rois [R, 5] or list of [L_i, 4]) -> [R, C, k, k]
+    """
+
+    def __init__(self, in_channels: int, output_size: int, spatial_scale: float, sampling_ratio: int = 4,
+                 gamma: float = 0.1, offset_lr_mult: float = 0.01):
+        super().__init__()
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.output_size = _positive_int("output_size", output_size)
+        self.spatial_scale = _finite("spatial_scale", spatial_scale, positive=True)
+        self.sampling_ratio = _positive_int("sampling_ratio", sampling_ratio)
+        self.gamma, self.offset_lr_mult = _finite("gamma", gamma), _finite("offset_lr_mult", offset_lr_mult)
+        bins = output_size * output_size
+        self.offset_fc = nn.Linear(in_channels * bins, 2 * bins)
+        nn.init.zeros_(self.offset_fc.weight)
+        nn.init.zeros_(self.offset_fc.bias)
+        _scale_gradients(self.offset_fc, self.offset_lr_mult)
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        rois = roi_rows(rois, input)
+        k = self.output_size
+        pool = dict(output_size=k, spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
+                    gamma=self.gamma)
+        plain = deform_roi_pool(input, rois, **pool)
+        offset = self.offset_fc(plain.flatten(1)).view(-1, 2, k, k)
+        return deform_roi_pool(input, rois, offset, **pool)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}, offset_lr_mult={self.offset_lr_mult}")
+
+
+class DeformPSRoIPool(nn.Module):
+    """Deformable position-sensitive RoI pooling, the paper's R-FCN head (§2.2, Fig. 4).
+
+    A 1x1 conv makes k²·out_channels score maps (out_channels = C+1 classes for the classification
+    branch, 4·N_reg for box regression). A second 1x1 conv makes 2·k²·num_offset_classes offset
+    fields, which PS RoI pooling without offsets turns into the offsets [R, 2·num_offset_classes,
+    k, k]; the score maps are then pooled by deformable PS RoI pooling. Offsets are class-aware
+    (one pair per output channel) or, with `class_agnostic`, one pair per bin shared by every output
+    channel (the box-regression branch). The offset conv starts at zero, so the head starts as
+    R-FCN's; `offset_lr_mult` scales its gradients. R-FCN's vote is `output.mean((2, 3))`.
+
+    forward(input [N, in_channels, H, W], rois [R, 5] or list of [L_i, 4]) -> [R, out_channels, k, k]
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, output_size: int, spatial_scale: float,
+                 sampling_ratio: int = 4, gamma: float = 0.1, class_agnostic: bool = False,
+                 offset_lr_mult: float = 1.0):
+        super().__init__()
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", out_channels)
+        self.output_size = _positive_int("output_size", output_size)
+        self.spatial_scale = _finite("spatial_scale", spatial_scale, positive=True)
+        self.sampling_ratio = _positive_int("sampling_ratio", sampling_ratio)
+        self.gamma, self.offset_lr_mult = _finite("gamma", gamma), _finite("offset_lr_mult", offset_lr_mult)
+        self.class_agnostic = class_agnostic
+        bins = output_size * output_size
+        offset_classes = 1 if class_agnostic else out_channels
+        self.score_conv = nn.Conv2d(in_channels, bins * out_channels, 1)
+        self.offset_conv = nn.Conv2d(in_channels, bins * 2 * offset_classes, 1)
+        nn.init.normal_(self.score_conv.weight, std=0.01)
+        nn.init.zeros_(self.score_conv.bias)
+        nn.init.zeros_(self.offset_conv.weight)
+        nn.init.zeros_(self.offset_conv.bias)
+        _scale_gradients(self.offset_conv, self.offset_lr_mult)
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        rois = roi_rows(rois, input)
+        k = self.output_size
+        pool = dict(output_size=k, spatial_scale=self.spatial_scale, group_size=k,
+                    sampling_ratio=self.sampling_ratio, gamma=self.gamma)
+        offset = deform_roi_pool(self.offset_conv(input), rois, **pool)
+        return deform_roi_pool(self.score_conv(input), rois, offset, **pool)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, output_size={self.output_size}, "
+                f"spatial_scale={self.spatial_scale}, sampling_ratio={self.sampling_ratio}, gamma={self.gamma}, "
+                f"class_agnostic={self.class_agnostic}, offset_lr_mult={self.offset_lr_mult}")
