@@ -21,17 +21,28 @@ def prim_func(spec: KernelSpec):
                              position_align=schedules.position_tile(spec.op, kind), atomic=kind == "cuda")
 
 
-def build(spec: KernelSpec):
-    """Compile `spec` with its default schedule; returns the runtime module (function "main")."""
+def scheduled(spec: KernelSpec):
+    """The PrimFunc of `spec` with its schedule applied (the default schedule from schedules/)."""
     from dcn_tvm import schedules
 
-    kind = target_kind(spec.target)
     sch = tvm().s_tir.Schedule(prim_func(spec))
-    schedules.apply(spec.op, kind, spec.stage, sch)
-    target = tvm().target.Target(target_config(spec.target))
+    schedules.apply(spec.op, target_kind(spec.target), spec.stage, sch)
+    return sch.mod["main"]
+
+
+def compile_functions(functions: dict, target_key: str):
+    """Compile {symbol: scheduled PrimFunc} for one target into one runtime module."""
+    ir = tvm().ir
+    module = ir.IRModule({ir.GlobalVar(name): func.with_attr("global_symbol", name) for name, func in functions.items()})
+    target = tvm().target.Target(target_config(target_key))
     with target:
-        executable = tvm().compile(sch.mod, target=target)
-    if kind == "cuda" and len(executable.mod.imports) == 0:
+        executable = tvm().compile(module, target=target)
+    if target_kind(target_key) == "cuda" and len(executable.mod.imports) == 0:
         # TVM 0.27 silently emits host code for a PrimFunc whose loops are not bound to threads.
-        raise RuntimeError(f"{spec.key}: the CUDA build has no device module; the schedule left stages unbound")
+        raise RuntimeError(f"{sorted(functions)}: the CUDA build has no device module; a schedule left stages unbound")
     return executable
+
+
+def build(spec: KernelSpec):
+    """Compile `spec` alone; returns the runtime module (its function is "main")."""
+    return compile_functions({"main": scheduled(spec)}, spec.target)

@@ -8,6 +8,7 @@ A batch/height/width of None is symbolic ("nany"): one kernel serves every size.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -72,8 +73,17 @@ class KernelSpec:
     acc_dtype: str = "float32"
 
     @property
-    def key(self) -> str:
+    def workload_key(self) -> str:
+        """The key without the target: a valid C symbol, used as the function name in libraries."""
         if self.geometry is None:
-            return f"{self.op}_{self.stage}_{self.acc_dtype}_{self.target}"
+            return f"{self.op}_{self.stage}_{self.acc_dtype}"
         dims = "_".join(f"{name}{'any' if value is None else value}" for name, value in self.sizes)
-        return f"{self.op}_{self.stage}_{self.geometry.key}_{dims}_{self.target}"
+        return f"{self.op}_{self.stage}_{self.geometry.key}_{dims}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload_key}_{self.target}"
+
+    def symbolic(self) -> KernelSpec:
+        """The same spec with every size symbolic: the kernel that serves any shape."""
+        return dataclasses.replace(self, sizes=tuple((name, None) for name, _ in self.sizes))
