@@ -1,4 +1,5 @@
-"""Kernel resolution: in-process cache -> on-disk cache -> compile (then store on disk).
+"""Kernel resolution: in-process cache -> prebuilt packages -> on-disk cache -> compile (then store
+on disk) -> an error naming the spec and the commands that would provide it.
 
 Disk entries are written atomically (export to a temporary file in the same folder, then rename)
 under an exclusive file lock, so several processes asking for the same spec compile it once and
@@ -20,8 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dcn_tvm import env
+from dcn_tvm._tvm import CompilerUnavailable
 from dcn_tvm.kernels.runtime import load_function
-from dcn_tvm.kernels.spec import KernelSpec
+from dcn_tvm.kernels.spec import KernelSpec, workload_string
+from dcn_tvm.kernels.targets import target_kind
+from dcn_tvm.prebuilt import loader as prebuilt
 
 log = logging.getLogger("dcn_tvm")
 _kernels: dict[str, object] = {}
@@ -83,16 +87,39 @@ def _compile_to_disk(spec: KernelSpec, path: Path):
     return load_function(path)
 
 
+class KernelUnavailable(RuntimeError):
+    """No prebuilt package or cache has the kernel, and the TVM compiler is not installed."""
+
+
+def _unavailable(spec: KernelSpec) -> KernelUnavailable:
+    kind = target_kind(spec.target)
+    return KernelUnavailable(
+        f"no kernel for {spec.key}: no prebuilt package provides it (DCN_TVM_PREBUILT="
+        f"{os.pathsep.join(env.prebuilt_paths()) or 'unset'}; installed: "
+        f"{[str(p.root) for p in prebuilt.packages()] or 'none'}), it is not in the disk cache, and the TVM "
+        f"compiler is not installed. Either install it (pip install 'dcn_tvm[tune]') to compile on first use, "
+        f"or, on a machine that has it, build a package that covers this shape:\n"
+        f"  dcn-tvm tune --target {kind} --workload '{workload_string(spec)}'\n"
+        f"  dcn-tvm build --target {kind} --workload '{workload_string(spec)}' --out DIR"
+    )
+
+
 def _resolve(spec: KernelSpec):
-    if not env.disk_cache_enabled():
-        return _compile(spec)["main"]
-    path = cache_path(spec)
-    if path.exists():
-        return load_function(path)
-    with _file_lock(path):
-        if path.exists():  # another process compiled it while we waited
+    kernel = prebuilt.find_kernel(spec)
+    if kernel is not None:
+        return kernel
+    try:
+        if not env.disk_cache_enabled():
+            return _compile(spec)["main"]
+        path = cache_path(spec)
+        if path.exists():
             return load_function(path)
-        return _compile_to_disk(spec, path)
+        with _file_lock(path):
+            if path.exists():  # another process compiled it while we waited
+                return load_function(path)
+            return _compile_to_disk(spec, path)
+    except CompilerUnavailable as error:
+        raise _unavailable(spec) from error
 
 
 def get_kernel(spec: KernelSpec):

@@ -9,10 +9,14 @@ import torch
 
 @functools.cache
 def host_cpu() -> str:
-    """LLVM's name for the host CPU (plain "llvm" would compile for a generic x86-64 without AVX)."""
-    from dcn_tvm._tvm import tvm
+    """LLVM's name for the host CPU (plain "llvm" would compile for a generic x86-64 without AVX);
+    "host" where the compiler is not installed (prebuilt CPU libraries are chosen by ISA level)."""
+    from dcn_tvm._tvm import CompilerUnavailable, tvm
 
-    return str(tvm().target.Target.from_device(tvm().cpu()).attrs.get("mcpu", "generic"))
+    try:
+        return str(tvm().target.Target.from_device(tvm().cpu()).attrs.get("mcpu", "generic"))
+    except CompilerUnavailable:
+        return "host"
 
 
 def target_key(device: torch.device) -> str:

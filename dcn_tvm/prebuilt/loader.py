@@ -1,0 +1,155 @@
+"""Find, verify and load prebuilt kernel packages (runtime side: tvm_ffi only, never the compiler).
+
+Packages come from DCN_TVM_PREBUILT (folders, searched first) and from installed packages that
+declare a `dcn_tvm.prebuilt` entry point. Each is verified once per process: manifest format,
+versions (DCN_TVM_ALLOW_VERSION_MISMATCH=1 turns a mismatch into a warning), the sha256 of every
+file, and a warning for files in world-writable places. A library built for this device kind but
+another GPU arch, or for a CPU level this CPU cannot run, is refused with an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import stat
+import threading
+import warnings
+from pathlib import Path
+
+from dcn_tvm import env
+from dcn_tvm.kernels.runtime import load_tvm_runtime
+from dcn_tvm.kernels.spec import KernelSpec
+from dcn_tvm.prebuilt import manifest as mf
+
+log = logging.getLogger("dcn_tvm")
+ENTRY_POINT_GROUP = "dcn_tvm.prebuilt"
+
+
+class PrebuiltError(RuntimeError):
+    """A prebuilt package that must not be loaded (tampered, wrong target, incompatible version)."""
+
+
+def _warn_if_world_writable(path: Path) -> None:
+    for place in (path, path.parent):
+        mode = place.stat().st_mode
+        if mode & stat.S_IWOTH and not (place.is_dir() and mode & stat.S_ISVTX):
+            warnings.warn(f"dcn_tvm: loading {path}, and {place} is world-writable: anyone on this machine "
+                          f"could have replaced it", stacklevel=3)
+            return
+
+
+class PrebuiltPackage:
+    """One verified package folder (the one holding manifest.json)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        path = root / mf.MANIFEST
+        try:
+            self.manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise PrebuiltError(f"{path}: not a readable dcn_tvm prebuilt manifest ({error})") from error
+        if self.manifest.get("format") != mf.FORMAT:
+            raise PrebuiltError(f"{path}: manifest format {self.manifest.get('format')!r}, this dcn_tvm reads "
+                                f"{mf.FORMAT}; rebuild the package with this version (dcn-tvm build)")
+        self._check_versions()
+        self._check_files()
+        self._modules: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"PrebuiltPackage({self.root})"
+
+    def _check_versions(self) -> None:
+        running = mf.runtime_versions()
+        for package, built in self.manifest["versions"].items():
+            if package in running and not mf.compatible(built, running[package], package):
+                message = (f"{self.root}: built with {package} {built}, running {running[package]}; rebuild it "
+                           f"(dcn-tvm build) or set DCN_TVM_ALLOW_VERSION_MISMATCH=1 to load it anyway")
+                if not env.allow_version_mismatch():
+                    raise PrebuiltError(message)
+                warnings.warn(message, stacklevel=3)
+
+    def _check_files(self) -> None:
+        for name, expected in self.manifest["files"].items():
+            path = self.root / name
+            if not path.is_file():
+                raise PrebuiltError(f"{self.root}: {name} is listed in the manifest but missing")
+            actual = mf.sha256(path)
+            if actual != expected:
+                raise PrebuiltError(f"{path}: sha256 {actual} does not match the manifest's {expected}; "
+                                    f"the file was changed after the package was built")
+            _warn_if_world_writable(path)
+
+    def library_for(self, target: str) -> dict | None:
+        """The manifest entry of the library to run for a target key ("llvm-...", "cuda-sm_90");
+        None if the package has no library of that kind."""
+        kind, _, detail = target.partition("-")
+        candidates = [lib for lib in self.manifest["libraries"] if lib["kind"] == kind]
+        if not candidates:
+            return None
+        if kind == "cuda":
+            match = [lib for lib in candidates if lib["arch"] == detail]
+            if not match:
+                raise PrebuiltError(f"{self.root}: built for CUDA {[lib['arch'] for lib in candidates]}, "
+                                    f"but this GPU is {detail}; rebuild with dcn-tvm build --target cuda on it")
+            return match[0]
+        levels = mf.supported_cpu_levels(mf.cpu_flags())
+        for level in levels:
+            match = [lib for lib in candidates if lib["isa"] == level]
+            if match:
+                return match[0]
+        raise PrebuiltError(f"{self.root}: built for CPU levels {[lib['isa'] for lib in candidates]}, which this "
+                            f"CPU cannot run (it supports {levels or 'none of the known levels'})")
+
+    def _module(self, library: dict):
+        with self._lock:
+            if library["file"] not in self._modules:
+                import tvm_ffi
+
+                load_tvm_runtime(self.root / "runtime", cuda=library["kind"] == "cuda")
+                self._modules[library["file"]] = tvm_ffi.load_module(str((self.root / library["file"]).resolve()))
+            return self._modules[library["file"]]
+
+    def find(self, spec: KernelSpec):
+        """The kernel for `spec`: its own if the package has it, else the package's symbolic one."""
+        for key in (spec.workload_key, spec.symbolic().workload_key):
+            if key in self.manifest["kernels"]:
+                library = self.library_for(spec.target)
+                if library is None:
+                    return None
+                return self._module(library)[key]
+        return None
+
+
+def _package_root(folder: Path) -> Path:
+    """Accept the package folder itself or the `dcn-tvm build --out` folder around it."""
+    if (folder / mf.MANIFEST).is_file():
+        return folder
+    found = sorted(folder.glob(f"*/{mf.MANIFEST}"))
+    if len(found) != 1:
+        raise PrebuiltError(f"{folder}: expected one dcn_tvm prebuilt package (a {mf.MANIFEST}) there, "
+                            f"found {len(found)}")
+    return found[0].parent
+
+
+@functools.cache
+def packages() -> tuple[PrebuiltPackage, ...]:
+    """Every prebuilt package of this process: DCN_TVM_PREBUILT folders first, then installed ones."""
+    roots = [_package_root(Path(folder)) for folder in env.prebuilt_paths()]
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        roots.append(Path(importlib.import_module(entry.value).ROOT))
+    return tuple(PrebuiltPackage(root) for root in roots)
+
+
+def find_kernel(spec: KernelSpec):
+    """The first prebuilt kernel for `spec`, or None."""
+    for package in packages():
+        kernel = package.find(spec)
+        if kernel is not None:
+            log.debug("dcn_tvm: %s from prebuilt %s", spec.key, package.root)
+            return kernel
+    return None
