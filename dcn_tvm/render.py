@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.resources
 
 import jinja2
 
@@ -10,7 +11,7 @@ import jinja2
 @functools.cache
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("dcn_tvm", "templates"),
+        loader=jinja2.FileSystemLoader(str(importlib.resources.files("dcn_tvm.templates"))),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
     )

@@ -1,0 +1,37 @@
+"""`dcn-tvm build`: compile workloads (tuned schedules where recorded) into a prebuilt package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="llvm",
+                        help="llvm (x86-64-v3 and -v4 libraries), cuda (this GPU's arch) or cuda-sm_XX")
+    parser.add_argument("--preset", action="append", default=[], help="a tuning preset, e.g. tiny (repeatable)")
+    parser.add_argument("--workload", action="append", default=[],
+                        help="a workload string, e.g. deform_conv2d:n=1,c=64,h=32,w=32,... (repeatable)")
+    parser.add_argument("--logs", type=Path, default=None, help="tuning records folder (default: tuning_logs/)")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the package into")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dcn_tvm import env
+    from dcn_tvm.prebuilt.build import build_package
+    from dcn_tvm.tuning.workloads import specs_for
+
+    if args.logs is not None:
+        env.set_tuning_logs(args.logs)
+    if not args.preset and not args.workload:
+        print("dcn-tvm build: give at least one --preset or --workload", file=sys.stderr)
+        return 2
+    specs = specs_for(args.target, presets=args.preset, workloads=args.workload)
+    start = time.perf_counter()
+    package = build_package(specs, args.target if args.target != "cuda" else specs[0].target, args.out,
+                            progress=lambda message: print(f"[{time.perf_counter() - start:6.1f}s] {message}"))
+    print(f"wrote {package} ({len(specs)} workload kernels plus their symbolic twins); install with: "
+          f"pip install {args.out}")
+    return 0

@@ -1,0 +1,215 @@
+"""Prebuilt packages: built once, loaded without the compiler, verified before use."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcn_tvm.kernels import cache
+from dcn_tvm.kernels.spec import ConvGeometry, KernelSpec
+from dcn_tvm.kernels.targets import target_key
+from dcn_tvm.prebuilt import loader
+from dcn_tvm.prebuilt import manifest as mf
+from dcn_tvm.prebuilt.build import build_package
+
+GEOMETRY = ConvGeometry(4, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2, 1, True, "float32")
+STAGES = ("forward", "backward_data", "backward_weight")
+TESTS = Path(__file__).resolve().parent
+
+
+def spec(stage="forward", sizes=(("n", 2), ("h", 7), ("w", 9))):
+    return KernelSpec("deform_conv2d", stage, GEOMETRY, sizes, target_key(torch.device("cpu")))
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prebuilt")
+    build_package([spec(stage) for stage in STAGES], "llvm", out)
+    return out
+
+
+@pytest.fixture
+def copy(package, tmp_path):
+    """A private copy of the package folder, free to tamper with."""
+    shutil.copytree(package, tmp_path / "pkg")
+    return tmp_path / "pkg"
+
+
+def _package_root(out: Path) -> Path:
+    return next(out.glob(f"*/{mf.MANIFEST}")).parent
+
+
+def run_without_compiler(code: str, **extra_env) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter in which `import tvm` fails."""
+    prelude = "import sys; sys.modules['tvm'] = None\n"
+    environment = {**os.environ, "PYTHONPATH": str(TESTS), **extra_env}
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], env=environment,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_package_layout(package):
+    root = _package_root(package)
+    manifest = json.loads((root / mf.MANIFEST).read_text())
+    assert {lib["isa"] for lib in manifest["libraries"]} == set(mf.CPU_LEVELS)
+    assert spec().workload_key in manifest["kernels"] and spec().symbolic().workload_key in manifest["kernels"]
+    assert "deform_conv2d_scatter_float32" in manifest["kernels"]
+    assert "runtime/libtvm_runtime.so" in manifest["files"]
+    assert (package / "pyproject.toml").is_file()
+
+
+def test_runs_without_the_compiler(package, tmp_path):
+    result = run_without_compiler(
+        """
+        import time, torch
+        from reference import deform_conv2d_loops
+        import dcn_tvm
+        gen = torch.Generator().manual_seed(0)
+        for n, h, w in [(2, 7, 9), (1, 5, 11)]:  # the built shape, then one served by the symbolic kernels
+            x = torch.randn(n, 4, h, w, generator=gen, requires_grad=True)
+            offset = torch.randn(n, 18, h, w, generator=gen) * 2
+            mask = torch.rand(n, 9, h, w, generator=gen)
+            weight = torch.randn(6, 2, 3, 3, generator=gen)
+            start = time.perf_counter()
+            out = dcn_tvm.deform_conv2d(x, offset, weight, padding=1, mask=mask)
+            elapsed = time.perf_counter() - start
+            expected = deform_conv2d_loops(x, offset, weight, padding=(1, 1), mask=mask)
+            assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+            out.sum().backward()
+            assert torch.isfinite(x.grad).all()
+            print("first call", n, h, w, round(elapsed, 3))
+        import sys
+        assert sys.modules["tvm"] is None
+        """,
+        DCN_TVM_PREBUILT=str(package), DCN_TVM_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    first_call = float(result.stdout.split()[5])
+    assert first_call < 1.0, result.stdout
+    assert not (tmp_path / "cache").exists(), "nothing may be compiled or cached"
+
+
+def test_missing_kernel_without_compiler_names_the_commands(package, tmp_path):
+    result = run_without_compiler(
+        """
+        import torch, dcn_tvm
+        dcn_tvm.deform_conv2d(torch.randn(1, 3, 5, 5), torch.randn(1, 18, 5, 5), torch.randn(3, 3, 3, 3), padding=1)
+        """,
+        DCN_TVM_PREBUILT=str(package), DCN_TVM_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    assert result.returncode != 0
+    assert "KernelUnavailable: no kernel for deform_conv2d_forward_float32_c3_o3" in result.stderr
+    assert "dcn-tvm build --target llvm --workload 'deform_conv2d:n=1,h=5,w=5,c=3,o=3" in result.stderr
+
+
+@pytest.fixture
+def use_package(monkeypatch):
+    """Point DCN_TVM_PREBUILT at a folder for this test, with fresh process caches before and after."""
+    def use(folder):
+        monkeypatch.setenv("DCN_TVM_PREBUILT", str(folder))
+        loader.packages.cache_clear()
+    yield use
+    monkeypatch.delenv("DCN_TVM_PREBUILT", raising=False)
+    loader.packages.cache_clear()
+    cache._kernels.clear()
+
+
+class Compiled(Exception):
+    """Raised by the stub compiler: proves resolution reached the compile step."""
+
+
+def test_resolution_prefers_prebuilt_then_compiles(package, use_package, monkeypatch):
+    use_package(package)
+    compiled = []
+
+    def stub_compiler(kernel_spec):
+        compiled.append(kernel_spec.key)
+        raise Compiled
+
+    monkeypatch.setattr(cache, "_compile", stub_compiler)
+    assert cache.get_kernel(spec()) is not None
+    assert cache.get_kernel(spec(sizes=(("n", 3), ("h", 4), ("w", 4)))) is not None  # its symbolic twin
+    assert compiled == []
+    other = KernelSpec("deform_conv2d", "forward", ConvGeometry(8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, False,
+                                                                "float32"), (("n", 1), ("h", 5), ("w", 5)), spec().target)
+    with pytest.raises(Compiled):
+        cache.get_kernel(other)
+    assert compiled == [other.key]
+
+
+def test_tampered_file_is_refused(copy, use_package):
+    library = next((_package_root(copy) / "lib").glob("*.so"))
+    data = bytearray(library.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    library.write_bytes(bytes(data))
+    use_package(copy)
+    with pytest.raises(loader.PrebuiltError, match=r"sha256 .* does not match the manifest"):
+        loader.packages()
+
+
+def _edit_manifest(copy, edit):
+    path = _package_root(copy) / mf.MANIFEST
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_other_version_is_refused_unless_allowed(copy, use_package, monkeypatch):
+    _edit_manifest(copy, lambda m: m["versions"].update({"dcn_tvm": "9.9.9"}))
+    use_package(copy)
+    with pytest.raises(loader.PrebuiltError, match="built with dcn_tvm 9.9.9, running"):
+        loader.packages()
+    monkeypatch.setenv("DCN_TVM_ALLOW_VERSION_MISMATCH", "1")
+    loader.packages.cache_clear()
+    with pytest.warns(UserWarning, match="built with dcn_tvm 9.9.9"):
+        assert len(loader.packages()) == 1
+
+
+def test_other_gpu_arch_is_refused(copy, use_package):
+    _edit_manifest(copy, lambda m: m["libraries"].append(
+        {"kind": "cuda", "arch": "sm_90", "file": "lib/x.so", "target": "cuda-sm_90"}))
+    use_package(copy)
+    (package,) = loader.packages()
+    with pytest.raises(loader.PrebuiltError, match=r"built for CUDA \['sm_90'\], but this GPU is sm_80"):
+        package.library_for("cuda-sm_80")
+
+
+def test_cpu_level_the_cpu_lacks_is_never_loaded(copy, use_package, monkeypatch):
+    use_package(copy)
+    (package,) = loader.packages()
+    monkeypatch.setattr(mf, "cpu_flags", lambda: frozenset({"sse2", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe",
+                                                            "abm", "xsave"}))
+    assert package.library_for("llvm-host")["isa"] == "x86-64-v3"
+    monkeypatch.setattr(mf, "cpu_flags", lambda: frozenset({"sse2"}))
+    with pytest.raises(loader.PrebuiltError, match="which this CPU cannot run"):
+        package.library_for("llvm-host")
+
+
+def test_world_writable_location_warns(copy, use_package):
+    lib = _package_root(copy) / "lib"
+    lib.chmod(0o777)
+    use_package(copy)
+    with pytest.warns(UserWarning, match="is world-writable"):
+        loader.packages()
+
+
+def test_pip_installs_and_is_found_by_entry_point(package, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(package)], check=True, timeout=300)
+    result = run_without_compiler(
+        """
+        from dcn_tvm.prebuilt import loader
+        print([p.root.name for p in loader.packages()])
+        """,
+        PYTHONPATH=f"{target}{os.pathsep}{TESTS}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dcn_tvm_prebuilt_llvm" in result.stdout
