@@ -101,6 +101,11 @@ def _contiguous(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
+def _present(*tensors):
+    """The kernels' arguments: the given tensors without the absent optional ones (mask)."""
+    return [t for t in tensors if t is not None]
+
+
 @torch.library.custom_op("dcn_tvm::deform_conv2d", mutates_args=())
 def _forward_op(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tensor, bias: Tensor,
                 stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
@@ -111,7 +116,7 @@ def _forward_op(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tens
     if input.shape[0] == 0:
         return output
     kernel = get_kernel(_spec("forward", geo, input))
-    kernel(*[t for t in (input, offset, mask, weight, bias) if t is not None], output)
+    kernel(*_present(input, offset, mask, weight, bias), output)
     return output
 
 
@@ -127,29 +132,30 @@ def _backward_op(grad_output: Tensor, input: Tensor, offset: Tensor, mask: Tenso
     """(grad_input, grad_offset, grad_mask or an empty tensor without mask, grad_weight, grad_bias)."""
     grad_output, input, offset, mask, weight = _contiguous(grad_output, input, offset, mask, weight)
     geo = geometry(input, offset, weight, mask, stride, padding, dilation)
-    grad_offset = torch.zeros_like(offset)
-    grad_mask = torch.zeros_like(mask) if mask is not None else input.new_empty(0)
     n = input.shape[0]
     if n == 0:
-        return (torch.zeros_like(input), grad_offset, grad_mask, torch.zeros_like(weight),
+        grad_mask = torch.zeros_like(mask) if mask is not None else input.new_empty(0)
+        return (torch.zeros_like(input), torch.zeros_like(offset), grad_mask, torch.zeros_like(weight),
                 weight.new_zeros(weight.shape[0]))
+    grad_offset = torch.empty_like(offset)
+    grad_mask = torch.empty_like(mask) if mask is not None else input.new_empty(0)
     acc = getattr(torch, geo.acc_dtype)
     (kh, kw), og, p = geo.kernel, geo.offset_groups, _positions(geo, input)
     grad_columns = input.new_empty(n, geo.in_channels, kh, kw, p, dtype=acc)
     rows = input.new_empty(n, og, kh, kw, p, 2, dtype=torch.int32)
     cols = torch.empty_like(rows)
     weights = input.new_empty(n, og, kh, kw, p, 4, dtype=acc)
-    operands = [t for t in (input, offset, mask, weight, grad_output) if t is not None]
-    results = [t for t in (grad_offset, grad_mask if mask is not None else None) if t is not None]
-    get_kernel(_spec("backward_data", geo, input))(*operands, *results, grad_columns, rows, cols, weights)
+    get_kernel(_spec("backward_data", geo, input))(
+        *_present(input, offset, mask, weight, grad_output), *_present(grad_offset, grad_mask if mask is not None else None),
+        grad_columns, rows, cols, weights)
 
     grad_input = torch.zeros(input.shape, dtype=acc, device=input.device)
     scatter = KernelSpec(OP, "scatter", None, (), target_key(input.device), acc_dtype=geo.acc_dtype)
     get_kernel(scatter)(grad_columns, rows, cols, weights, grad_input)
 
     grad_weight, grad_bias = torch.empty_like(weight), weight.new_empty(weight.shape[0])
-    operands = [t for t in (input, offset, mask, grad_output) if t is not None]
-    get_kernel(_spec("backward_weight", geo, input))(*operands, grad_weight, grad_bias)
+    get_kernel(_spec("backward_weight", geo, input))(*_present(input, offset, mask, grad_output), grad_weight,
+                                                    grad_bias)
     return grad_input.to(input.dtype), grad_offset, grad_mask, grad_weight, grad_bias
 
 
