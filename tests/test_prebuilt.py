@@ -106,7 +106,7 @@ def test_missing_kernel_without_compiler_names_the_commands(package, tmp_path):
     )
     assert result.returncode != 0
     assert "KernelUnavailable: no kernel for deform_conv2d_forward_float32_c3_o3" in result.stderr
-    assert "dcn-tvm build --target llvm --workload 'deform_conv2d:n=1,h=5,w=5,c=3,o=3" in result.stderr
+    assert "dcn-tvm build --target llvm --workload 'deform_conv2d:n=1,c=3,h=5,w=5,o=3" in result.stderr
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from pathlib import Path
 from dcn_tvm import env
 from dcn_tvm._tvm import CompilerUnavailable
 from dcn_tvm.kernels.runtime import load_function
-from dcn_tvm.kernels.spec import KernelSpec, workload_string
+from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_kind
 from dcn_tvm.prebuilt import loader as prebuilt
 
@@ -92,15 +92,18 @@ class KernelUnavailable(RuntimeError):
 
 
 def _unavailable(spec: KernelSpec) -> KernelUnavailable:
+    from dcn_tvm.tuning.workloads import of_spec
+
     kind = target_kind(spec.target)
+    workload = of_spec(spec) if spec.geometry is not None else spec.op
     return KernelUnavailable(
         f"no kernel for {spec.key}: no prebuilt package provides it (DCN_TVM_PREBUILT="
         f"{os.pathsep.join(env.prebuilt_paths()) or 'unset'}; installed: "
         f"{[str(p.root) for p in prebuilt.packages()] or 'none'}), it is not in the disk cache, and the TVM "
         f"compiler is not installed. Either install it (pip install 'dcn_tvm[tune]') to compile on first use, "
         f"or, on a machine that has it, build a package that covers this shape:\n"
-        f"  dcn-tvm tune --target {kind} --workload '{workload_string(spec)}'\n"
-        f"  dcn-tvm build --target {kind} --workload '{workload_string(spec)}' --out DIR"
+        f"  dcn-tvm tune --target {kind} --workload '{workload}'\n"
+        f"  dcn-tvm build --target {kind} --workload '{workload}' --out DIR"
     )
 
 

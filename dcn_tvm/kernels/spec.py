@@ -46,16 +46,6 @@ class ConvGeometry:
             (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1,
         )
 
-    def workload_fields(self) -> list[str]:
-        """The `--workload` fields of this geometry (pairs written once when both sides agree)."""
-        def pair(value):
-            return str(value[0]) if value[0] == value[1] else f"{value[0]}x{value[1]}"
-
-        return [f"c={self.in_channels}", f"o={self.out_channels}", f"k={pair(self.kernel)}",
-                f"stride={pair(self.stride)}", f"pad={pair(self.padding)}", f"dil={pair(self.dilation)}",
-                f"groups={self.groups}", f"offset_groups={self.offset_groups}", f"mask={int(self.with_mask)}",
-                f"dtype={self.dtype}"]
-
     @property
     def key(self) -> str:
         pair = "{}x{}".format
@@ -98,17 +88,3 @@ class KernelSpec:
         """The same spec with every size symbolic: the kernel that serves any shape."""
         return dataclasses.replace(self, sizes=tuple((name, None) for name, _ in self.sizes))
 
-
-def workload_string(spec: KernelSpec) -> str:
-    """The `dcn-tvm tune/build --workload` form of a spec, e.g.
-    deform_conv2d:n=1,h=32,w=32,c=64,o=64,k=3,stride=1,pad=1,dil=1,groups=1,offset_groups=1,mask=0,dtype=float32
-    """
-    if spec.geometry is None:
-        return f"{spec.op}:{spec.stage},dtype={spec.acc_dtype}"
-    sizes = [f"{name}={'any' if value is None else value}" for name, value in spec.sizes]
-    geometry = spec.geometry
-    if hasattr(geometry, "workload_fields"):
-        fields = geometry.workload_fields()
-    else:
-        fields = [f"{field.name}={getattr(geometry, field.name)}" for field in dataclasses.fields(geometry)]
-    return f"{spec.op}:" + ",".join(sizes + fields)

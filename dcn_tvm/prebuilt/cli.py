@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,19 +20,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcn_tvm import env
+    from dcn_tvm.kernels.targets import target_kind
     from dcn_tvm.prebuilt.build import build_package
-    from dcn_tvm.tuning.workloads import specs_for
+    from dcn_tvm.tuning.target import resolve as resolve_target
+    from dcn_tvm.tuning.workloads import resolve
 
-    if args.logs is not None:
-        env.set_tuning_logs(args.logs)
     if not args.preset and not args.workload:
-        print("dcn-tvm build: give at least one --preset or --workload", file=sys.stderr)
+        print("dcn-tvm build: error: give at least one --preset or --workload", file=sys.stderr)
         return 2
-    specs = specs_for(args.target, presets=args.preset, workloads=args.workload)
+    if args.logs is not None:
+        os.environ["DCN_TVM_TUNING_LOGS"] = str(args.logs)
+    try:
+        target = resolve_target(args.target)
+        specs = [task.spec for workload in resolve(args.preset, args.workload) for task in workload.tasks(target)]
+    except ValueError as error:
+        print(f"dcn-tvm build: error: {error}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
-    package = build_package(specs, args.target if args.target != "cuda" else specs[0].target, args.out,
+    package = build_package(specs, "llvm" if target_kind(target) == "llvm" else target, args.out,
                             progress=lambda message: print(f"[{time.perf_counter() - start:6.1f}s] {message}"))
-    print(f"wrote {package} ({len(specs)} workload kernels plus their symbolic twins); install with: "
-          f"pip install {args.out}")
+    print(f"wrote {package}; install it with: pip install {args.out}")
     return 0
