@@ -10,6 +10,8 @@
 |                     |                              | searched before installed packages and the caches    |
 | DCN_TVM_ALLOW_VERSION_MISMATCH | 0                 | 1: load a prebuilt package built with other versions |
 |                     |                              | (with a warning) instead of refusing it              |
+| DCN_TVM_TUNING_LOGS | the checkout's tuning_logs/, | tuned schedules (`dcn-tvm tune` records) that builds |
+|                     | else <cache dir>/tuning_logs | use; the default of `dcn-tvm tune --logs`            |
 """
 
 from __future__ import annotations
@@ -24,6 +26,17 @@ def cache_dir() -> Path:
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0") in ("1", "true", "yes")
+
+
+def tuning_logs_dir() -> Path:
+    """Where tuning records are read (and written by default): DCN_TVM_TUNING_LOGS, else the
+    repository's tuning_logs/ when running from a checkout, else a folder in the cache directory."""
+    if os.environ.get("DCN_TVM_TUNING_LOGS"):
+        return Path(os.environ["DCN_TVM_TUNING_LOGS"])
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "tuning_logs").is_dir():
+        return checkout / "tuning_logs"
+    return cache_dir() / "tuning_logs"
 
 
 def disk_cache_enabled() -> bool:

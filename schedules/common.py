@@ -1,8 +1,43 @@
-"""Schedule helpers shared by the rules of every operator."""
+"""Schedule helpers shared by the rules of every operator.
+
+A rule is both the default schedule and a tuning space: it takes each tile factor from `decide`,
+which returns the rule's fixed default normally and a MetaSchedule sample (`sample_categorical`)
+inside `sampling()`, where `dcn_tvm.tuning` runs the rules as a `ScheduleFn` design space. The
+design space pins every sample to its default, so the default schedule is one point of the space.
+"""
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
+
 _DATA_PAR, _COMM_REDUCE = 0, 2  # tirx.IterVar kinds
+_sampling = contextvars.ContextVar("dcn_tvm_schedule_sampling", default=False)
+
+
+@contextmanager
+def sampling():
+    """Within this context `decide` samples its candidates: the rules describe a tuning space."""
+    token = _sampling.set(True)
+    try:
+        yield
+    finally:
+        _sampling.reset(token)
+
+
+def decide(sch, candidates, default: int):
+    """A tile factor: `default`, or inside `sampling()` a categorical sample over `candidates` and
+    `default` (an ExprRV, which `split` takes like an int). Every candidate must be valid: give only
+    divisors where a tail would hurt."""
+    options = sorted({int(c) for c in candidates} | {int(default)})
+    if not _sampling.get() or len(options) == 1:
+        return default
+    return sch.sample_categorical(options, [1.0 / len(options)] * len(options), decision=options.index(default))
+
+
+def divisors(value, candidates) -> list[int]:
+    """The candidates dividing the static `value`, in the given order."""
+    return [c for c in candidates if int(value) % c == 0]
 
 
 def count_iters(sch, block, reduction: bool) -> int:
@@ -19,14 +54,23 @@ def parallel_outer(sch, name: str, inner: int = 1) -> None:
     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
+#: Threads per block of the one-thread-per-element stages, and the tuning candidates.
+THREADS, THREAD_CANDIDATES = 256, (64, 128, 256, 512, 1024)
+
+
+def bind_threads(sch, loops):
+    """Fuse `loops` and spread them over blocks of THREADS threads (tunable); returns the thread loop."""
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    blocks, threads = sch.split(fused, [None, decide(sch, THREAD_CANDIDATES, THREADS)])
+    sch.bind(blocks, "blockIdx.x")
+    sch.bind(threads, "threadIdx.x")
+    return threads
+
+
 def bind_remaining(sch) -> None:
-    """Bind every root stage not yet on the GPU: spatial loops fused over blocks x 256 threads."""
+    """Bind every root stage not yet on the GPU: spatial loops fused over blocks x THREADS threads."""
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         loops = sch.get_loops(block)
         if any(sch.get(loop).thread_binding is not None for loop in loops):
             continue
-        spatial = count_iters(sch, block, reduction=False)
-        fused = sch.fuse(*loops[:spatial]) if spatial > 1 else loops[0]
-        blocks, threads = sch.split(fused, [None, 256])
-        sch.bind(blocks, "blockIdx.x")
-        sch.bind(threads, "threadIdx.x")
+        bind_threads(sch, loops[: max(count_iters(sch, block, reduction=False), 1)])

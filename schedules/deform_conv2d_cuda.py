@@ -5,18 +5,20 @@ reduction step the bilinear gather writes its columns tile straight into shared 
 the tile load, no column buffer in global memory), the weight tile is staged beside it, and every
 thread accumulates a THREAD_TILE x THREAD_TILE block in registers. Other stages use dlight's
 fallback below (one thread per output element, reductions serial in the thread). Never compile an unscheduled function for CUDA:
-`dcn_tvm.kernels.build` checks for the device module.
+`dcn_tvm.kernels.build` checks for the device module. Tuning samples the reduction step and the
+threads per block (`common.decide`).
 """
 
 from __future__ import annotations
 
-from .common import bind_remaining
+from .common import bind_remaining, bind_threads, decide
 
 #: The compute pads the positions to a multiple of this, so position tiles have no tails.
 POSITION_TILE = 64
 BLOCK_CHANNELS = 64
 THREAD_TILE = 4
-REDUCTION_STEP = 16
+#: Reduction elements per shared-memory tile, and the tuning candidates.
+REDUCTION_STEP, REDUCTION_STEP_CANDIDATES = 16, (4, 8, 16, 32)
 
 
 def _threads() -> int:
@@ -38,7 +40,7 @@ def _tiled_gemm(sch, block, batch, channel, position, reductions, shared_produce
     reduction = sch.fuse(*reductions) if len(reductions) > 1 else reductions[0]
     c_block, c_thread, c_inner = sch.split(channel, [None, side, THREAD_TILE])
     p_block, p_thread, p_inner = sch.split(position, [None, side, THREAD_TILE])
-    r_outer, r_inner = sch.split(reduction, [None, REDUCTION_STEP])
+    r_outer, r_inner = sch.split(reduction, [None, decide(sch, REDUCTION_STEP_CANDIDATES, REDUCTION_STEP)])
     sch.reorder(batch, c_block, p_block, c_thread, p_thread, r_outer, r_inner, c_inner, p_inner)
     sch.bind(sch.fuse(batch, c_block, p_block), "blockIdx.x")
     thread = sch.fuse(c_thread, p_thread)
@@ -73,11 +75,7 @@ def backward_weight(sch) -> None:
 
 def scatter(sch) -> None:
     """Every sample its own thread; the adds are atomic (see `scatter_grad_input`)."""
-    block = sch.get_sblock("scatter_grad_input")
-    fused = sch.fuse(*sch.get_loops(block))
-    blocks, threads = sch.split(fused, [None, 256])
-    sch.bind(blocks, "blockIdx.x")
-    sch.bind(threads, "threadIdx.x")
+    bind_threads(sch, sch.get_loops(sch.get_sblock("scatter_grad_input")))
 
 
 RULES = {

@@ -2,17 +2,25 @@
 
 Each rule takes an `s_tir.Schedule` of the PrimFunc built by `dcn_tvm.compute` and finds the stages
 by name. The GEMM-like stages use a register-blocked micro-kernel: a block of output channels times
-`POSITION_TILE` positions accumulates in registers while the reduction streams through L1/L2.
+a register tile of positions accumulates in registers while the reduction streams through L1/L2.
+Tuning samples (`common.decide`) the channel block, the register tile and the positions per
+parallel task; the defaults below are one point of that space.
 """
 
 from __future__ import annotations
 
-from .common import parallel_outer
+from .common import decide, divisors, parallel_outer
 
 #: Positions per tile; the compute pads P to a multiple of this, so tiles never have tails.
 POSITION_TILE = 32
 #: Bytes per vector register (AVX-512); narrower ISAs split the vectors, which LLVM does well.
 VECTOR_BYTES = 64
+#: Register-block heights: the default is the first dividing the channels, tuning tries every divisor.
+CHANNEL_BLOCKS, CHANNEL_BLOCK_CANDIDATES = (8, 6, 4, 3, 2), (1, 2, 3, 4, 6, 8, 12, 16)
+#: POSITION_TILE tiles per parallel task when tuning (the default is 1).
+TASK_TILE_CANDIDATES = (1, 2, 3, 4, 5, 6, 8)
+#: Vectors per register tile when tuning (the default fills POSITION_TILE).
+CHUNK_CANDIDATES = (1, 2, 4)
 
 
 def _lanes(sch, block) -> int:
@@ -21,32 +29,51 @@ def _lanes(sch, block) -> int:
     return VECTOR_BYTES * 8 // dtype.bits
 
 
-def _extent(sch, loop):
-    return sch.get(loop).extent
+def _extent(sch, loop) -> int | None:
+    """The static extent of `loop`, None when symbolic."""
+    return getattr(sch.get(loop).extent, "value", None)
 
 
 def _divisor(value, candidates) -> int:
     """The first candidate dividing the static `value` (1 if none does)."""
-    return next((c for c in candidates if int(value) % c == 0), 1)
+    return next(iter(divisors(value, candidates)), 1)
+
+
+def _channel_block(sch, loop) -> int:
+    """Output channels per register block: default the first of CHANNEL_BLOCKS dividing the loop."""
+    extent = _extent(sch, loop)
+    return decide(sch, divisors(extent, CHANNEL_BLOCK_CANDIDATES), _divisor(extent, CHANNEL_BLOCKS))
+
+
+def _split_positions(sch, loop, lanes):
+    """Split the padded position loop into (task, tile, chunk, lane).
+
+    A parallel task covers POSITION_TILE positions by default; a register tile is `chunk` x `lane`
+    positions, all of POSITION_TILE by default (tile = 1). Every candidate divides the padded
+    position count, so no loop has a tail; a symbolic count keeps the default task.
+    """
+    extent = _extent(sch, loop)
+    tiles = divisors(extent // POSITION_TILE, TASK_TILE_CANDIDATES) if extent else []
+    task = decide(sch, [POSITION_TILE * t for t in tiles], POSITION_TILE)
+    chunks = decide(sch, divisors(POSITION_TILE // lanes, CHUNK_CANDIDATES), POSITION_TILE // lanes)
+    p_task, p_in = sch.split(loop, [None, task])
+    return (p_task, *sch.split(p_in, [None, chunks, lanes]))
 
 
 def _microkernel(sch, block, parallel_loops, channel_loop, position_loop, reduction_loops, unrolled=()):
     """Tile `channel_loop` x `position_loop` into a register block and put the reduction inside it.
 
-    Loop order: parallel(parallel_loops, position tile) / channel block / reduction / unrolled /
-    channel in block / position vector chunks (unrolled) / vector lanes.
+    Loop order: parallel(parallel_loops, position task) / channel block / position tile / reduction /
+    unrolled / channel in block / position vector chunks (unrolled) / vector lanes.
     Returns the fused parallel loop (where callers compute the gather).
     """
-    lanes = _lanes(sch, block)
-    channel_block = _divisor(_extent(sch, channel_loop), (8, 6, 4, 3, 2))
-    p_tile, p_in = sch.split(position_loop, [None, POSITION_TILE])
-    p_chunk, p_lane = sch.split(p_in, [None, lanes])
-    c_outer, c_inner = sch.split(channel_loop, [None, channel_block])
-    sch.reorder(*parallel_loops, p_tile, c_outer, *reduction_loops, *unrolled, c_inner, p_chunk, p_lane)
-    fused = sch.fuse(*parallel_loops, p_tile)
+    p_task, p_tile, p_chunk, p_lane = _split_positions(sch, position_loop, _lanes(sch, block))
+    c_outer, c_inner = sch.split(channel_loop, [None, _channel_block(sch, channel_loop)])
+    sch.reorder(*parallel_loops, p_task, c_outer, p_tile, *reduction_loops, *unrolled, c_inner, p_chunk, p_lane)
+    fused = sch.fuse(*parallel_loops, p_task)
     sch.parallel(fused)
     accumulator = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(accumulator, c_outer)
+    sch.reverse_compute_at(accumulator, p_tile)
     for loop in (*unrolled, c_inner, p_chunk):
         sch.unroll(loop)
     sch.vectorize(p_lane)
@@ -66,8 +93,8 @@ def _sampling_tables(sch) -> None:
 
 
 def forward(sch) -> None:
-    """Tables at root; the gather of one position tile (all channels) computed inside the GEMM's
-    parallel loop, so the columns never exist beyond one L2-sized tile."""
+    """Tables at root; the gather of one position task (all channels) computed inside the GEMM's
+    parallel loop, so the columns never exist beyond one L2-sized task."""
     _sampling_tables(sch)
     gemm = sch.get_sblock("deform_gemm")
     b, oc, p, rc, rkh, rkw = sch.get_loops(gemm)
@@ -84,14 +111,12 @@ def backward_data(sch) -> None:
     gcol = sch.get_sblock("grad_columns")
     b, c, kh, kw, p, ro = sch.get_loops(gcol)
     # Register block: the KH*KW kernel points of one channel share each grad_output vector. Position
-    # tiles outermost, so a tile of grad_output stays in L2 while every channel reads it.
-    lanes = _lanes(sch, gcol)
-    p_tile, p_in = sch.split(p, [None, POSITION_TILE])
-    p_chunk, p_lane = sch.split(p_in, [None, lanes])
-    sch.reorder(b, p_tile, c, ro, kh, kw, p_chunk, p_lane)
-    sch.parallel(sch.fuse(b, p_tile))
+    # tasks outermost, so a task's grad_output stays in L2 while every channel reads it.
+    p_task, p_tile, p_chunk, p_lane = _split_positions(sch, p, _lanes(sch, gcol))
+    sch.reorder(b, p_task, c, p_tile, ro, kh, kw, p_chunk, p_lane)
+    sch.parallel(sch.fuse(b, p_task))
     accumulator = sch.cache_write(gcol, 0, "local")
-    sch.reverse_compute_at(accumulator, c)
+    sch.reverse_compute_at(accumulator, p_tile)
     for loop in (kh, kw, p_chunk):
         sch.unroll(loop)
     sch.vectorize(p_lane)
@@ -126,12 +151,12 @@ def backward_weight(sch) -> None:
 
     gw = sch.get_sblock("grad_weight_sum")
     oc, ck, rb, rp = sch.get_loops(gw)
-    lanes = _lanes(sch, gw)
-    ck_tile = _divisor(_extent(sch, ck), (2 * lanes, lanes, 8, 4, 2))
-    channel_block = _divisor(_extent(sch, oc), (8, 6, 4, 3, 2))
-    o_outer, o_inner = sch.split(oc, [None, channel_block])
-    ck_outer, ck_inner = sch.split(ck, [None, ck_tile])
-    ck_chunk, ck_lane = sch.split(ck_inner, [None, min(lanes, ck_tile)])
+    lanes, ck_extent = _lanes(sch, gw), _extent(sch, ck)
+    tile = _divisor(ck_extent, (2 * lanes, lanes, 8, 4, 2))
+    width = min(lanes, tile)
+    chunks = decide(sch, divisors(ck_extent // width, CHUNK_CANDIDATES), tile // width)
+    o_outer, o_inner = sch.split(oc, [None, _channel_block(sch, oc)])
+    ck_outer, ck_chunk, ck_lane = sch.split(ck, [None, chunks, width])
     # (c, kh, kw) strips outermost: consecutive tasks reuse one strip of columns from L2.
     sch.reorder(ck_outer, o_outer, rb, rp, o_inner, ck_chunk, ck_lane)
     sch.parallel(sch.fuse(ck_outer, o_outer))

@@ -1,25 +1,15 @@
 """Default `cuda` schedules for deform_roi_pool: one thread per output element of every stage.
 
 The stages are gathers with short serial reductions (S x S samples, or a class's channels times
-the samples), so one thread per output element is the natural mapping; reductions accumulate in a
+the samples), so one thread per output element is the natural mapping (the threads per block
+are tunable); reductions accumulate in a
 register and store once. Never compile an unscheduled function for CUDA: `dcn_tvm.kernels.build`
 checks for the device module.
 """
 
 from __future__ import annotations
 
-from .common import bind_remaining, count_iters
-
-THREADS = 256
-
-
-def _bind(sch, loops):
-    """Fuse `loops` and spread them over blocks of THREADS threads; returns the thread loop."""
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    blocks, threads = sch.split(fused, [None, THREADS])
-    sch.bind(blocks, "blockIdx.x")
-    sch.bind(threads, "threadIdx.x")
-    return threads
+from .common import bind_remaining, bind_threads, count_iters
 
 
 def _reductions_in_registers(sch) -> None:
@@ -28,7 +18,7 @@ def _reductions_in_registers(sch) -> None:
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         reductions = count_iters(sch, block, reduction=True)
         if reductions:
-            thread = _bind(sch, sch.get_loops(block)[:-reductions])
+            thread = bind_threads(sch, sch.get_loops(block)[:-reductions])
             stores = [sch.cache_write(block, index, "local") for index in range(len(sch.get(block).writes))]
             for store in stores:
                 sch.reverse_compute_at(store, thread)
@@ -42,7 +32,7 @@ def stages(sch) -> None:
 
 def scatter(sch) -> None:
     """Every (RoI, output channel, bin, sample) its own thread; the adds are atomic."""
-    _bind(sch, sch.get_loops(sch.get_sblock("scatter_grad_input")))
+    bind_threads(sch, sch.get_loops(sch.get_sblock("scatter_grad_input")))
 
 
 RULES = {"forward": stages, "backward": stages, "scatter": scatter}

@@ -1,4 +1,4 @@
-"""Compile one KernelSpec with TVM: compute (dcn_tvm.compute) + default schedule (schedules/)."""
+"""Compile one KernelSpec with TVM: compute (dcn_tvm.compute) + tuned or default schedule (schedules/)."""
 
 from __future__ import annotations
 
@@ -22,11 +22,16 @@ def prim_func(spec: KernelSpec):
 
 
 def scheduled(spec: KernelSpec):
-    """The PrimFunc of `spec` with its schedule applied (the default schedule from schedules/)."""
+    """The PrimFunc of `spec` scheduled by its tuned record for exactly this kernel and target
+    (dcn_tvm.tuning.records) if there is one, else by the default schedule from schedules/."""
     from dcn_tvm import schedules
+    from dcn_tvm.tuning.records import tuned_schedule
 
-    sch = tvm().s_tir.Schedule(prim_func(spec))
-    schedules.apply(spec.op, target_kind(spec.target), spec.stage, sch)
+    func = prim_func(spec)
+    sch = tuned_schedule(spec, func)
+    if sch is None:
+        sch = tvm().s_tir.Schedule(func)
+        schedules.apply(spec.op, target_kind(spec.target), spec.stage, sch)
     return sch.mod["main"]
 
 

@@ -1,0 +1,92 @@
+"""Autotune from Python: the engine of `dcn-tvm tune`, and `from_model`.
+
+    import dcn_tvm.tune
+    dcn_tvm.tune.run(presets=["tiny"], target="llvm", trials=64)
+    dcn_tvm.tune.from_model(model, (images,), trials=256)      # tunes every deformable op of the model
+    dcn_tvm.tune.which_schedule(spec)                            # "tuned" or "default"
+
+Tuned records land in `logs` (default: env.tuning_logs_dir(), which builds read), so the next
+compile of a tuned kernel uses its tuned schedule. See dcn_tvm.tuning for the details.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dcn_tvm import env
+from dcn_tvm.ops import deform_conv2d as conv_op
+from dcn_tvm.ops import deform_roi_pool as roi_op
+from dcn_tvm.tuning import which_schedule
+from dcn_tvm.tuning.tuner import Result
+from dcn_tvm.tuning.workloads import Workload, from_geometry, resolve
+
+__all__ = ["Result", "from_model", "record", "run", "which_schedule"]
+
+
+def run(workloads=(), presets=(), target: str = "auto", trials: int = 64, logs: str | Path | None = None,
+        stages=None, rpc_tracker: str | None = None, rpc_key: str | None = None, progress: bool = True,
+        report: bool = True) -> list[Result]:
+    """Tune `workloads` (strings or Workload objects) and the kernels of `presets` for `target`
+    (llvm, cuda, auto, a TVM tag or JSON dict), `trials` in all, into `logs`; only `stages` if given.
+
+    Writes <logs>/<target-key>/report.md (+ report.png) when `report`. Returns one Result per kernel.
+    """
+    from dcn_tvm.tuning import report as reports
+    from dcn_tvm.tuning import target as targets
+    from dcn_tvm.tuning.tuner import tune
+
+    strings = [w for w in workloads if isinstance(w, str)]
+    chosen = [w for w in workloads if isinstance(w, Workload)] + resolve(presets, strings)
+    key = targets.resolve(target)
+    root = Path(logs or env.tuning_logs_dir())
+    results = tune(chosen, key, trials, root, stages=stages, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+                   progress=progress)
+    if report:
+        reports.write(root / key)
+    return results
+
+
+class _Recorder(TorchDispatchMode):
+    """Notes the workload of every dcn_tvm operator call that passes through the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.workloads: list[Workload] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name == "dcn_tvm::deform_conv2d":
+            input, offset, mask, weight, _, stride, padding, dilation = args
+            geo = conv_op.geometry(input, offset, weight, mask, stride, padding, dilation)
+            n, _, h, w = input.shape
+            self.workloads.append(from_geometry("deform_conv2d", geo, n=n, h=h, w=w))
+        elif name == "dcn_tvm::deform_roi_pool":
+            input, rois, offset, *parameters = args
+            geo = roi_op.geometry(input, rois, offset, *parameters)
+            n, _, h, w = input.shape
+            self.workloads.append(from_geometry("deform_roi_pool", geo, r=rois.shape[0], n=n, h=h, w=w))
+        return func(*args, **(kwargs or {}))
+
+
+def record(model: torch.nn.Module, example_inputs) -> list[Workload]:
+    """The workloads of `model(*example_inputs)`, each once, in call order (runs the model once,
+    without gradients; deform_roi_pool workloads take this run's RoI count)."""
+    recorder = _Recorder()
+    with torch.no_grad(), recorder:
+        model(*example_inputs)
+    return list(dict.fromkeys(recorder.workloads))
+
+
+def from_model(model: torch.nn.Module, example_inputs, target: str | None = None, **options) -> list[Result]:
+    """Run `model(*example_inputs)` once, record every deformable op's shape and tune those.
+
+    `target` defaults to the device of the first tensor input (cpu: llvm, cuda: cuda); `options` are
+    those of `run` (trials, logs, stages, rpc_tracker, rpc_key, progress, report).
+    """
+    if target is None:
+        device = next(x.device for x in example_inputs if isinstance(x, torch.Tensor))
+        target = "cuda" if device.type == "cuda" else "llvm"
+    return run(record(model, example_inputs), target=target, **options)

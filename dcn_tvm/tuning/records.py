@@ -1,0 +1,213 @@
+"""Tuning records: `<logs>/<target-key>/<op>/`, one folder per target and operator.
+
+    metadata.json   TVM and dcn_tvm versions, target JSON, device, date; per kernel key: workload,
+                    stage, structural hash of the kernel's PrimFunc, trials, whether the space ran
+                    out, default and tuned times (ms, measured side by side), the schedule to use
+                    ("tuned" or "default") and the best time after each batch of trials
+    records.jsonl   the best KEEP (3) measured schedules per kernel key, one line each, sorted:
+                    {"key", "run_ms", "trace"}, the trace being MetaSchedule's JSON with its decisions
+
+Targets never share a folder (MetaSchedule matches records by PrimFunc, ignoring the target). Only
+text is stored, no TVM object blobs; a trace replays with `Trace.apply_json_to_schedule`, whose
+instruction names may change between TVM releases, so readers check the recorded TVM version and a
+record only applies to a PrimFunc with the recorded structural hash. Files are replaced atomically.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from dcn_tvm import env
+from dcn_tvm.kernels.spec import KernelSpec
+from dcn_tvm.kernels.targets import target_config, target_kind
+
+log = logging.getLogger("dcn_tvm")
+#: Measured schedules kept per kernel.
+KEEP = 3
+#: run_secs at or above this mark a failed measurement (MetaSchedule stores failures as 1e10 s).
+FAILED_SECS = 1e9
+_warned: set[str] = set()
+
+
+class RecordsVersionError(RuntimeError):
+    """The records were written by another TVM version than the one installed."""
+
+
+def version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def median(times) -> float:
+    return statistics.median(times)
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace `path` by `text` atomically (a temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _warn_once(key: str, message: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
+
+
+class Store:
+    """The records of one target and operator under `root` (default: env.tuning_logs_dir())."""
+
+    def __init__(self, target: str, op: str, root: Path | None = None):
+        self.target, self.op = target, op
+        self.folder = Path(root or env.tuning_logs_dir()) / target / op
+        self.metadata_path, self.records_path = self.folder / "metadata.json", self.folder / "records.jsonl"
+
+    def exists(self) -> bool:
+        return self.metadata_path.is_file()
+
+    def metadata(self) -> dict:
+        if not self.exists():
+            return {"tvm": version("apache-tvm"), "dcn_tvm": version("dcn_tvm"), "target": target_config(self.target),
+                    "device": None, "date": None, "kernels": {}}
+        return json.loads(self.metadata_path.read_text())
+
+    def version_error(self) -> str | None:
+        """Why these records cannot be used with the installed TVM, or None."""
+        recorded, installed = self.metadata()["tvm"], version("apache-tvm")
+        if recorded == installed:
+            return None
+        return (f"{self.folder} was tuned with TVM {recorded} but TVM {installed} is installed; schedule traces "
+                f"are TVM-version specific: re-tune into another --logs folder, or delete this one")
+
+    def check_version(self) -> None:
+        error = self.version_error() if self.exists() else None
+        if error:
+            raise RecordsVersionError(error)
+
+    def kernel(self, key: str) -> dict | None:
+        return self.metadata()["kernels"].get(key)
+
+    def update_kernel(self, key: str, device: str, **fields) -> dict:
+        """Merge `fields` into the kernel's entry and stamp the folder's device and date."""
+        metadata = self.metadata()
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        metadata.update(device=device, date=now, dcn_tvm=version("dcn_tvm"))
+        entry = metadata["kernels"].setdefault(key, {})
+        entry.update(fields, date=now)
+        metadata["kernels"] = dict(sorted(metadata["kernels"].items()))
+        _write(self.metadata_path, json.dumps(metadata, indent=1) + "\n")
+        return entry
+
+    def _all_records(self) -> list[dict]:
+        if not self.records_path.is_file():
+            return []
+        return [json.loads(line) for line in self.records_path.read_text().splitlines() if line]
+
+    def records(self, key: str) -> list[dict]:
+        """The kernel's records, fastest (median) first."""
+        return sorted((r for r in self._all_records() if r["key"] == key), key=lambda r: median(r["run_ms"]))
+
+    def _save(self, records: list[dict]) -> None:
+        records = sorted(records, key=lambda r: (r["key"], median(r["run_ms"])))
+        _write(self.records_path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+
+    def remove(self, key: str, trace: list) -> None:
+        """Forget a recorded schedule (one that no longer builds or runs)."""
+        self._save([r for r in self._all_records() if not (r["key"] == key and r["trace"] == trace)])
+
+    def commit(self, key: str, run_ms: list[float], trace: list) -> None:
+        """Record a measured schedule (replacing an earlier measurement of the same trace), keeping
+        the KEEP fastest per kernel."""
+        others = [r for r in self._all_records() if not (r["key"] == key and r["trace"] == trace)]
+        mine = sorted([r for r in others if r["key"] == key] + [{"key": key, "run_ms": run_ms, "trace": trace}],
+                      key=lambda r: median(r["run_ms"]))[:KEEP]
+        self._save([r for r in others if r["key"] != key] + mine)
+
+
+def plain(value):
+    """A trace's JSON (TVM containers, IntImm, FloatImm) as plain Python lists and numbers."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return str(value) if isinstance(value, str) else value
+    if hasattr(value, "value"):
+        return value.value
+    return [plain(item) for item in value]
+
+
+def _usable_entry(spec: KernelSpec, root: Path | None) -> tuple[Store, dict] | None:
+    """The store and metadata entry of a tuned schedule for `spec`, without the hash check."""
+    store = Store(spec.target, spec.op, root)
+    entry = store.kernel(spec.key) if store.exists() else None
+    if entry is None:
+        from dcn_tvm.tuning.workloads import of_spec, tunable
+
+        if target_kind(spec.target) == "cuda" and tunable(spec):
+            workload = of_spec(spec)
+            _warn_once(f"{spec.target} {workload}", "dcn_tvm: no tuned schedules for %s on %s; using the default "
+                       "schedules. Tune them on this GPU with: dcn-tvm tune --target cuda --workload '%s'",
+                       workload, spec.target, workload)
+        return None
+    error = store.version_error()
+    if error:
+        _warn_once(str(store.folder), "dcn_tvm: ignoring tuning records: %s", error)
+        return None
+    if entry.get("schedule") != "tuned" or not store.records(spec.key):
+        return None
+    return store, entry
+
+
+def tuned_schedule(spec: KernelSpec, func, root: Path | None = None):
+    """An `s_tir.Schedule` of `func` (the PrimFunc of `spec`) with its tuned trace applied, or None
+    for the default schedule.
+
+    A miss on a CUDA target logs once the command that would tune it; records of another TVM version,
+    of another PrimFunc (the compute changed since tuning) or that fail to replay log once and give None.
+    """
+    import tvm_ffi
+
+    from dcn_tvm._tvm import tvm
+
+    found = _usable_entry(spec, root)
+    if found is None:
+        return None
+    store, entry = found
+    if entry["func_hash"] != str(tvm_ffi.structural_hash(func)):
+        _warn_once(spec.key, "dcn_tvm: the tuned schedule of %s was tuned for another version of its compute; "
+                   "using the default schedule (re-tune %s)", spec.key, entry["workload"])
+        return None
+    sch = tvm().s_tir.Schedule(func)
+    try:
+        tvm().s_tir.Trace.apply_json_to_schedule(store.records(spec.key)[0]["trace"], sch)
+    except tvm().s_tir.ScheduleError as error:
+        _warn_once(spec.key, "dcn_tvm: the tuned schedule of %s does not apply (%s); using the default schedule",
+                   spec.key, str(error).splitlines()[0])
+        return None
+    return sch
+
+
+def schedule_tag(spec: KernelSpec, root: Path | None = None) -> str:
+    """"default", or "tuned-" + a hash of the tuned trace: what a kernel cache entry must be keyed by."""
+    found = _usable_entry(spec, root)
+    if found is None:
+        return "default"
+    trace = json.dumps(found[0].records(spec.key)[0]["trace"], separators=(",", ":"))
+    return "tuned-" + hashlib.sha256(trace.encode()).hexdigest()[:12]

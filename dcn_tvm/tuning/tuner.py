@@ -1,0 +1,363 @@
+"""Tune kernels with MetaSchedule over the rules of schedules/ (one kernel at a time, resumable).
+
+Per kernel: the design space is the kernel's own schedule rule run under `schedules.common.sampling()`
+(a `ScheduleFn` with no generic rules: MetaSchedule's generic space would inline the gather into the
+GEMM and recompute it per output channel), searched by MetaSchedule's evolutionary search with its
+XGBoost cost model. The database is the kernel's records (`RecordsDatabase`): the search starts from
+what earlier runs kept, and every successful measurement is written to disk as it arrives. Once the
+kernel's trials are spent, its default schedule and its kept records are measured side by side; the
+fastest is what the library will compile.
+
+`--trials` is the budget of the whole run, split evenly over the kernels; a kernel whose recorded
+trials already meet its share (or whose space ran out) is not measured again.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dcn_tvm import env
+from dcn_tvm._tvm import tvm
+from dcn_tvm.kernels.build import prim_func
+from dcn_tvm.kernels.targets import target_kind
+from dcn_tvm.tuning.records import FAILED_SECS, Store, median, plain
+from dcn_tvm.tuning.target import local_device, tuning_target
+from dcn_tvm.tuning.workloads import STAGES, Task, Workload
+
+#: Candidates per MetaSchedule batch: records reach the disk at least this often.
+BATCH = 8
+#: Timed runs per measurement (each at least MIN_REPEAT_MS long); the median is reported.
+REPEAT, MIN_REPEAT_MS = 5, 100
+#: Rounds of the side-by-side measurement of a kernel's default schedule and records.
+ROUNDS = 2
+
+
+class MeasurementError(RuntimeError):
+    """The default schedule of a kernel could not be measured on the target's device."""
+
+
+@dataclass
+class Result:
+    """One kernel's line in the table: times in ms (None when never measured); `folder` holds its records."""
+
+    folder: Path
+    workload: str
+    stage: str
+    key: str
+    default_ms: float | None
+    tuned_ms: float | None
+    trials: int
+    schedule: str
+    history: list
+
+    @property
+    def speedup(self) -> float | None:
+        return self.default_ms / self.tuned_ms if self.default_ms and self.tuned_ms else None
+
+
+def _ms():
+    from tvm.s_tir import meta_schedule
+
+    return meta_schedule
+
+
+def _module(func):
+    return tvm().IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def _scheduled(task: Task, trace=None):
+    """The measured kernel of `task` as an IRModule, scheduled by `trace`, else by its default rule."""
+    from dcn_tvm import schedules
+
+    sch = tvm().s_tir.Schedule(_module(prim_func(task.measured)))
+    if trace is None:
+        schedules.apply(task.spec.op, target_kind(task.spec.target), task.spec.stage, sch)
+    else:
+        tvm().s_tir.Trace.apply_json_to_schedule(trace, sch)
+    return sch.mod
+
+
+def space(task: Task):
+    """The MetaSchedule design space of a kernel: its rule with every `decide` sampled."""
+    ms = _ms()
+
+    def rule(sch):
+        from dcn_tvm import schedules
+        from dcn_tvm.schedules.common import sampling
+
+        with sampling():
+            schedules.apply(task.spec.op, target_kind(task.spec.target), task.spec.stage, sch)
+
+    postprocs = [ms.postproc.VerifyGPUCode()] if target_kind(task.spec.target) == "cuda" else []
+    return ms.space_generator.ScheduleFn(rule, sch_rules=[], postprocs=postprocs, mutator_probs={})
+
+
+def _records_database(store: Store, key: str, mod, target):
+    """A MetaSchedule database over one kernel's records in `store` (see the module docstring)."""
+    ms = _ms()
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class RecordsDatabase(ms.database.PyDatabase):
+        def __init__(self):
+            super().__init__()
+            self.workload = ms.database.Workload(mod)
+            self.args_info = ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True)
+
+        def has_workload(self, other) -> bool:
+            import tvm_ffi
+
+            return bool(tvm_ffi.structural_equal(other, mod))
+
+        def commit_workload(self, other):
+            if not self.has_workload(other):
+                raise ValueError(f"the records database of {key} holds that kernel only")
+            return self.workload
+
+        def commit_tuning_record(self, record) -> None:
+            run_secs = [float(seconds) for seconds in record.run_secs or ()]
+            if run_secs and max(run_secs) < FAILED_SECS:
+                store.commit(key, [seconds * 1e3 for seconds in run_secs], plain(record.trace.as_json(True)))
+
+        def get_top_k(self, workload, top_k: int) -> list:
+            return [self._record(entry) for entry in store.records(key)[:top_k]]
+
+        def get_all_tuning_records(self) -> list:
+            return [self._record(entry) for entry in store.records(key)]
+
+        def __len__(self) -> int:
+            return len(store.records(key))
+
+        def _record(self, entry):
+            sch = tvm().s_tir.Schedule(mod)
+            tvm().s_tir.Trace.apply_json_to_schedule(entry["trace"], sch)
+            return ms.database.TuningRecord(sch.trace, self.workload, [t / 1e3 for t in entry["run_ms"]], target,
+                                            self.args_info)
+
+    return RecordsDatabase()
+
+
+def _compile_function():
+    """The builder's compile step: `tvm.compile`, as builds do. (MetaSchedule's default imports every
+    tensor intrinsic in each fresh worker, seconds per batch; nested, this pickles by value.)"""
+
+    def compile(mod, target, _params):
+        import tvm
+
+        with target:
+            return tvm.compile(mod, target=target).mod
+
+    return compile
+
+
+class Measurer:
+    """Build with MetaSchedule's local builder and time with its local runner, or with the devices
+    registered under `rpc_key` at an RPC tracker (one measurement in flight per device)."""
+
+    def __init__(self, target, rpc_tracker: str | None = None, rpc_key: str | None = None):
+        ms = _ms()
+        self.target = target
+        self.builder = ms.builder.LocalBuilder(timeout_sec=300, f_build=_compile_function())
+        evaluator = ms.runner.EvaluatorConfig(number=1, repeat=REPEAT, min_repeat_ms=MIN_REPEAT_MS)
+        if rpc_tracker is None:
+            self.runner = ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=120)
+            return
+        host, _, port = rpc_tracker.rpartition(":")
+        if not host or not port.isdigit() or not rpc_key:
+            raise ValueError(f"--rpc-tracker must be HOST:PORT and --rpc-key given, got {rpc_tracker!r}, {rpc_key!r}")
+        config = ms.runner.RPCConfig(host, int(port), rpc_key, session_timeout_sec=120)
+        servers = config.count_num_servers(allow_missing=False)
+        self.runner = ms.runner.RPCRunner(config, evaluator, max_workers=servers)
+
+    def measure(self, mods) -> list[list[float] | str]:
+        """Per module: its run times in ms over ROUNDS runs of the whole list (every other round in
+        reverse order, so a slow spell of a shared machine hits every module alike), or the build or
+        run error message."""
+        ms = _ms()
+        from tvm.s_tir.meta_schedule.utils import remove_build_dir
+
+        builds = self.builder.build([ms.builder.BuilderInput(mod, self.target) for mod in mods])
+        results: list = [build.error_msg or [] for build in builds]
+        built = [i for i, build in enumerate(builds) if build.error_msg is None]
+        device = "cuda" if self.target.kind.name == "cuda" else "cpu"
+        order = [i for r in range(ROUNDS) for i in (built if r % 2 == 0 else built[::-1])]
+        futures = self.runner.run([
+            ms.runner.RunnerInput(builds[i].artifact_path, device,
+                                  ms.arg_info.ArgInfo.from_entry_func(mods[i], remove_preproc=True))
+            for i in order
+        ])
+        for i, future in zip(order, futures):
+            result = future.result()
+            secs = [float(s) for s in result.run_secs or ()]
+            if isinstance(results[i], str):
+                continue
+            ok = result.error_msg is None and secs and max(secs) < FAILED_SECS
+            results[i] = results[i] + [s * 1e3 for s in secs] if ok else (result.error_msg or "no run time")
+        for i in built:
+            remove_build_dir(builds[i].artifact_path)
+        return results
+
+
+class _Progress:
+    """tqdm bars: all kernels of the run, and the current kernel."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self._tqdm, self.enabled = tqdm, enabled
+        self.overall = tqdm(total=total, desc="all kernels", unit="trial", disable=not enabled, position=0)
+        self.kernel = None
+
+    def start(self, task: Task, total: int):
+        self.kernel = self._tqdm(total=total, desc=f"{task.spec.stage} {task.workload}"[:90], unit="trial",
+                                 disable=not self.enabled, position=1, leave=False)
+
+    def advance(self, trials: int, best_ms: float | None):
+        self.overall.update(trials)
+        self.kernel.update(trials)
+        if best_ms is not None:
+            self.kernel.set_postfix(best_ms=f"{best_ms:.4g}")
+
+    def finish_kernel(self):
+        self.kernel.close()
+
+    def close(self):
+        self.overall.close()
+
+
+def _search(task: Task, store: Store, measurer: Measurer, trials: int, progress: _Progress, device: str):
+    """Run MetaSchedule for up to `trials` more trials; updates the kernel's entry after every batch."""
+    ms = _ms()
+    from tvm.ir.utils import derived_object
+
+    entry = store.kernel(task.spec.key) or {}
+    state = {"trials": entry.get("trials", 0), "history": list(entry.get("history", [])), "session": 0}
+    best = min((median(r["run_ms"]) for r in store.records(task.spec.key)), default=None)
+
+    @derived_object
+    class Bookkeeping(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, candidates, builder_results, runner_results):
+            nonlocal best
+            if not candidates:  # a search iteration that found nothing new to measure
+                return
+            for result in runner_results:
+                secs = [float(s) for s in result.run_secs or ()]
+                if result.error_msg is None and secs and max(secs) < FAILED_SECS:
+                    best = min(best or float("inf"), median(secs) * 1e3)
+            state["trials"] += len(candidates)
+            state["session"] += len(candidates)
+            state["history"].append([state["trials"], best])
+            store.update_kernel(task.spec.key, device, trials=state["trials"], history=state["history"])
+            progress.advance(len(candidates), best)
+
+    mod = _module(prim_func(task.measured))
+    # No mutator applies to categorical decisions, so evolving would only re-score the population:
+    # each batch ranks fresh random samples of the space with the cost model instead. The spaces
+    # hold tens to hundreds of points, and replaying a trace can take 50 ms: sample 64, not 512.
+    strategy = ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=16,
+                                                     genetic_num_iters=0)
+    context = ms.TuneContext(mod=mod, target=measurer.target, space_generator=space(task),
+                             search_strategy=strategy, task_name=task.spec.key,
+                             num_threads=os.cpu_count() or 1).clone()
+    with tempfile.TemporaryDirectory(prefix="dcn_tvm_tune_") as work_dir:
+        ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=trials,
+                      num_trials_per_iter=min(BATCH, trials), builder=measurer.builder, runner=measurer.runner,
+                      database=_records_database(store, task.spec.key, mod, measurer.target), cost_model="xgb",
+                      measure_callbacks=ms.MeasureCallback.create("default") + [Bookkeeping()],
+                      task_scheduler="round-robin")
+    if state["session"] < trials:  # the search stopped early: no unmeasured candidates were left
+        store.update_kernel(task.spec.key, device, exhausted=True)
+
+
+def _final(task: Task, store: Store, measurer: Measurer, device: str) -> None:
+    """Measure the default schedule and the kept records side by side; builds will use the fastest.
+
+    Records that are the default schedule itself take its time; records that fail are dropped.
+    `tuned_ms` is the time of the schedule chosen, so it equals `default_ms` when the default stays.
+    """
+    import tvm_ffi
+
+    key, default = task.spec.key, _scheduled(task)
+    kept = [(r, _scheduled(task, r["trace"])) for r in store.records(key)]
+    others = [r for r, mod in kept if not tvm_ffi.structural_equal(mod, default)]
+    times = measurer.measure([default] + [mod for r, mod in kept if r in others])
+    if isinstance(times[0], str):
+        raise MeasurementError(f"{key}: the default schedule failed to build or run:\n{times[0]}")
+    default_ms, fastest = median(times[0]), None
+    for record, measured in zip(others, times[1:]):
+        if isinstance(measured, str):
+            store.remove(key, record["trace"])
+            continue
+        store.commit(key, measured, record["trace"])
+        fastest = min(fastest or median(measured), median(measured))
+    for record in (r for r, _ in kept if r not in others):
+        store.commit(key, times[0], record["trace"])
+    schedule = "tuned" if fastest is not None and fastest < default_ms else "default"
+    if schedule == "tuned" and task.spec != task.measured:
+        _schedule_check(task, store.records(key)[0]["trace"])
+    store.update_kernel(key, device, workload=str(task.workload), stage=task.spec.stage,
+                        func_hash=str(tvm_ffi.structural_hash(prim_func(task.spec))), default_ms=default_ms,
+                        tuned_ms=fastest if schedule == "tuned" else default_ms, schedule=schedule)
+
+
+def _schedule_check(task: Task, trace) -> None:
+    """The trace, tuned on the measured sizes, must also schedule the kernel the library builds."""
+    tvm().s_tir.Trace.apply_json_to_schedule(trace, tvm().s_tir.Schedule(prim_func(task.spec)))
+
+
+def tune(workloads: list[Workload], target: str, trials: int, logs: Path | None = None, stages=None,
+         rpc_tracker: str | None = None, rpc_key: str | None = None, progress: bool = True) -> list[Result]:
+    """Tune every kernel of `workloads` (only `stages`, if given) for the target key `target` with
+    `trials` trials in all.
+
+    Records go to `logs` (default env.tuning_logs_dir()) and are picked up by later builds.
+    Raises RecordsVersionError if `logs` holds records of another TVM version for this target.
+    """
+    if trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {trials}")
+    known = {stage for names in STAGES.values() for stage in names}
+    if stages and not set(stages) <= known:
+        raise ValueError(f"unknown stage(s) {sorted(set(stages) - known)}; tunable stages are {sorted(known)}")
+    root = Path(logs or env.tuning_logs_dir())
+    tasks = list({task.spec.key: task for w in workloads for task in w.tasks(target)
+                  if not stages or task.spec.stage in stages}.values())
+    if not tasks:
+        raise ValueError("nothing to tune: give --preset or --workload (and stages they have)")
+    if target_kind(target) == "cuda" and rpc_tracker is None and not torch.cuda.is_available():
+        raise ValueError(f"measuring for {target} needs a visible CUDA GPU or --rpc-tracker")
+    stores = {op: Store(target, op, root) for op in {task.spec.op for task in tasks}}
+    for store in stores.values():
+        store.check_version()
+    share = max(trials // len(tasks), 1)
+
+    def remaining(task: Task) -> int:
+        entry = stores[task.spec.op].kernel(task.spec.key) or {}
+        return 0 if entry.get("exhausted") else max(share - entry.get("trials", 0), 0)
+
+    todo = {task.spec.key: remaining(task) for task in tasks}
+    unfinished = [task for task in tasks if todo[task.spec.key] or "default_ms" not in
+                  (stores[task.spec.op].kernel(task.spec.key) or {})]
+    measurer = Measurer(tuning_target(target), rpc_tracker, rpc_key) if unfinished else None
+    device = f"RPC key {rpc_key!r} at {rpc_tracker}" if rpc_tracker else local_device(target)
+    bars = _Progress(sum(todo.values()), progress)
+    for task in unfinished:
+        store = stores[task.spec.op]
+        if todo[task.spec.key]:
+            bars.start(task, todo[task.spec.key])
+            _search(task, store, measurer, todo[task.spec.key], bars, device)
+            bars.finish_kernel()
+        _final(task, store, measurer, device)
+    bars.close()
+    return [result_of(stores[task.spec.op], task.spec.key) for task in tasks]
+
+
+def result_of(store: Store, key: str) -> Result:
+    """The table line of a recorded kernel."""
+    entry = store.kernel(key)
+    return Result(store.folder, entry["workload"], entry["stage"], key, entry.get("default_ms"), entry.get("tuned_ms"),
+                  entry.get("trials", 0), entry["schedule"], entry.get("history", []))

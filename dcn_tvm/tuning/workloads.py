@@ -1,0 +1,193 @@
+"""Workloads: what `dcn-tvm tune` tunes, written as strings, named by presets or recorded from a model.
+
+A workload is the static shape of one operator call, e.g.
+
+    deform_conv2d:n=1,c=64,h=32,w=32,o=64,k=3,stride=1,pad=1,dil=1,groups=1,offset_groups=1,mask=0,dtype=float32
+    deform_roi_pool:r=300,n=1,c=1029,h=38,w=63,k=7,group_size=7,part_size=7,sampling_ratio=4,classes=21,spatial_scale=0.0625,gamma=0.1,dtype=float32
+
+(kernel/stride/pad/dil take `3` or `3x5`; omitted keys take the defaults in FIELDS). Its tasks are
+the KernelSpecs of its tunable stages, exactly as the ops ask for them: deform_conv2d's forward,
+backward_data and backward_weight; deform_roi_pool's forward and backward. The input-gradient
+scatters are shape-generic and keep their default schedules. deform_roi_pool kernels serve every RoI
+count, so `r` is only the count they are measured with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from dcn_tvm.kernels.roi_spec import RoIPoolGeometry
+from dcn_tvm.kernels.spec import DTYPES, ConvGeometry, KernelSpec
+from dcn_tvm.ops import deform_conv2d as conv_op
+from dcn_tvm.ops import deform_roi_pool as roi_op
+
+
+def _pair(text: str) -> tuple[int, int]:
+    first, _, second = text.partition("x")
+    return int(first), int(second or first)
+
+
+def _pair_text(pair) -> str:
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
+
+
+#: Per operator: key -> (parse, default or None when required), in the canonical order.
+FIELDS = {
+    "deform_conv2d": {
+        "n": (int, None), "c": (int, None), "h": (int, None), "w": (int, None), "o": (int, None),
+        "k": (_pair, None), "stride": (_pair, "1"), "pad": (_pair, "0"), "dil": (_pair, "1"),
+        "groups": (int, "1"), "offset_groups": (int, "1"), "mask": (int, "0"), "dtype": (str, "float32"),
+    },
+    "deform_roi_pool": {
+        "r": (int, None), "n": (int, None), "c": (int, None), "h": (int, None), "w": (int, None),
+        "k": (int, None), "group_size": (int, "1"), "part_size": (int, ""), "sampling_ratio": (int, "4"),
+        "classes": (int, "0"), "spatial_scale": (float, "1.0"), "gamma": (float, "0.1"), "dtype": (str, "float32"),
+    },
+}
+_KINDS = {int: "an integer", float: "a number", _pair: "an integer or AxB", str: "a string"}
+STAGES = {"deform_conv2d": ("forward", "backward_data", "backward_weight"), "deform_roi_pool": ("forward", "backward")}
+
+PRESETS = {
+    "tiny": (
+        "deform_conv2d:n=1,c=64,h=32,w=32,o=64,k=3,stride=1,pad=1,dil=1,groups=1,offset_groups=1,mask=0,dtype=float32",
+        "deform_conv2d:n=2,c=32,h=20,w=20,o=48,k=3,stride=1,pad=1,dil=1,groups=1,offset_groups=2,mask=1,dtype=float32",
+    ),
+    # ResNet-101's deformable conv5 (res5a/b/c branch2b, dilation 2 at stride 16) on a 600x1000 image:
+    # the three layers share this shape.
+    "resnet101-dcn": (
+        "deform_conv2d:n=1,c=512,h=38,w=63,o=512,k=3,stride=1,pad=2,dil=2,groups=1,offset_groups=1,mask=0,"
+        "dtype=float32",
+    ),
+    # Deformable R-FCN's class score pooling: 300 RoIs, 7x7 bins of 21 classes, class-aware offsets.
+    "rfcn-dcn": (
+        "deform_roi_pool:r=300,n=1,c=1029,h=38,w=63,k=7,group_size=7,part_size=7,sampling_ratio=4,classes=21,"
+        "spatial_scale=0.0625,gamma=0.1,dtype=float32",
+    ),
+}
+
+
+def _tensor(*shape, dtype="float32") -> torch.Tensor:
+    """A CPU tensor of `shape` backed by one element: enough for the ops' argument checks."""
+    return torch.empty(1, dtype=getattr(torch, dtype)).as_strided(shape, (0,) * len(shape))
+
+
+@dataclass(frozen=True)
+class Task:
+    """One tunable kernel: `spec` is what the library asks for (and names the record), `measured`
+    the same kernel with every size concrete, which the tuner builds and times."""
+
+    workload: Workload
+    spec: KernelSpec
+    measured: KernelSpec
+
+
+@dataclass(frozen=True)
+class Workload:
+    op: str
+    values: tuple[tuple[str, object], ...]  # parsed FIELDS values, canonical order
+
+    @classmethod
+    def parse(cls, text: str) -> Workload:
+        """Parse `op:key=value,...`; raises ValueError naming the bad part."""
+        op, _, body = text.strip().partition(":")
+        if op not in FIELDS:
+            raise ValueError(f"workload {text!r}: unknown operator {op!r}; expected one of {sorted(FIELDS)}")
+        given = {}
+        for item in filter(None, body.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq or key.strip() not in FIELDS[op]:
+                raise ValueError(f"workload {text!r}: bad item {item!r}; keys are {', '.join(FIELDS[op])}")
+            given[key.strip()] = value.strip()
+        missing = [key for key, (_, default) in FIELDS[op].items() if default is None and key not in given]
+        if missing:
+            raise ValueError(f"workload {text!r}: missing {', '.join(missing)}")
+        values = []
+        for key, (parse, default) in FIELDS[op].items():
+            raw = given.get(key, default)
+            try:
+                values.append((key, parse(raw) if raw != "" else None))
+            except ValueError:
+                raise ValueError(f"workload {text!r}: {key}={raw!r} is not {_KINDS[parse]}") from None
+        workload = cls(op, tuple(values))
+        if dict(values)["dtype"] not in DTYPES:
+            raise ValueError(f"workload {text!r}: dtype must be one of {DTYPES}")
+        workload.geometry()  # the ops' own argument checks
+        return workload
+
+    def __str__(self) -> str:
+        text = {tuple: _pair_text, type(None): lambda _: ""}
+        return f"{self.op}:" + ",".join(f"{k}={text.get(type(v), str)(v)}" for k, v in self.values if v is not None)
+
+    def geometry(self) -> ConvGeometry | RoIPoolGeometry:
+        """The layer's geometry, built by the op's own argument checks (ValueError/TypeError on bad shapes)."""
+        v = dict(self.values)
+        n, c, h, w, dtype = v["n"], v["c"], v["h"], v["w"], v["dtype"]
+        if self.op == "deform_conv2d":
+            (kh, kw), og, groups = v["k"], v["offset_groups"], v["groups"]
+            if groups < 1 or og < 1 or c % groups or v["o"] % groups:
+                raise ValueError(f"workload {self}: groups and offset_groups must be >= 1, and c ({c}) and o "
+                                 f"({v['o']}) multiples of groups ({groups})")
+            # Only the window arithmetic of this geometry is used, for the offset's shape (an empty
+            # output is left to the op's check, which names the sizes).
+            window = ConvGeometry(c, v["o"], (kh, kw), v["stride"], v["pad"], v["dil"], groups, og, False, dtype)
+            oh, ow = (max(size, 1) for size in window.output_size(h, w))
+            mask = _tensor(n, og * kh * kw, oh, ow, dtype=dtype) if v["mask"] else None
+            return conv_op.geometry(_tensor(n, c, h, w, dtype=dtype), _tensor(n, 2 * og * kh * kw, oh, ow, dtype=dtype),
+                                    _tensor(v["o"], c // groups, kh, kw, dtype=dtype), mask,
+                                    v["stride"], v["pad"], v["dil"])
+        k, r, parts = v["k"], v["r"], v["part_size"] or v["k"]
+        offset = _tensor(r, 2 * v["classes"], parts, parts, dtype=dtype) if v["classes"] else None
+        return roi_op.geometry(_tensor(n, c, h, w, dtype=dtype), _tensor(r, 5), offset, k, v["spatial_scale"],
+                               v["group_size"], v["part_size"], v["sampling_ratio"], v["gamma"])
+
+    def tasks(self, target: str) -> list[Task]:
+        """The tunable kernels of this workload for a target key."""
+        v, geo = dict(self.values), self.geometry()
+        tasks = []
+        for stage in STAGES[self.op]:
+            if self.op == "deform_conv2d":
+                spec = KernelSpec(self.op, stage, geo, (("n", v["n"]), ("h", v["h"]), ("w", v["w"])), target)
+                measured = spec
+            else:
+                sizes = (("r", None), ("n", v["n"]), ("h", v["h"]), ("w", v["w"]))
+                spec = KernelSpec(self.op, stage, geo, sizes, target, acc_dtype=geo.acc_dtype)
+                measured = dataclasses.replace(spec, sizes=(("r", v["r"]),) + sizes[1:])
+            tasks.append(Task(self, spec, measured))
+        return tasks
+
+
+def tunable(spec: KernelSpec) -> bool:
+    """Whether `spec` is a kernel of some workload: a tunable stage at static sizes (but RoI count)."""
+    sizes = [value for name, value in spec.sizes if (spec.op, name) != ("deform_roi_pool", "r")]
+    return spec.stage in STAGES.get(spec.op, ()) and None not in sizes
+
+
+def from_geometry(op: str, geo, **sizes) -> Workload:
+    """The workload of an `op` call with geometry `geo` and sizes (n, h, w; and r for deform_roi_pool)."""
+    if op == "deform_conv2d":
+        values = dict(c=geo.in_channels, o=geo.out_channels, k=geo.kernel, stride=geo.stride, pad=geo.padding,
+                      dil=geo.dilation, groups=geo.groups, offset_groups=geo.offset_groups, mask=int(geo.with_mask))
+    else:
+        values = dict(c=geo.in_channels, k=geo.output_size, group_size=geo.group_size,
+                      part_size=geo.part_size or None, sampling_ratio=geo.sampling_ratio, classes=geo.num_classes,
+                      spatial_scale=geo.spatial_scale, gamma=geo.gamma)
+    values.update(sizes, dtype=geo.dtype)
+    return Workload(op, tuple((key, values[key]) for key in FIELDS[op]))
+
+
+def of_spec(spec: KernelSpec, rois: int = 300) -> Workload:
+    """The workload whose tasks include `spec` (a deform_roi_pool spec is measured with `rois` RoIs)."""
+    sizes = {name: rois if value is None else value for name, value in spec.sizes}
+    return from_geometry(spec.op, spec.geometry, **sizes)
+
+
+def resolve(presets=(), strings=()) -> list[Workload]:
+    """The workloads of `presets` and workload `strings`, each once, in order."""
+    unknown = [name for name in presets if name not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown preset(s) {unknown}; expected some of {sorted(PRESETS)}")
+    texts = [text for name in presets for text in PRESETS[name]] + list(strings)
+    return list(dict.fromkeys(Workload.parse(text) for text in texts))

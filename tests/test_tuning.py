@@ -1,0 +1,464 @@
+"""dcn_tvm.tuning: workload strings, records, real MetaSchedule runs (local, resumed, over RPC), and
+builds picking tuned schedules up. The runs tune one tiny kernel with a handful of trials."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from reference import deform_conv2d_torch
+
+import dcn_tvm
+import dcn_tvm.tune
+from dcn_tvm.__main__ import main
+from dcn_tvm.kernels import build
+from dcn_tvm.kernels.spec import KernelSpec
+from dcn_tvm.kernels.targets import target_key
+from dcn_tvm.ops import deform_conv2d as conv_op
+from dcn_tvm.ops import deform_roi_pool as roi_op
+from dcn_tvm.schedules.common import sampling
+from dcn_tvm.tuning import records, report, tuner, which_schedule
+from dcn_tvm.tuning.records import RecordsVersionError, Store
+from dcn_tvm.tuning.target import resolve as resolve_target
+from dcn_tvm.tuning.workloads import PRESETS, Workload, of_spec, resolve
+
+CPU = target_key(torch.device("cpu"))
+TINY = "deform_conv2d:n=1,c=8,h=10,w=10,o=8,k=3,stride=1,pad=1,dil=1,groups=1,offset_groups=1,mask=0,dtype=float32"
+
+
+def forward_task(text=TINY):
+    return Workload.parse(text).tasks(CPU)[0]
+
+
+# --- workloads and targets ---------------------------------------------------------------------------
+
+def test_workload_round_trip_and_defaults():
+    workload = Workload.parse("deform_conv2d:n=1,c=8,h=10,w=10,o=8,k=3,pad=1")
+    assert str(workload) == TINY
+    assert Workload.parse(str(workload)) == workload
+    odd = Workload.parse("deform_conv2d:n=2,c=6,h=9,w=7,o=4,k=3x2,stride=2x1,pad=0x2,dil=1x2,groups=2,"
+                         "offset_groups=3,mask=1,dtype=float64")
+    assert Workload.parse(str(odd)) == odd
+    assert "k=3x2" in str(odd)
+
+
+def test_presets_parse_and_cover_the_issue():
+    assert {"tiny", "resnet101-dcn", "rfcn-dcn"} <= set(PRESETS)
+    resnet = resolve(["resnet101-dcn"])
+    assert [str(w) for w in resnet] == [
+        "deform_conv2d:n=1,c=512,h=38,w=63,o=512,k=3,stride=1,pad=2,dil=2,groups=1,offset_groups=1,mask=0,"
+        "dtype=float32"]
+    (rfcn,) = resolve(["rfcn-dcn"])
+    geo = rfcn.geometry()
+    assert (geo.out_channels, geo.output_size, geo.group_size, geo.num_classes, geo.spatial_scale) == \
+        (21, 7, 7, 21, 0.0625)
+    assert [t.spec.stage for t in rfcn.tasks(CPU)] == ["forward", "backward"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("conv:n=1", "unknown operator 'conv'"),
+    ("deform_conv2d:n=1,c=8", "missing h, w, o, k"),
+    ("deform_conv2d:n=1,c=8,h=10,w=10,o=8,k=3,color=red", "bad item 'color=red'"),
+    ("deform_conv2d:n=1,c=8,h=10,w=10,o=8,k=three", "k='three' is not an integer or AxB"),
+    ("deform_conv2d:n=1,c=8,h=10,w=10,o=8,k=3,dtype=int8", "dtype must be one of"),
+    ("deform_conv2d:n=1,c=8,h=2,w=2,o=8,k=5", "too small for kernel 5x5"),
+    ("deform_conv2d:n=1,c=8,h=10,w=10,o=8,k=3,groups=3", r"c \(8\) and o \(8\) multiples of groups \(3\)"),
+    ("deform_conv2d:n=1,c=8,h=10,w=10,o=8,k=3,offset_groups=3", r"multiple of offset groups \(3\)"),
+    ("deform_roi_pool:r=4,n=1,c=50,h=8,w=8,k=7,group_size=7", "multiple of group_size"),
+])
+def test_bad_workloads_say_what_is_wrong(text, message):
+    with pytest.raises(ValueError, match=message):
+        Workload.parse(text)
+
+
+def test_workload_specs_are_the_ops_own():
+    """The records are keyed by the spec the op asks for at run time."""
+    conv = Workload.parse("deform_conv2d:n=2,c=6,h=9,w=7,o=4,k=3,pad=1,groups=2,offset_groups=3,mask=1")
+    x = torch.empty(2, 6, 9, 7)
+    for task in conv.tasks(CPU):
+        assert task.spec == conv_op._spec(task.spec.stage, conv.geometry(), x)
+        assert task.measured == task.spec
+        assert of_spec(task.spec) == conv
+    (rfcn,) = resolve(["rfcn-dcn"])
+    for task in rfcn.tasks(CPU):
+        assert task.spec == roi_op._spec(task.spec.stage, rfcn.geometry(), torch.empty(1, 1029, 38, 63))
+        assert dict(task.measured.sizes)["r"] == 300
+
+
+def test_targets():
+    assert resolve_target("llvm") == CPU
+    assert resolve_target("nvidia/nvidia-h100") == "cuda-sm_90"
+    assert resolve_target('{"kind": "cuda", "arch": "sm_80"}') == "cuda-sm_80"
+    assert resolve_target('{"kind": "llvm", "mcpu": "skylake-avx512"}') == "llvm-skylake-avx512"
+    with pytest.raises(ValueError, match="not llvm, cuda, auto"):
+        resolve_target("no-such-target")
+    if not torch.cuda.is_available():
+        assert resolve_target("auto") == CPU
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            resolve_target("cuda")
+
+
+# --- the tuning space --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", ["forward", "backward_data", "backward_weight"])
+def test_the_default_schedule_is_a_point_of_the_space(stage):
+    import tvm
+    import tvm_ffi
+
+    from dcn_tvm import schedules
+
+    task = Workload.parse(TINY).tasks(CPU)[["forward", "backward_data", "backward_weight"].index(stage)]
+    default = tvm.s_tir.Schedule(build.prim_func(task.spec))
+    schedules.apply("deform_conv2d", "llvm", stage, default)
+    space = tvm.s_tir.Schedule(build.prim_func(task.spec))
+    with sampling():
+        schedules.apply("deform_conv2d", "llvm", stage, space)
+    assert any(inst.kind.name == "SampleCategorical" for inst in space.trace.insts)
+    assert tvm_ffi.structural_equal(default.mod, space.mod)
+
+
+@pytest.mark.parametrize("text", [TINY, "deform_roi_pool:r=8,n=1,c=18,h=6,w=5,k=3,group_size=3,classes=2"])
+def test_cuda_spaces_sample_kernels_with_device_code(text):
+    """No GPU needed: MetaSchedule samples the CUDA spaces (VerifyGPUCode on) and they compile."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from dcn_tvm.tuning.target import tuning_target
+
+    target = tuning_target("cuda-sm_90")
+    for task in Workload.parse(text).tasks("cuda-sm_90"):
+        context = ms.TuneContext(mod=tuner._module(build.prim_func(task.measured)), target=target,
+                                 space_generator=tuner.space(task), search_strategy="replay-trace", num_threads=1)
+        spaces = context.generate_design_space()
+        context.pre_tuning(max_trials=1, num_trials_per_iter=1, design_spaces=spaces,
+                           database=ms.database.MemoryDatabase(), cost_model=None)
+        candidates = context.generate_measure_candidates()
+        assert len(candidates) == 1
+        for candidate in candidates:
+            with target:
+                assert len(tvm.compile(candidate.sch.mod, target=target).mod.imports) == 1
+
+
+def _other_trace(task):
+    """The space's trace with its first real decision moved off the default (JSON): a schedule of
+    the space that is not the default schedule."""
+    import tvm
+
+    from dcn_tvm import schedules
+
+    sch = tvm.s_tir.Schedule(build.prim_func(task.spec))
+    with sampling():
+        schedules.apply(task.spec.op, "llvm", task.spec.stage, sch)
+    trace = sch.trace
+    inst = next(i for i in trace.insts if i.kind.name == "SampleCategorical" and len(i.attrs[0]) > 1)
+    index = (int(trace.decisions[inst]) + 1) % len(inst.attrs[0])
+    return records.plain(trace.with_decision(inst, index, True).as_json(True))
+
+
+def test_failed_measurements_never_become_records(tmp_path):
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    task = forward_task()
+    store = Store(CPU, "deform_conv2d", tmp_path)
+    mod = tuner._module(build.prim_func(task.measured))
+    database = tuner._records_database(store, task.spec.key, mod, tvm.target.Target({"kind": "llvm"}))
+    workload = database.commit_workload(mod)
+    sch = tvm.s_tir.Schedule(mod)
+    tvm.s_tir.Trace.apply_json_to_schedule(_other_trace(task), sch)
+    for run_secs in (None, [1e10], [0.5, 1e10]):
+        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, run_secs))
+    assert store.records(task.spec.key) == []
+    database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [2e-3, 1e-3, 3e-3]))
+    (record,) = store.records(task.spec.key)
+    assert record["run_ms"] == pytest.approx([2, 1, 3])
+    assert len(database.get_top_k(workload, 5)) == 1
+
+
+# --- a real MetaSchedule run, resumed, over RPC --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """The tiny forward kernel tuned for this CPU with 6 trials: (logs folder, results)."""
+    logs = tmp_path_factory.mktemp("tuning_logs")
+    results = dcn_tvm.tune.run([TINY], target="llvm", trials=6, logs=logs, stages=["forward"], progress=False)
+    return logs, results
+
+
+@pytest.mark.slow
+def test_a_real_tuning_run_records_what_it_measured(tuned):
+    logs, (result,) = tuned
+    assert result.trials == 6
+    assert result.default_ms > 0 and result.tuned_ms > 0
+    assert result.schedule == ("tuned" if result.tuned_ms < result.default_ms else "default")
+    assert result.tuned_ms <= result.default_ms
+    store = Store(CPU, "deform_conv2d", logs)
+    metadata = store.metadata()
+    assert metadata["tvm"] == records.version("apache-tvm")
+    assert metadata["target"] == {"kind": "llvm", "mcpu": CPU.split("-", 1)[1]}
+    assert metadata["device"] and metadata["date"]
+    entry = metadata["kernels"][result.key]
+    assert entry["workload"] == TINY and entry["stage"] == "forward" and entry["trials"] == 6
+    assert [trials for trials, _ in entry["history"]][-1] == 6
+    kept = store.records(result.key)
+    assert 1 <= len(kept) <= records.KEEP
+    assert all(max(r["run_ms"]) < 1e6 for r in kept)
+    # tuned_ms is the time of the schedule builds use: the fastest record, or the default itself.
+    fastest = records.median(kept[0]["run_ms"])
+    assert result.tuned_ms == pytest.approx(fastest if result.schedule == "tuned" else result.default_ms)
+
+
+@pytest.mark.slow
+def test_a_second_identical_run_measures_nothing(tuned, monkeypatch, capsys):
+    logs, (result,) = tuned
+    before = (logs / CPU / "deform_conv2d" / "records.jsonl").read_text()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(tuner, "Measurer", refuse)
+    assert main(["tune", "--target", "llvm", "--workload", TINY, "--stage", "forward", "--trials", "6",
+                 "--logs", str(logs), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "| workload | stage | default ms | tuned ms | speedup | trials | schedule |" in table
+    assert f"| `{TINY}` | forward |" in table and f"| 6 | {result.schedule} |" in table
+    assert (logs / CPU / "deform_conv2d" / "records.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_builds_use_the_tuned_schedule_and_stay_correct(tuned, tmp_path, monkeypatch):
+    """which_schedule follows the record; a tuned (non-default) schedule compiles into the op, which
+    stays correct forward and backward."""
+    import tvm
+    import tvm_ffi
+
+    logs, (result,) = tuned
+    monkeypatch.setenv("DCN_TVM_TUNING_LOGS", str(logs))
+    task = forward_task()
+    assert which_schedule(task.spec) == result.schedule
+
+    # A record of a schedule other than the default for every stage of another shape, marked tuned.
+    monkeypatch.setenv("DCN_TVM_TUNING_LOGS", str(tmp_path))
+    monkeypatch.setenv("DCN_TVM_NO_DISK_CACHE", "1")
+    workload = Workload.parse("deform_conv2d:n=1,c=8,h=9,w=11,o=16,k=3,pad=1,mask=1")
+    store = Store(CPU, "deform_conv2d", tmp_path)
+    for task in workload.tasks(CPU):
+        assert which_schedule(task.spec) == "default"
+        trace = _other_trace(task)
+        store.commit(task.spec.key, [1.0], trace)
+        store.update_kernel(task.spec.key, "test", workload=str(workload), stage=task.spec.stage,
+                            func_hash=str(tvm_ffi.structural_hash(build.prim_func(task.spec))),
+                            default_ms=2.0, tuned_ms=1.0, schedule="tuned")
+        assert which_schedule(task.spec) == "tuned"
+        expected = tvm.s_tir.Schedule(build.prim_func(task.spec))
+        tvm.s_tir.Trace.apply_json_to_schedule(trace, expected)
+        default = tvm.s_tir.Schedule(build.prim_func(task.spec))
+        from dcn_tvm import schedules
+
+        schedules.apply("deform_conv2d", "llvm", task.spec.stage, default)
+        scheduled = build.scheduled(task.spec)
+        assert tvm_ffi.structural_equal(scheduled, expected.mod["main"])
+        assert not tvm_ffi.structural_equal(scheduled, default.mod["main"])
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 9, 11, dtype=torch.float64, generator=generator)
+    offset = 2 * torch.randn(1, 18, 9, 11, dtype=torch.float64, generator=generator)
+    mask = torch.rand(1, 9, 9, 11, dtype=torch.float64, generator=generator)
+    weight = torch.randn(16, 8, 3, 3, dtype=torch.float64, generator=generator)
+    leaves = [t.clone().requires_grad_() for t in (x, offset, mask, weight)]
+    expected = deform_conv2d_torch(leaves[0], leaves[1], leaves[3], padding=(1, 1), mask=leaves[2])
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    ours = [t.float().requires_grad_() for t in (x, offset, mask, weight)]
+    out = dcn_tvm.deform_conv2d(ours[0], ours[1], ours[3], padding=1, mask=ours[2])
+    out.backward(grad.float())
+    torch.testing.assert_close(out.double(), expected.detach(), rtol=1e-4, atol=1e-4)
+    for mine, reference in zip(ours, leaves):
+        torch.testing.assert_close(mine.grad.double(), reference.grad, rtol=1e-4, atol=1e-4)
+
+
+def _records_lines(logs):
+    path = logs / CPU / "deform_conv2d" / "records.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_and_loses_nothing(tmp_path):
+    command = [sys.executable, "-m", "dcn_tvm", "tune", "--target", "llvm", "--workload", TINY, "--stage",
+               "forward", "--trials", "12", "--logs", str(tmp_path), "--no-progress"]
+    metadata = tmp_path / CPU / "deform_conv2d" / "metadata.json"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (metadata.exists() and json.loads(metadata.read_text())["kernels"]):
+            assert process.poll() is None and time.monotonic() < deadline, "no batch recorded before the kill"
+            time.sleep(0.5)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    (entry,) = json.loads(metadata.read_text())["kernels"].values()
+    assert 0 < entry["trials"] < 12 and "default_ms" not in entry
+    measured = {repr(json.loads(line)["trace"]) for line in _records_lines(tmp_path)}
+
+    (result,) = dcn_tvm.tune.run([TINY], target="llvm", trials=12, logs=tmp_path, stages=["forward"],
+                                 progress=False)
+    assert result.trials == 12 and result.default_ms is not None
+    after = [json.loads(line) for line in _records_lines(tmp_path)]
+    kept = {repr(r["trace"]) for r in after}
+    # Every schedule measured before the kill is still recorded, unless KEEP faster ones displaced it.
+    assert measured <= kept or len(after) == records.KEEP
+
+
+@pytest.fixture
+def rpc_tracker():
+    """A TVM RPC tracker and one CPU server (key "dcn-test") on 127.0.0.1: yields "host:port"."""
+    from tvm.s_tir.meta_schedule.runner import RPCConfig
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                                "--port", str(port), "--port-end", str(port + 1), "--silent"], env=env)
+    server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
+                               "--key", "dcn-test", "--host", "127.0.0.1", "--silent"], env=env)
+    try:
+        config = RPCConfig("127.0.0.1", port, "dcn-test", session_timeout_sec=5)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if config.count_num_servers() == 1:
+                    break
+            except ValueError:
+                pass
+            assert time.monotonic() < deadline, "the RPC server did not register with the tracker"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for process in (server, tracker):
+            process.terminate()
+            process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_tuning_over_rpc(rpc_tracker, tmp_path):
+    (result,) = dcn_tvm.tune.run([TINY], target="llvm", trials=2, logs=tmp_path, stages=["forward"],
+                                 rpc_tracker=rpc_tracker, rpc_key="dcn-test", progress=False, report=False)
+    assert result.trials == 2 and result.default_ms > 0 and result.tuned_ms > 0
+    assert Store(CPU, "deform_conv2d", tmp_path).metadata()["device"] == f"RPC key 'dcn-test' at {rpc_tracker}"
+
+
+# --- versions, misses, reports, models -----------------------------------------------------------------
+
+def _tuned_entry(store, task, tvm_version):
+    store.commit(task.spec.key, [1.0], _other_trace(task))
+    store.update_kernel(task.spec.key, "test", workload=TINY, stage="forward", func_hash="0", default_ms=2.0,
+                        tuned_ms=1.0, schedule="tuned")
+    metadata = json.loads(store.metadata_path.read_text())
+    metadata["tvm"] = tvm_version
+    store.metadata_path.write_text(json.dumps(metadata))
+
+
+def test_records_of_another_tvm_version_are_refused_for_tuning_and_ignored_by_builds(tmp_path, caplog):
+    task = forward_task()
+    store = Store(CPU, "deform_conv2d", tmp_path)
+    _tuned_entry(store, task, "0.0.1")
+    with pytest.raises(RecordsVersionError, match=r"tuned with TVM 0\.0\.1 but TVM .* is installed"):
+        dcn_tvm.tune.run([TINY], target="llvm", trials=1, logs=tmp_path, progress=False)
+    assert main(["tune", "--target", "llvm", "--workload", TINY, "--logs", str(tmp_path)]) == 2
+    with caplog.at_level(logging.WARNING, logger="dcn_tvm"):
+        assert records.tuned_schedule(task.spec, build.prim_func(task.spec), tmp_path) is None
+    assert "ignoring tuning records" in caplog.text and "0.0.1" in caplog.text
+
+
+def test_records_of_another_compute_are_ignored(tmp_path, caplog):
+    task = forward_task()
+    store = Store(CPU, "deform_conv2d", tmp_path)
+    _tuned_entry(store, task, records.version("apache-tvm"))
+    with caplog.at_level(logging.WARNING, logger="dcn_tvm"):
+        assert records.tuned_schedule(task.spec, build.prim_func(task.spec), tmp_path) is None
+    assert "another version of its compute" in caplog.text
+
+
+def test_a_gpu_miss_logs_the_tune_command_once(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="dcn_tvm"):
+        for task in Workload.parse(TINY).tasks("cuda-sm_90") * 2:
+            assert records.tuned_schedule(task.spec, build.prim_func(task.spec), tmp_path) is None
+    assert caplog.text.count("dcn-tvm tune --target cuda --workload") == 1
+    assert f"--workload '{TINY}'" in caplog.text
+    scatter = KernelSpec("deform_conv2d", "scatter", None, (), "cuda-sm_90")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dcn_tvm"):
+        assert records.tuned_schedule(scatter, build.prim_func(scatter), tmp_path) is None
+    assert caplog.text == ""
+
+
+def test_cuda_without_a_gpu_or_tracker_is_refused(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert main(["tune", "--target", "nvidia/nvidia-h100", "--workload", TINY, "--logs", str(tmp_path)]) == 2
+    assert "measuring for cuda-sm_90 needs a visible CUDA GPU or --rpc-tracker" in capsys.readouterr().err
+
+
+def test_from_model_tunes_the_recorded_workloads_for_the_inputs_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dcn_tvm.tune, "run", lambda workloads, **options: calls.append((workloads, options)))
+    model = dcn_tvm.DeformConv2dPack(4, 4, 3, padding=1)
+    dcn_tvm.tune.from_model(model, (torch.randn(1, 4, 6, 5),), trials=7)
+    ((workloads, options),) = calls
+    assert [str(w) for w in workloads] == [
+        "deform_conv2d:n=1,c=4,h=6,w=5,o=4,k=3,stride=1,pad=1,dil=1,groups=1,offset_groups=1,mask=0,dtype=float32"]
+    assert options == {"target": "llvm", "trials": 7}
+
+
+def test_report_renders_table_and_plot(tmp_path):
+    from dcn_tvm.render import render
+
+    folder = tmp_path / CPU
+    store = Store(CPU, "deform_conv2d", tmp_path)
+    store.update_kernel(forward_task().spec.key, "a CPU", workload=TINY, stage="forward", func_hash="0",
+                        default_ms=2.0, tuned_ms=1.0, schedule="tuned", trials=16, history=[[8, 1.5], [16, 1.0]])
+    path = report.write(folder)
+    text = path.read_text()
+    assert f"| `{TINY}` | forward | 2 | 1 | 2.00x | 16 | tuned |" in text
+    assert "- device: a CPU" in text
+    assert "![best time against trials per workload](report.png)" in text
+    assert (folder / "report.png").stat().st_size > 1000
+    no_plot = render("tuning_report.md.j2", target=CPU, device="d", tvm="t", dcn_tvm="d", date="today",
+                     target_json="{}", rounds=2, repeat=10, min_repeat_ms=100, folder=CPU, rows=[],
+                     plot=None)
+    assert "(No plot: matplotlib is not installed.)" in no_plot
+
+
+def test_record_notes_every_deformable_op_of_a_model():
+    from dcn_tvm.ops.deform_roi_pool import DeformPSRoIPool
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = dcn_tvm.DeformConv2dPack(4, 4, 3, padding=1, modulated=True)
+            self.head = DeformPSRoIPool(4, 2, 3, spatial_scale=0.5, sampling_ratio=2)
+
+        def forward(self, x, rois):
+            return self.head(self.conv(x), rois)
+
+    rois = torch.tensor([[0, 0.0, 0.0, 7.0, 9.0], [0, 2.0, 1.0, 5.0, 5.0]])
+    workloads = dcn_tvm.tune.record(Tiny().eval(), (torch.randn(1, 4, 6, 5), rois))
+    assert [str(w) for w in workloads] == [
+        "deform_conv2d:n=1,c=4,h=6,w=5,o=4,k=3,stride=1,pad=1,dil=1,groups=1,offset_groups=1,mask=1,dtype=float32",
+        # the offset pooling (no offsets, so no gamma), then the score pooling with class-aware offsets
+        "deform_roi_pool:r=2,n=1,c=36,h=6,w=5,k=3,group_size=3,sampling_ratio=2,classes=0,spatial_scale=0.5,"
+        "gamma=0.0,dtype=float32",
+        "deform_roi_pool:r=2,n=1,c=18,h=6,w=5,k=3,group_size=3,part_size=3,sampling_ratio=2,classes=2,"
+        "spatial_scale=0.5,gamma=0.1,dtype=float32",
+    ]
+    for workload in workloads:
+        assert Workload.parse(str(workload)) == workload
