@@ -51,9 +51,12 @@ def _code_fingerprint() -> str:
 
 
 def cache_path(spec: KernelSpec) -> Path:
-    """Where the compiled library of `spec` lives on disk; the path carries the versions and target."""
+    """Where the compiled library of `spec` lives on disk; the path carries the versions, the target
+    and which schedule it was compiled with (default, or a tuned record), so tuning invalidates it."""
+    from dcn_tvm.tuning.records import schedule_tag
+
     versions = f"dcn_tvm-{_version('dcn_tvm')}_tvm-{_version('apache-tvm')}_{_code_fingerprint()}"
-    return env.cache_dir() / versions / spec.target / f"{spec.key}.so"
+    return env.cache_dir() / versions / spec.target / f"{spec.key}_{schedule_tag(spec)}.so"
 
 
 @contextmanager
