@@ -102,8 +102,9 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(1, 3, args.size, args.size, generator=generator).to(device)
     rois = proposals(args.rois, args.size, generator).to(device)
+    wait_policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     print(f"device: {device_name(device)} | torch {torch.__version__} | float32 | image 1x3x{args.size}x{args.size}, "
-          f"{args.rois} RoIs | median of {args.repeats} runs | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}\n")
+          f"{args.rois} RoIs | median of {args.repeats} runs | OMP_WAIT_POLICY={wait_policy}\n")
     print("| network | variant | forward ms | fwd+bwd ms | forward / plain | fwd+bwd / plain |")
     print("|---|---|---:|---:|---:|---:|")
     for head in ("DeepLab", "category-aware RPN", "Faster R-CNN", "R-FCN"):

@@ -250,7 +250,8 @@ class DeformConv2dPack(DeformConv2d):
 
     The offset conv has 2*offset_groups*KH*KW channels (+ offset_groups*KH*KW mask logits when
     `modulated`), the same kernel, stride, padding and dilation, and starts at zero, so the layer
-    starts as the plain convolution (mask sigmoid(0)*2 = 1). `offset_lr_mult` scales the offset conv's
+    starts as the plain convolution (modulated: times DCNv2's initial mask sigmoid(0) = 0.5).
+    `offset_lr_mult` scales the offset conv's
     gradients, which under SGD is the paper's learning-rate multiplier for offset layers.
 
     forward(input [N, C, H, W]) -> [N, O, OH, OW]
