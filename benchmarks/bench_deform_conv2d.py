@@ -95,13 +95,18 @@ def run(shape, dtype, device, repeats):
     return results
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(description: str, argv=None):
+    """The options every operator benchmark takes: (args, torch device, torch dtype)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    return args, torch.device(args.device), getattr(torch, args.dtype)
+
+
+def main(argv=None):
+    args, device, dtype = parse_arguments(__doc__.splitlines()[0], argv)
     rows = []
     for label, shape in SHAPES.items():
         results = run(shape, dtype, device, args.repeats)

@@ -11,13 +11,12 @@ kernels). Prints the device and a Markdown table; ratios are last.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 from pathlib import Path
 
 import torch
-from bench_deform_conv2d import device_name, median_ms
+from bench_deform_conv2d import device_name, median_ms, parse_arguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference_roi_pool import deform_roi_pool_torch  # noqa: E402
@@ -73,12 +72,7 @@ def run(deformable: bool, dtype, device, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    args, device, dtype = parse_arguments(__doc__.splitlines()[0], argv)
     print(f"device: {device_name(device)} | torch {torch.__version__} | {args.dtype} | median of {args.repeats} runs\n")
     print("| pooling | method | forward ms | fwd+bwd ms | dcn_tvm speed-up (fwd, fwd+bwd) |")
     print("|---|---|---:|---:|---:|")

@@ -14,7 +14,6 @@ import importlib
 import importlib.metadata
 import json
 import logging
-import os
 import stat
 import threading
 import warnings
