@@ -210,6 +210,16 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | 
     return _forward_op(input, offset, mask, weight, bias, list(geo.stride), list(geo.padding), list(geo.dilation))
 
 
+def init_offset_layer(layer: nn.Module, lr_mult: float) -> None:
+    """Zero `layer` (an offset predictor, so deformation starts at none) and multiply its gradients by
+    `lr_mult` (under SGD, the paper's learning-rate multiplier for offset layers)."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    if lr_mult != 1.0:
+        for parameter in layer.parameters():
+            parameter.register_hook(lambda grad: grad * lr_mult)
+
+
 class DeformConv2d(nn.Module):
     """Deformable convolution layer with torchvision's signature; offsets (and mask) are inputs.
 
@@ -267,11 +277,7 @@ class DeformConv2dPack(DeformConv2d):
         self.offset_groups, self.modulated, self.offset_lr_mult = offset_groups, modulated, offset_lr_mult
         self.conv_offset = nn.Conv2d(in_channels, points * (3 if modulated else 2), self.kernel_size,
                                      self.stride, self.padding, self.dilation)
-        nn.init.zeros_(self.conv_offset.weight)
-        nn.init.zeros_(self.conv_offset.bias)
-        if offset_lr_mult != 1.0:
-            for parameter in self.conv_offset.parameters():
-                parameter.register_hook(lambda grad: grad * self.offset_lr_mult)
+        init_offset_layer(self.conv_offset, offset_lr_mult)
 
     def forward(self, input: Tensor) -> Tensor:
         out = self.conv_offset(input)

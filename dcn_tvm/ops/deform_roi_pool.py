@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from dcn_tvm import env
 from dcn_tvm.kernels.cache import get_kernel
+from dcn_tvm.ops.deform_conv2d import init_offset_layer
 from dcn_tvm.kernels.roi_spec import RoIPoolGeometry
 from dcn_tvm.kernels.spec import DTYPES, KernelSpec
 from dcn_tvm.kernels.targets import target_key
@@ -241,13 +242,6 @@ def deform_roi_pool(input: Tensor, rois, offset: Tensor | None = None, output_si
                        geo.part_size or geo.output_size, geo.sampling_ratio, geo.gamma)
 
 
-def _scale_gradients(module: nn.Module, factor: float) -> None:
-    """Multiply the gradients of `module`'s parameters by `factor` (under SGD, its learning-rate multiplier)."""
-    if factor != 1.0:
-        for parameter in module.parameters():
-            parameter.register_hook(lambda grad: grad * factor)
-
-
 class DeformRoIPool(nn.Module):
     """Deformable RoI pooling, the paper's Faster R-CNN head (§2.2, Fig. 3).
 
@@ -269,9 +263,7 @@ class DeformRoIPool(nn.Module):
         self.gamma, self.offset_lr_mult = _finite("gamma", gamma), _finite("offset_lr_mult", offset_lr_mult)
         bins = output_size * output_size
         self.offset_fc = nn.Linear(in_channels * bins, 2 * bins)
-        nn.init.zeros_(self.offset_fc.weight)
-        nn.init.zeros_(self.offset_fc.bias)
-        _scale_gradients(self.offset_fc, self.offset_lr_mult)
+        init_offset_layer(self.offset_fc, self.offset_lr_mult)
 
     def forward(self, input: Tensor, rois) -> Tensor:
         rois = roi_rows(rois, input)
@@ -318,9 +310,7 @@ class DeformPSRoIPool(nn.Module):
         self.offset_conv = nn.Conv2d(in_channels, bins * 2 * offset_classes, 1)
         nn.init.normal_(self.score_conv.weight, std=0.01)
         nn.init.zeros_(self.score_conv.bias)
-        nn.init.zeros_(self.offset_conv.weight)
-        nn.init.zeros_(self.offset_conv.bias)
-        _scale_gradients(self.offset_conv, self.offset_lr_mult)
+        init_offset_layer(self.offset_conv, self.offset_lr_mult)
 
     def forward(self, input: Tensor, rois) -> Tensor:
         rois = roi_rows(rois, input)
