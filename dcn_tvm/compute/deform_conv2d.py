@@ -2,6 +2,7 @@
 
 No torch, no schedules. Every stage has a fixed name that schedules look up:
 
+    sample_coords  [N, OG, KH, KW, P, 2]   (y, x) of each sample, OUTSIDE where it samples nothing
     sample_rows    [N, OG, KH, KW, P, 2]   clamped input rows of the two bilinear corner rows
     sample_cols    [N, OG, KH, KW, P, 2]   clamped input columns of the two corner columns
     sample_weights [N, OG, KH, KW, P, 4]   corner weights (zero outside the image), times the mask
@@ -43,6 +44,35 @@ def padded_positions(oh_size, ow_size, align: int):
     return (oh_size * ow_size + align - 1) // align * align
 
 
+#: Coordinate given to points that sample nothing: both corner rows (and columns) fall outside.
+OUTSIDE = -2.0
+
+
+def sample_coordinates(geo: ConvGeometry, offset, height, width, positions):
+    """sample_coords [N, OG, KH, KW, P, 2]: (y, x) of every sample, or (OUTSIDE, OUTSIDE) when the
+    point samples nothing (outside the image, NaN, or a padded position).
+
+    A stage of its own so that the tables below read two numbers instead of re-deriving them
+    (inlined, the position arithmetic is repeated in every corner's expression).
+    """
+    n, _, oh_size, ow_size = offset.shape
+    og, (kh_size, kw_size) = geo.offset_groups, geo.kernel
+    (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
+    acc = geo.acc_dtype
+
+    def coordinate(b, g, kh, kw, p, axis):
+        oh, ow = tirx.min(p // ow_size, oh_size - 1), p % ow_size
+        channel = 2 * ((g * kh_size + kh) * kw_size + kw)
+        y = (oh * sh - ph + kh * dh).astype(acc) + offset[b, channel, oh, ow].astype(acc)
+        x = (ow * sw - pw + kw * dw).astype(acc) + offset[b, channel + 1, oh, ow].astype(acc)
+        inside = tirx.all(
+            p < oh_size * ow_size, y > -1.0, y < _cast(height, acc), x > -1.0, x < _cast(width, acc)
+        )
+        return te.if_then_else(inside, te.if_then_else(axis == 0, y, x), tirx.const(OUTSIDE, acc))
+
+    return te.compute((n, og, kh_size, kw_size, positions, 2), coordinate, name="sample_coords")
+
+
 def sampling_tables(geo: ConvGeometry, offset, mask, height, width, positions, derivatives=False):
     """Corner rows, corner columns and corner weights of every sample (see the module docstring).
 
@@ -52,55 +82,41 @@ def sampling_tables(geo: ConvGeometry, offset, mask, height, width, positions, d
     """
     n, _, oh_size, ow_size = offset.shape
     og, (kh_size, kw_size) = geo.offset_groups, geo.kernel
-    (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
     acc = geo.acc_dtype
     shape = (n, og, kh_size, kw_size, positions)
+    coords = sample_coordinates(geo, offset, height, width, positions)
 
-    def position(b, g, kh, kw, p):
-        oh, ow = tirx.min(p // ow_size, oh_size - 1), p % ow_size
-        channel = 2 * ((g * kh_size + kh) * kw_size + kw)
-        y = (oh * sh - ph + kh * dh).astype(acc) + offset[b, channel, oh, ow].astype(acc)
-        x = (ow * sw - pw + kw * dw).astype(acc) + offset[b, channel + 1, oh, ow].astype(acc)
-        inside = tirx.all(
-            p < oh_size * ow_size, y > -1.0, y < _cast(height, acc), x > -1.0, x < _cast(width, acc)
-        )
-        # Outside points (NaN and inf included) are moved to (0, 0) before floor so the integer cast is defined.
-        y = te.if_then_else(inside, y, tirx.const(0, acc))
-        x = te.if_then_else(inside, x, tirx.const(0, acc))
-        return inside, y, x, oh, ow
+    def corner_index(b, g, kh, kw, p, axis, t, size):
+        """Row (axis 0) or column (axis 1) of corner t, clamped into [0, size) so reads stay in bounds."""
+        return tirx.max(tirx.min(te.floor(coords[b, g, kh, kw, p, axis]).astype("int32") + t, size - 1), 0)
 
-    def rows(b, g, kh, kw, p, t):
-        y = position(b, g, kh, kw, p)[1]
-        return tirx.max(tirx.min(te.floor(y).astype("int32") + t, height - 1), 0)
-
-    def cols(b, g, kh, kw, p, t):
-        x = position(b, g, kh, kw, p)[2]
-        return tirx.max(tirx.min(te.floor(x).astype("int32") + t, width - 1), 0)
+    rows = te.compute(shape + (2,), lambda b, g, kh, kw, p, t: corner_index(b, g, kh, kw, p, 0, t, height),
+                      name="sample_rows")
+    cols = te.compute(shape + (2,), lambda b, g, kh, kw, p, t: corner_index(b, g, kh, kw, p, 1, t, width),
+                      name="sample_cols")
 
     def weight_table(kind, with_mask):
         def weights(b, g, kh, kw, p, t):
-            inside, y, x, oh, ow = position(b, g, kh, kw, p)
+            y, x = coords[b, g, kh, kw, p, 0], coords[b, g, kh, kw, p, 1]
             y0, x0 = te.floor(y), te.floor(x)
             ly, lx = y - y0, x - x0
             ty, tx = t // 2, t % 2
             row = y0.astype("int32") + ty
             col = x0.astype("int32") + tx
-            valid = tirx.all(inside, row >= 0, row < height, col >= 0, col < width)
+            # OUTSIDE puts both corner rows at -2 and -1: an outside point gets no weight.
+            valid = tirx.all(row >= 0, row < height, col >= 0, col < width)
             wy, wx = _corner(ty, 1.0 - ly, ly), _corner(tx, 1.0 - lx, lx)
             one = tirx.const(1, acc)
             w = {"value": wy * wx, "dy": _corner(ty, -one, one) * wx, "dx": wy * _corner(tx, -one, one)}[kind]
             if with_mask:
+                oh, ow = tirx.min(p // ow_size, oh_size - 1), p % ow_size
                 w = w * mask[b, (g * kh_size + kh) * kw_size + kw, oh, ow].astype(acc)
             return te.if_then_else(valid, w, tirx.const(0, acc))
 
         return weights
 
     with_mask = mask is not None
-    tables = (
-        te.compute(shape + (2,), rows, name="sample_rows"),
-        te.compute(shape + (2,), cols, name="sample_cols"),
-        te.compute(shape + (4,), weight_table("value", with_mask), name="sample_weights"),
-    )
+    tables = (rows, cols, te.compute(shape + (4,), weight_table("value", with_mask), name="sample_weights"))
     if not derivatives:
         return tables
     return tables + (
