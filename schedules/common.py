@@ -1,18 +1,26 @@
 """Schedule helpers shared by the rules of every operator.
 
-A rule is both the default schedule and a tuning space: it takes each tile factor from `decide`,
-which returns the rule's fixed default normally and a MetaSchedule sample (`sample_categorical`)
-inside `sampling()`, where `dcn_tvm.tuning` runs the rules as a `ScheduleFn` design space. The
-design space pins every sample to its default, so the default schedule is one point of the space.
+A rule is both the default schedule and a tuning space, with two kinds of knobs:
+
+- `decide` (tile factors): the rule's fixed default normally, and a MetaSchedule sample
+  (`sample_categorical`) inside `sampling()`, which the search varies within one design space;
+- `choose` (structure: loop orders, where a stage is computed): Python branches a trace cannot
+  replay with another value, so `design_spaces` runs the rule once per combination of choices and
+  each combination is a design space of its own.
+
+Every sample starts at its default, so the default schedule is one point of the space.
 """
 
 from __future__ import annotations
 
 import contextvars
+import itertools
 from contextlib import contextmanager
 
 _DATA_PAR, _COMM_REDUCE = 0, 2  # tirx.IterVar kinds
 _sampling = contextvars.ContextVar("dcn_tvm_schedule_sampling", default=False)
+#: Inside design_spaces: (the choices to take, the knobs met so far as name -> options).
+_choices = contextvars.ContextVar("dcn_tvm_schedule_choices", default=None)
 
 
 @contextmanager
@@ -33,6 +41,41 @@ def decide(sch, candidates, default: int):
     if not _sampling.get() or len(options) == 1:
         return default
     return sch.sample_categorical(options, [1.0 / len(options)] * len(options), decision=options.index(default))
+
+
+def choose(name: str, options, default):
+    """A structural choice of the rule: `default`, or inside `design_spaces` the option it assigns
+    to `name`. Options must not depend on other choices."""
+    state = _choices.get()
+    if state is None:
+        return default
+    taken, knobs = state
+    knobs[name] = tuple(dict.fromkeys([default, *options]))
+    return taken.get(name, default)
+
+
+def design_spaces(rule, sch) -> list:
+    """Copies of `sch`, one per combination of the `choose` knobs of `rule`, each scheduled by `rule`
+    with its tile factors sampled (`decide`); the combination of defaults comes first."""
+    knobs: dict = {}
+    first = sch.copy()
+    with sampling():
+        token = _choices.set(({}, knobs))
+        try:
+            rule(first)
+        finally:
+            _choices.reset(token)
+        spaces = [first]
+        names = list(knobs)
+        for values in itertools.islice(itertools.product(*(knobs[n] for n in names)), 1, None):
+            space = sch.copy()
+            token = _choices.set((dict(zip(names, values)), {}))
+            try:
+                rule(space)
+            finally:
+                _choices.reset(token)
+            spaces.append(space)
+    return spaces
 
 
 def divisors(value, candidates) -> list[int]:

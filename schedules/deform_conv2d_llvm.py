@@ -9,7 +9,7 @@ parallel task; the defaults below are one point of that space.
 
 from __future__ import annotations
 
-from .common import decide, divisors, parallel_outer
+from .common import choose, decide, divisors, parallel_outer
 
 #: Positions per tile; the compute pads P to a multiple of this, so tiles never have tails.
 POSITION_TILE = 32
@@ -21,6 +21,12 @@ CHANNEL_BLOCKS, CHANNEL_BLOCK_CANDIDATES = (8, 6, 4, 3, 2), (1, 2, 3, 4, 6, 8, 1
 TASK_TILE_CANDIDATES = (1, 2, 3, 4, 5, 6, 8)
 #: Vectors per register tile when tuning (the default fills POSITION_TILE).
 CHUNK_CANDIDATES = (1, 2, 4)
+#: Gather loop orders (`choose`): each channel over every kernel point, or each kernel point over
+#: every channel. Which is faster depends on the channel count and the cache sizes.
+GATHER_ORDERS = ("channels_outer", "points_outer")
+#: Offset/mask-gradient channel sums (`choose`): channels outside the position loop (vectorisable
+#: over positions) or innermost (one accumulator per position, planes read one after another).
+CHANNEL_SUM_ORDERS = ("channels_outer", "channels_inner")
 
 
 def _lanes(sch, block) -> int:
@@ -85,21 +91,38 @@ def _stage_names(sch) -> set[str]:
     return {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
 
 
-def _sampling_tables(sch) -> None:
-    """Every sampling table present (the unmasked one exists only with a mask) in parallel."""
+def _sampling_tables(sch, corner_major: bool = False) -> None:
+    """Every sampling table present (the unmasked one exists only with a mask) in parallel.
+
+    `corner_major` stores the internal tables [.., corner, P] instead of [.., P, corner], so that the
+    gather reads them with contiguous vector loads (tables the kernel returns keep their layout).
+    """
     for name in _stage_names(sch):
-        if name.startswith("sample_"):
+        if not name.startswith("sample_"):
+            continue
+        if corner_major and name != "sample_coords":
+            block = sch.get_sblock(name)
+            sch.transform_layout(block, ("write", 0), lambda b, g, kh, kw, p, t: (b, g, kh, kw, t, p))
+            b, g, kh, kw, p, t = sch.get_loops(block)
+            sch.reorder(t, p)
+            sch.parallel(sch.fuse(b, g, kh, kw))
+        else:
             parallel_outer(sch, name, inner=2)
 
 
 def forward(sch) -> None:
     """Tables at root; the gather of one position task (all channels) computed inside the GEMM's
     parallel loop, so the columns never exist beyond one L2-sized task."""
-    _sampling_tables(sch)
+    _sampling_tables(sch, corner_major=True)
     gemm = sch.get_sblock("deform_gemm")
     b, oc, p, rc, rkh, rkw = sch.get_loops(gemm)
     tile_loop = _microkernel(sch, gemm, [b], oc, p, [rc, rkh, rkw])
-    sch.compute_at(sch.get_sblock("deform_columns"), tile_loop)
+    columns = sch.get_sblock("deform_columns")
+    sch.compute_at(columns, tile_loop)
+    gather = sch.get_loops(columns)[1:]  # under the parallel loop; unit loops are left out
+    if choose("gather_order", GATHER_ORDERS, "channels_outer") == "points_outer" and len(gather) == 4:
+        c, kh, kw, p = gather
+        sch.reorder(kh, kw, c, p)
     parallel_outer(sch, "output", inner=2)
 
 
@@ -126,7 +149,8 @@ def backward_data(sch) -> None:
         if name in names:
             block = sch.get_sblock(name)
             bb, g, i, j, q, rc = sch.get_loops(block)
-            sch.reorder(bb, g, i, j, rc, q)
+            if choose("channel_sums", CHANNEL_SUM_ORDERS, "channels_outer") == "channels_outer":
+                sch.reorder(bb, g, i, j, rc, q)
             sch.parallel(sch.fuse(bb, g, i, j))
             sch.decompose_reduction(block, rc)
     for name in ("grad_offset", "grad_mask"):
@@ -145,7 +169,10 @@ def backward_weight(sch) -> None:
     columns = sch.get_sblock("deform_columns")
     sch.transform_layout(columns, ("write", 0), lambda b, c, kh, kw, p: (b, p, c, kh, kw))
     b, c, kh, kw, p = sch.get_loops(columns)
-    sch.reorder(b, p, c, kh, kw)
+    if choose("gather_order", GATHER_ORDERS, "channels_outer") == "points_outer":
+        sch.reorder(b, p, kh, kw, c)
+    else:
+        sch.reorder(b, p, c, kh, kw)
     sch.parallel(sch.fuse(b, p))
     parallel_outer(sch, "grad_output_padded", inner=1)
 

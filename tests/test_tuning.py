@@ -125,6 +125,23 @@ def test_the_default_schedule_is_a_point_of_the_space(stage):
     assert tvm_ffi.structural_equal(default.mod, space.mod)
 
 
+@pytest.mark.parametrize("stage", ["forward", "backward_data", "backward_weight"])
+def test_structural_choices_are_design_spaces_of_their_own(stage):
+    """One design space per loop-order choice, the default structure first; they differ."""
+    import tvm
+    import tvm_ffi
+
+    from dcn_tvm import schedules
+
+    task = Workload.parse(TINY).tasks(CPU)[["forward", "backward_data", "backward_weight"].index(stage)]
+    default = tvm.s_tir.Schedule(build.prim_func(task.spec))
+    schedules.apply("deform_conv2d", "llvm", stage, default)
+    spaces = tuner.design_spaces(task, tvm.s_tir.Schedule(tuner._module(build.prim_func(task.spec))))
+    assert len(spaces) == 2
+    assert tvm_ffi.structural_equal(default.mod["main"], spaces[0].mod["main"])
+    assert not tvm_ffi.structural_equal(spaces[0].mod, spaces[1].mod)
+
+
 @pytest.mark.parametrize("text", [TINY, "deform_roi_pool:r=8,n=1,c=18,h=6,w=5,k=3,group_size=3,classes=2"])
 def test_cuda_spaces_sample_kernels_with_device_code(text):
     """No GPU needed: MetaSchedule samples the CUDA spaces (VerifyGPUCode on) and they compile."""
@@ -429,11 +446,12 @@ def test_report_renders_table_and_plot(tmp_path):
     path = report.write(folder)
     text = path.read_text()
     assert f"| `{TINY}` | forward | 2 | 1 | 2.00x | 16 | tuned |" in text
+    assert f"| `{TINY}` | forward | 2 | 1 | 2.00x | 16 |\n" in text  # the per-workload table
     assert "- device: a CPU" in text
     assert "![best time against trials per workload](report.png)" in text
     assert (folder / "report.png").stat().st_size > 1000
     no_plot = render("tuning_report.md.j2", target=CPU, device="d", tvm="t", dcn_tvm="d", date="today",
-                     target_json="{}", rounds=2, repeat=10, min_repeat_ms=100, folder=CPU, rows=[],
+                     target_json="{}", rounds=2, repeat=10, min_repeat_ms=100, folder=CPU, workloads=[], rows=[],
                      plot=None)
     assert "(No plot: matplotlib is not installed.)" in no_plot
 

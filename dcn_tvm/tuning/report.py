@@ -15,15 +15,34 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def _row(workload: str, default_ms, tuned_ms, trials: int, **extra) -> dict:
+    speedup = default_ms / tuned_ms if default_ms and tuned_ms else None
+    return dict(workload=workload, default_ms=_ms(default_ms), tuned_ms=_ms(tuned_ms), trials=trials,
+                speedup="-" if speedup is None else f"{speedup:.2f}x", **extra)
+
+
 def _rows(results: list[Result]) -> list[dict]:
-    return [dict(workload=r.workload, stage=r.stage, default_ms=_ms(r.default_ms), tuned_ms=_ms(r.tuned_ms),
-                 speedup="-" if r.speedup is None else f"{r.speedup:.2f}x", trials=r.trials, schedule=r.schedule)
+    """One row per kernel."""
+    return [_row(r.workload, r.default_ms, r.tuned_ms, r.trials, stage=r.stage, schedule=r.schedule)
             for r in results]
 
 
+def _workload_rows(results: list[Result]) -> list[dict]:
+    """One row per workload: the times of its kernels added up (a forward and backward pass)."""
+    rows = []
+    for workload in dict.fromkeys(r.workload for r in results):
+        mine = [r for r in results if r.workload == workload]
+        known = all(r.default_ms is not None and r.tuned_ms is not None for r in mine)
+        rows.append(_row(workload, sum(r.default_ms for r in mine) if known else None,
+                         sum(r.tuned_ms for r in mine) if known else None, sum(r.trials for r in mine),
+                         stages=", ".join(r.stage for r in mine)))
+    return rows
+
+
 def table(results: list[Result]) -> str:
-    """The results as a Markdown table: workload, stage, default and tuned time, speedup, trials."""
-    return render("tuning_table.md.j2", rows=_rows(results))
+    """The results as Markdown tables: per workload (its kernels added up), then per kernel; each
+    with default and tuned time, speedup and trials."""
+    return render("tuning_table.md.j2", workloads=_workload_rows(results), rows=_rows(results))
 
 
 def recorded(folder: Path) -> list[Result]:
@@ -78,5 +97,5 @@ def write(folder: Path) -> Path:
                              tvm=metadata["tvm"], dcn_tvm=metadata["dcn_tvm"], date=metadata["date"],
                              target_json=json.dumps(metadata["target"]), rounds=ROUNDS, repeat=REPEAT * ROUNDS,
                              min_repeat_ms=MIN_REPEAT_MS, folder=folder.name,
-                             rows=_rows(results), plot=plot.name if has_plot else None))
+                             workloads=_workload_rows(results), rows=_rows(results), plot=plot.name if has_plot else None))
     return report

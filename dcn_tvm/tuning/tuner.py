@@ -1,12 +1,15 @@
 """Tune kernels with MetaSchedule over the rules of schedules/ (one kernel at a time, resumable).
 
-Per kernel: the design space is the kernel's own schedule rule run under `schedules.common.sampling()`
-(a `ScheduleFn` with no generic rules: MetaSchedule's generic space would inline the gather into the
-GEMM and recompute it per output channel), searched by MetaSchedule's evolutionary search with its
-XGBoost cost model. The database is the kernel's records (`RecordsDatabase`): the search starts from
-what earlier runs kept, and every successful measurement is written to disk as it arrives. Once the
-kernel's trials are spent, its default schedule and its kept records are measured side by side; the
-fastest is what the library will compile.
+Per kernel: the design spaces are the kernel's own schedule rule, once per combination of its
+structural choices, with every tile factor sampled (`schedules.common.design_spaces`; a `ScheduleFn`
+with no generic rules: MetaSchedule's generic space would inline the gather into the GEMM and
+recompute it per output channel). A fresh kernel first measures each design space at its default
+tile factors (so every structure is tried once whatever the budget), then MetaSchedule's
+evolutionary search with its XGBoost cost model spends the rest. The database is the kernel's
+records (`RecordsDatabase`): the search starts from what earlier runs kept, and every successful
+measurement is written to disk as it arrives. Once the kernel's trials are spent, its default
+schedule and its kept records are measured side by side; the fastest is what the library will
+compile.
 
 `--trials` is the budget of the whole run, split evenly over the kernels; a kernel whose recorded
 trials already meet its share (or whose space ran out) is not measured again.
@@ -82,16 +85,20 @@ def _scheduled(task: Task, trace=None):
     return sch.mod
 
 
+def design_spaces(task: Task, sch) -> list:
+    """The design spaces of a kernel on `sch` (see the module docstring), default structure first."""
+    from dcn_tvm import schedules
+    from dcn_tvm.schedules.common import design_spaces as spaces
+
+    return spaces(lambda s: schedules.apply(task.spec.op, target_kind(task.spec.target), task.spec.stage, s), sch)
+
+
 def space(task: Task):
-    """The MetaSchedule design space of a kernel: its rule with every `decide` sampled."""
+    """The kernel's design spaces as a MetaSchedule space generator."""
     ms = _ms()
 
     def rule(sch):
-        from dcn_tvm import schedules
-        from dcn_tvm.schedules.common import sampling
-
-        with sampling():
-            schedules.apply(task.spec.op, target_kind(task.spec.target), task.spec.stage, sch)
+        return design_spaces(task, sch)
 
     postprocs = [ms.postproc.VerifyGPUCode()] if target_kind(task.spec.target) == "cuda" else []
     return ms.space_generator.ScheduleFn(rule, sch_rules=[], postprocs=postprocs, mutator_probs={})
@@ -255,7 +262,20 @@ def _search(task: Task, store: Store, measurer: Measurer, trials: int, progress:
             store.update_kernel(task.spec.key, device, trials=state["trials"], history=state["history"])
             progress.advance(len(candidates), best)
 
-    mod = _module(prim_func(task.measured))
+    mod, budget = _module(prim_func(task.measured)), trials
+    if state["trials"] == 0:
+        seeds = design_spaces(task, tvm().s_tir.Schedule(mod))[:trials]
+        for seed, measured in zip(seeds, measurer.measure([seed.mod for seed in seeds])):
+            if not isinstance(measured, str):
+                store.commit(task.spec.key, measured, plain(seed.trace.as_json(True)))
+                best = min(best or float("inf"), median(measured))
+        state["trials"] = state["session"] = len(seeds)
+        state["history"].append([state["trials"], best])
+        store.update_kernel(task.spec.key, device, trials=state["trials"], history=state["history"])
+        progress.advance(len(seeds), best)
+        trials -= len(seeds)
+        if trials <= 0:
+            return
     # No mutator applies to categorical decisions, so evolving would only re-score the population:
     # each batch ranks fresh random samples of the space with the cost model instead. The spaces
     # hold tens to hundreds of points, and replaying a trace can take 50 ms: sample 64, not 512.
@@ -270,7 +290,7 @@ def _search(task: Task, store: Store, measurer: Measurer, trials: int, progress:
                       database=_records_database(store, task.spec.key, mod, measurer.target), cost_model="xgb",
                       measure_callbacks=ms.MeasureCallback.create("default") + [Bookkeeping()],
                       task_scheduler="round-robin")
-    if state["session"] < trials:  # the search stopped early: no unmeasured candidates were left
+    if state["session"] < budget:  # the search stopped early: no unmeasured candidates were left
         store.update_kernel(task.spec.key, device, exhausted=True)
 
 
