@@ -24,9 +24,8 @@ CHUNK_CANDIDATES = (1, 2, 4)
 #: Gather loop orders (`choose`): each channel over every kernel point, or each kernel point over
 #: every channel. Which is faster depends on the channel count and the cache sizes.
 GATHER_ORDERS = ("channels_outer", "points_outer")
-#: Offset/mask-gradient channel sums (`choose`): channels outside the position loop (vectorisable
-#: over positions) or innermost (one accumulator per position, planes read one after another).
-CHANNEL_SUM_ORDERS = ("channels_outer", "channels_inner")
+#: Where the corner sums of the offset/mask gradients accumulate (`choose`, see _grad_corner_weights).
+CORNER_SUM_ORDERS = ("registers", "memory")
 
 
 def _lanes(sch, block) -> int:
@@ -126,8 +125,42 @@ def forward(sch) -> None:
     parallel_outer(sch, "output", inner=2)
 
 
+def _grad_corner_weights(sch) -> None:
+    """The channel sum of each corner, vectorised over positions.
+
+    `registers`: each parallel task owns a few position vectors and keeps their four corner sums in
+    registers over all channels; `memory`: each task owns a kernel point, channels outermost, the sums
+    accumulated in memory (fewer, longer tasks).
+    """
+    block = sch.get_sblock("grad_corner_weights")
+    sch.transform_layout(block, ("write", 0), lambda b, g, kh, kw, p, t: (b, g, kh, kw, t, p))
+    b, g, kh, kw, p, t, rc = sch.get_loops(block)
+    lanes = _lanes(sch, block)
+    if choose("corner_sums", CORNER_SUM_ORDERS, "registers") == "registers":
+        chunks = decide(sch, divisors(POSITION_TILE // lanes, CHUNK_CANDIDATES), POSITION_TILE // lanes)
+        p_task, p_chunk, p_lane = sch.split(p, [None, chunks, lanes])
+        sch.reorder(b, g, kh, kw, p_task, rc, t, p_chunk, p_lane)
+        sch.parallel(sch.fuse(b, g, kh, kw, p_task))
+        accumulator = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(accumulator, sch.get_loops(block)[0])
+        sch.unroll(t)
+        sch.unroll(p_chunk)
+    else:
+        p_vector, p_lane = sch.split(p, [None, lanes])
+        sch.reorder(b, g, kh, kw, rc, p_vector, t, p_lane)
+        sch.parallel(sch.fuse(b, g, kh, kw))
+        sch.unroll(t)
+    sch.vectorize(p_lane)
+    sch.decompose_reduction(block, rc)
+
+
 def backward_data(sch) -> None:
-    """grad_columns as a register-blocked GEMM; channel reductions for the offset/mask gradients."""
+    """grad_columns as a register-blocked GEMM; the corner sums for the offset/mask gradients."""
+    names = _stage_names(sch)
+    # Read once per gradient element: computed where they are used.
+    for name in ("sample_weights_unmasked", "sample_weights_dy", "sample_weights_dx"):
+        if name in names:
+            sch.compute_inline(sch.get_sblock(name))
     _sampling_tables(sch)
     # Materialised, not inlined: inlined, its p // OW, p % OW indexing defeats vector loads.
     parallel_outer(sch, "grad_output_padded", inner=1)
@@ -144,15 +177,7 @@ def backward_data(sch) -> None:
         sch.unroll(loop)
     sch.vectorize(p_lane)
     sch.decompose_reduction(gcol, ro)
-    names = _stage_names(sch)
-    for name in ("grad_offset_y", "grad_offset_x", "grad_mask_sum"):
-        if name in names:
-            block = sch.get_sblock(name)
-            bb, g, i, j, q, rc = sch.get_loops(block)
-            if choose("channel_sums", CHANNEL_SUM_ORDERS, "channels_outer") == "channels_outer":
-                sch.reorder(bb, g, i, j, rc, q)
-            sch.parallel(sch.fuse(bb, g, i, j))
-            sch.decompose_reduction(block, rc)
+    _grad_corner_weights(sch)
     for name in ("grad_offset", "grad_mask"):
         if name in names:
             parallel_outer(sch, name, inner=2)

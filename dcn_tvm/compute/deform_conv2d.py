@@ -10,6 +10,13 @@ No torch, no schedules. Every stage has a fixed name that schedules look up:
     deform_gemm    [N, O, P]               weight x columns, grouped, accumulated in acc_dtype
     output         [N, O, OH, OW]          gemm + bias, cast to dtype
 
+and in the backward:
+
+    grad_columns        [N, C, KH, KW, P]      weight^T x grad_output
+    grad_corner_weights [N, OG, KH, KW, P, 4]  gradient of each corner weight: grad_columns x corner
+                                               pixel, summed over the offset group's channels
+    grad_offset, grad_mask                     4-term sums of corner_weights x weight derivatives
+
 P runs over the output positions oh*OW + ow, padded up to a multiple of `position_align` so that a
 schedule can tile and vectorise it without tails; padded positions sample nothing.
 
@@ -126,13 +133,16 @@ def sampling_tables(geo: ConvGeometry, offset, mask, height, width, positions, d
     )
 
 
+def _corner_pixel(data, rows, cols, b, c, g, kh, kw, p, t, acc):
+    """Channel c of the input at corner t (row t // 2, column t % 2) of sample (b, g, kh, kw, p), in acc."""
+    return data[b, c, rows[b, g, kh, kw, p, t // 2], cols[b, g, kh, kw, p, t % 2]].astype(acc)
+
+
 def _bilinear(data, rows, cols, weights, b, c, g, kh, kw, p, acc):
     """The bilinear sum over the four corners of sample (b, g, kh, kw, p) of channel c, in acc."""
-    at = (b, g, kh, kw, p)
     value = tirx.const(0, acc)
     for t in range(4):
-        pixel = data[b, c, rows[at + (t // 2,)], cols[at + (t % 2,)]].astype(acc)
-        value = value + weights[at + (t,)] * pixel
+        value = value + weights[b, g, kh, kw, p, t] * _corner_pixel(data, rows, cols, b, c, g, kh, kw, p, t, acc)
     return value
 
 
@@ -235,21 +245,24 @@ def backward_data(geo: ConvGeometry, batch, height, width, position_align: int =
         name="grad_columns",
     )
 
+    # The gradient of each corner's bilinear weight, summed over the group's channels once; the
+    # offset and mask gradients are then 4-term dot products with the weight derivatives (eq. 8:
+    # d out / d dy = sum over corners of d w_t / d dy * pixel_t, and likewise for dx and the mask).
     per_offset_group = geo.in_channels // og
+    rc = te.reduce_axis((0, per_offset_group), name="rc")
+    grad_corners = te.compute(
+        (batch, og, kh_size, kw_size, positions, 4),
+        lambda b, g, kh, kw, p, t: te.sum(
+            grad_columns[b, g * per_offset_group + rc, kh, kw, p]
+            * _corner_pixel(data, rows, cols, b, g * per_offset_group + rc, g, kh, kw, p, t, acc),
+            axis=rc,
+        ),
+        name="grad_corner_weights",
+    )
 
-    def channel_sum(weights, name):
-        rc = te.reduce_axis((0, per_offset_group), name="rc")
-        return te.compute(
-            (batch, og, kh_size, kw_size, positions),
-            lambda b, g, kh, kw, p: te.sum(
-                grad_columns[b, g * per_offset_group + rc, kh, kw, p]
-                * _bilinear(data, rows, cols, weights, b, g * per_offset_group + rc, g, kh, kw, p, acc),
-                axis=rc,
-            ),
-            name=name,
-        )
-
-    grad_y, grad_x = channel_sum(d_y, "grad_offset_y"), channel_sum(d_x, "grad_offset_x")
+    def corner_dot(weights, at):
+        return sum((weights[at + (t,)] * grad_corners[at + (t,)] for t in range(1, 4)),
+                   weights[at + (0,)] * grad_corners[at + (0,)])
 
     def per_point(b, ch, y, x):
         """(offset group, kh, kw, position) of mask channel ch at output (y, x)."""
@@ -258,16 +271,15 @@ def backward_data(geo: ConvGeometry, batch, height, width, position_align: int =
 
     def offset_grad(b, ch, y, x):
         at = per_point(b, ch // 2, y, x)
-        grad = te.if_then_else(ch % 2 == 0, grad_y[at], grad_x[at])
+        grad = te.if_then_else(ch % 2 == 0, corner_dot(d_y, at), corner_dot(d_x, at))
         if mask is not None:
             grad = grad * mask[b, ch // 2, y, x].astype(acc)
         return grad.astype(geo.dtype)
 
     outputs = [te.compute(offset.shape, offset_grad, name="grad_offset")]
     if mask is not None:
-        grad_m = channel_sum(unmasked, "grad_mask_sum")
         outputs.append(
-            te.compute(mask.shape, lambda b, ch, y, x: grad_m[per_point(b, ch, y, x)].astype(geo.dtype),
+            te.compute(mask.shape, lambda b, ch, y, x: corner_dot(unmasked, per_point(b, ch, y, x)).astype(geo.dtype),
                        name="grad_mask")
         )
     outputs += [grad_columns, *tables[:3]]
