@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -403,6 +404,24 @@ def test_records_of_another_compute_are_ignored(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dcn_tvm"):
         assert records.tuned_schedule(task.spec, build.prim_func(task.spec), tmp_path) is None
     assert "another version of its compute" in caplog.text
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "tuning_logs"
+
+
+@pytest.mark.parametrize("metadata", sorted(SHIPPED.glob("*/*/metadata.json")),
+                         ids=lambda path: f"{path.parent.parent.name}/{path.parent.name}")
+def test_shipped_records_match_todays_compute_and_replay(metadata, caplog):
+    """A compute change must come with re-tuned (or removed) records, or builds ignore them with a warning."""
+    folder = metadata.parent
+    kernels = json.loads(metadata.read_text())["kernels"]
+    assert kernels
+    for key, entry in kernels.items():
+        (task,) = [t for t in Workload.parse(entry["workload"]).tasks(folder.parent.name) if t.spec.key == key]
+        if entry["schedule"] == "tuned":
+            with caplog.at_level(logging.WARNING, logger="dcn_tvm"):
+                assert records.tuned_schedule(task.spec, build.prim_func(task.spec), SHIPPED) is not None, \
+                    f"{key}: {caplog.text or 'no usable record'}; re-tune: dcn-tvm tune --workload '{entry['workload']}'"
 
 
 def test_a_gpu_miss_logs_the_tune_command_once(tmp_path, caplog):
