@@ -54,26 +54,30 @@ def choose(name: str, options, default):
     return taken.get(name, default)
 
 
+@contextmanager
+def _choosing(taken: dict, knobs: dict):
+    """Within this context `choose` takes the options in `taken` and notes every knob in `knobs`."""
+    token = _choices.set((taken, knobs))
+    try:
+        yield
+    finally:
+        _choices.reset(token)
+
+
 def design_spaces(rule, sch) -> list:
     """Copies of `sch`, one per combination of the `choose` knobs of `rule`, each scheduled by `rule`
     with its tile factors sampled (`decide`); the combination of defaults comes first."""
     knobs: dict = {}
     first = sch.copy()
     with sampling():
-        token = _choices.set(({}, knobs))
-        try:
+        with _choosing({}, knobs):
             rule(first)
-        finally:
-            _choices.reset(token)
         spaces = [first]
         names = list(knobs)
         for values in itertools.islice(itertools.product(*(knobs[n] for n in names)), 1, None):
             space = sch.copy()
-            token = _choices.set((dict(zip(names, values)), {}))
-            try:
+            with _choosing(dict(zip(names, values)), {}):
                 rule(space)
-            finally:
-                _choices.reset(token)
             spaces.append(space)
     return spaces
 
