@@ -86,6 +86,11 @@ def _microkernel(sch, block, parallel_loops, channel_loop, position_loop, reduct
     return fused
 
 
+def _corner_major(b, g, kh, kw, p, t):
+    """Layout of a per-corner table [.., P, corner] stored as [.., corner, P] (contiguous vectors of P)."""
+    return b, g, kh, kw, t, p
+
+
 def _stage_names(sch) -> set[str]:
     return {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
 
@@ -101,7 +106,7 @@ def _sampling_tables(sch, corner_major: bool = False) -> None:
             continue
         if corner_major and name != "sample_coords":
             block = sch.get_sblock(name)
-            sch.transform_layout(block, ("write", 0), lambda b, g, kh, kw, p, t: (b, g, kh, kw, t, p))
+            sch.transform_layout(block, ("write", 0), _corner_major)
             b, g, kh, kw, p, t = sch.get_loops(block)
             sch.reorder(t, p)
             sch.parallel(sch.fuse(b, g, kh, kw))
@@ -133,7 +138,7 @@ def _grad_corner_weights(sch) -> None:
     accumulated in memory (fewer, longer tasks).
     """
     block = sch.get_sblock("grad_corner_weights")
-    sch.transform_layout(block, ("write", 0), lambda b, g, kh, kw, p, t: (b, g, kh, kw, t, p))
+    sch.transform_layout(block, ("write", 0), _corner_major)
     b, g, kh, kw, p, t, rc = sch.get_loops(block)
     lanes = _lanes(sch, block)
     if choose("corner_sums", CORNER_SUM_ORDERS, "registers") == "registers":

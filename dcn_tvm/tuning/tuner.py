@@ -58,10 +58,6 @@ class Result:
     schedule: str
     history: list
 
-    @property
-    def speedup(self) -> float | None:
-        return self.default_ms / self.tuned_ms if self.default_ms and self.tuned_ms else None
-
 
 def _ms():
     from tvm.s_tir import meta_schedule
@@ -246,36 +242,40 @@ def _search(task: Task, store: Store, measurer: Measurer, trials: int, progress:
     state = {"trials": entry.get("trials", 0), "history": list(entry.get("history", [])), "session": 0}
     best = min((median(r["run_ms"]) for r in store.records(task.spec.key)), default=None)
 
+    def account(measured: int, times_ms: list[float]) -> None:
+        """Note `measured` more trials, `times_ms` the medians of those that ran, in the entry and the bars."""
+        nonlocal best
+        best = min((t for t in (best, *times_ms) if t is not None), default=None)
+        state["trials"] += measured
+        state["session"] += measured
+        state["history"].append([state["trials"], best])
+        store.update_kernel(task.spec.key, device, trials=state["trials"], history=state["history"])
+        progress.advance(measured, best)
+
     @derived_object
     class Bookkeeping(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler, task_id, candidates, builder_results, runner_results):
-            nonlocal best
             if not candidates:  # a search iteration that found nothing new to measure
                 return
+            times = []
             for result in runner_results:
                 secs = [float(s) for s in result.run_secs or ()]
                 if result.error_msg is None and secs and max(secs) < FAILED_SECS:
-                    best = min(best or float("inf"), median(secs) * 1e3)
-            state["trials"] += len(candidates)
-            state["session"] += len(candidates)
-            state["history"].append([state["trials"], best])
-            store.update_kernel(task.spec.key, device, trials=state["trials"], history=state["history"])
-            progress.advance(len(candidates), best)
+                    times.append(median(secs) * 1e3)
+            account(len(candidates), times)
 
-    mod, budget = _module(prim_func(task.measured)), trials
+    mod = _module(prim_func(task.measured))
     if state["trials"] == 0:
         seeds = design_spaces(task, tvm().s_tir.Schedule(mod))[:trials]
+        times = []
         for seed, measured in zip(seeds, measurer.measure([seed.mod for seed in seeds])):
             if not isinstance(measured, str):
                 store.commit(task.spec.key, measured, plain(seed.trace.as_json(True)))
-                best = min(best or float("inf"), median(measured))
-        state["trials"] = state["session"] = len(seeds)
-        state["history"].append([state["trials"], best])
-        store.update_kernel(task.spec.key, device, trials=state["trials"], history=state["history"])
-        progress.advance(len(seeds), best)
-        trials -= len(seeds)
-        if trials <= 0:
-            return
+                times.append(median(measured))
+        account(len(seeds), times)
+    remaining = trials - state["session"]
+    if remaining <= 0:
+        return
     # No mutator applies to categorical decisions, so evolving would only re-score the population:
     # each batch ranks fresh random samples of the space with the cost model instead. The spaces
     # hold tens to hundreds of points, and replaying a trace can take 50 ms: sample 64, not 512.
@@ -285,12 +285,12 @@ def _search(task: Task, store: Store, measurer: Measurer, trials: int, progress:
                              search_strategy=strategy, task_name=task.spec.key,
                              num_threads=os.cpu_count() or 1).clone()
     with tempfile.TemporaryDirectory(prefix="dcn_tvm_tune_") as work_dir:
-        ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=trials,
-                      num_trials_per_iter=min(BATCH, trials), builder=measurer.builder, runner=measurer.runner,
+        ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=remaining,
+                      num_trials_per_iter=min(BATCH, remaining), builder=measurer.builder, runner=measurer.runner,
                       database=_records_database(store, task.spec.key, mod, measurer.target), cost_model="xgb",
                       measure_callbacks=ms.MeasureCallback.create("default") + [Bookkeeping()],
                       task_scheduler="round-robin")
-    if state["session"] < budget:  # the search stopped early: no unmeasured candidates were left
+    if state["session"] < trials:  # the search stopped early: no unmeasured candidates were left
         store.update_kernel(task.spec.key, device, exhausted=True)
 
 
