@@ -82,8 +82,10 @@ def forward(sch) -> None:
     dtype = sch.get(columns).writes[0].source.dtype
     element_bytes = (block_channels + POSITION_TILE) * dtype.bits // 8  # one weight and one columns row
     outer, step = _reduction_step(sch, rc, rkh, rkw, element_bytes)
-    sch.reorder(batch, c_block, p_block, c_thread, p_thread, *outer, *step, c_inner, p_inner)
-    sch.bind(sch.fuse(batch, c_block, p_block), "blockIdx.x")
+    # The channel block varies fastest over the blocks: with symbolic sizes, c_block = fused % blocks is
+    # bounded, where fused % (blocks * positions) // positions would leave the tiles unbounded.
+    sch.reorder(batch, p_block, c_block, c_thread, p_thread, *outer, *step, c_inner, p_inner)
+    sch.bind(sch.fuse(batch, p_block, c_block), "blockIdx.x")
     thread = sch.fuse(c_thread, p_thread)
     sch.bind(thread, "threadIdx.x")
     accumulator = sch.cache_write(gemm, 0, "local")

@@ -60,8 +60,9 @@ def _kib(size: int) -> str:
 
 
 def _thread_extents(stmt, extents: dict) -> dict:
-    """{thread tag: largest extent} of the thread bindings in `stmt` (the lowered body of a kernel)."""
-    if isinstance(stmt, tvm().tirx.stmt.AttrStmt) and stmt.attr_key == "thread_extent":
+    """{threadIdx tag: largest extent} of the thread bindings in `stmt` (the lowered body of a kernel)."""
+    if (isinstance(stmt, tvm().tirx.stmt.AttrStmt) and stmt.attr_key == "thread_extent"
+            and stmt.node.thread_tag.startswith("threadIdx")):
         tag = stmt.node.thread_tag
         extents[tag] = max(extents.get(tag, 0), _static(stmt.value, tag))
     for field in ("body", "then_case", "else_case"):
