@@ -43,7 +43,7 @@ def _largest_divisor(value: int, at_most: int) -> int:
 
 def _cooperative_load(sch, block, loop, depth: int, threads: int) -> None:
     """Compute `block` under `loop` (the depth-th loop) and spread it over the block's threads."""
-    sch.compute_at(block, loop)
+    sch.compute_at(block, loop, preserve_unit_loops=True)
     inner = sch.get_loops(block)[depth:]
     fused = sch.fuse(*inner) if len(inner) > 1 else inner[0]
     _, thread = sch.split(fused, [None, threads])

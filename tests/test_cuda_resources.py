@@ -5,9 +5,10 @@ No GPU needed; ptxas comes with nvcc."""
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import random
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -52,40 +53,62 @@ def _specs(op: str, fields: str, dtype: str, symbolic: bool) -> list[KernelSpec]
     return specs + [scatter]
 
 
-@pytest.fixture
-def assembled(monkeypatch):
-    """Every check_assembled of the builds: (lowered kernels' threads, ptxas usage), one per module."""
-    seen = []
-    check = resources.check_assembled
+def _decided(task, pick: str):
+    """The measured kernel of `task` scheduled from its CUDA tuning space, every sampled tile factor
+    set to its largest, its smallest or a random option (`pick`)."""
+    import tvm
+
+    from dcn_tvm.tuning import tuner
+
+    mod = tuner._module(build.prim_func(task.measured))
+    (space,) = tuner.design_spaces(task, tvm.s_tir.Schedule(mod))  # CUDA rules have no structural choices
+    rng = random.Random(task.measured.key)
+    choose = {"largest": lambda count: count - 1, "smallest": lambda count: 0, "random": rng.randrange}[pick]
+    decisions = {inst: choose(len(inst.attrs[0])) for inst in space.trace.insts if inst.kind.name == "SampleCategorical"}
+    sch = tvm.s_tir.Schedule(mod)
+    tvm.s_tir.Trace(space.trace.insts, decisions).apply_to_schedule(sch, True)
+    return sch.mod["main"]
+
+
+def _build_checked(kernels: list) -> list:
+    """In a worker process: (spec, None) or (task, pick) pairs compiled as one module; returns what
+    its ptxas check saw, [(threads per kernel from the TIR, ptxas usage per kernel)]."""
+    functions = {(f"{item.measured.workload_key}_{pick}" if pick else item.workload_key):
+                 _decided(item, pick) if pick else build.scheduled(item) for item, pick in kernels}
+    seen, check = [], resources.check_assembled
 
     def recording(source, arch, threads):
-        usage = check(source, arch, threads)
-        seen.append((threads, usage))
-        return usage
+        seen.append((threads, check(source, arch, threads)))
+        return seen[-1][1]
 
-    monkeypatch.setattr(resources, "check_assembled", recording)
+    resources.check_assembled = recording
+    try:
+        build.compile_functions(functions, TARGET)
+    finally:
+        resources.check_assembled = check
     return seen
 
 
-def _build_modules(modules: list[dict]) -> None:
-    """compile_functions on each {symbol: PrimFunc}, two at a time (nvcc runs while TVM compiles)."""
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda functions: build.compile_functions(functions, TARGET), modules))
+def _build_all(modules: list[list]) -> list:
+    """_build_checked on every module, in two worker processes (TVM's compile holds the GIL much of
+    the time); give the slowest modules first."""
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [checked for seen in pool.map(_build_checked, modules) for checked in seen]
 
 
 @needs_ptxas
-def test_every_geometry_stage_and_dtype_fits_sm_90(assembled):
-    """One module per (op, dtype, static or symbolic sizes): the whole matrix builds, and ptxas saw
-    every kernel the lowered TIR has."""
+def test_every_geometry_stage_and_dtype_fits_sm_90():
+    """The matrix: every geometry and stage at static sizes in each dtype, and at symbolic sizes in
+    the widest (float64) and the legalised (bfloat16) dtypes; one module per (op, dtype, sizes).
+    Each builds, and ptxas saw every kernel the lowered TIR has."""
     modules = []
     for op, geometries in (("deform_conv2d", CONV), ("deform_roi_pool", ROI)):
-        for dtype in DTYPES:
-            for symbolic in (False, True):
-                specs = {spec.key: spec for fields in geometries for spec in _specs(op, fields, dtype, symbolic)}
-                modules.append({spec.workload_key: build.scheduled(spec) for spec in specs.values()})
-    _build_modules(modules)
-    assert len(assembled) == len(modules)
-    for threads, usage in assembled:
+        for dtype, symbolic in [("float64", True), ("bfloat16", True)] + [(dtype, False) for dtype in DTYPES]:
+            specs = {spec.key: spec for fields in geometries for spec in _specs(op, fields, dtype, symbolic)}
+            modules.append([(spec, None) for spec in specs.values()])
+    checked = _build_all(modules)
+    assert len(checked) == len(modules)
+    for threads, usage in checked:
         assert set(usage) == set(threads)
         assert all(0 < used["registers"] <= 255 for used in usage.values())
 
@@ -175,38 +198,13 @@ def test_ptxas_refusals_and_register_budgets_are_errors():
         resources.ptxas_usage("this is not CUDA", "sm_90")
 
 
-def _decided(mod, space, pick) -> object:
-    """`mod` scheduled by the design space's trace with every sampled decision set by pick(options)."""
-    import tvm
-
-    trace = space.trace
-    decisions = {inst: pick(inst.attrs[0]) for inst in trace.insts if inst.kind.name == "SampleCategorical"}
-    sch = tvm.s_tir.Schedule(mod)
-    tvm.s_tir.Trace(trace.insts, decisions).apply_to_schedule(sch, True)
-    return sch.mod["main"]
-
-
 @needs_ptxas
-def test_every_tuning_candidate_fits_sm_90(assembled):
-    """The CUDA tuning spaces (what the tuner searches): each geometry's largest choices, smallest
-    choices and random ones build within the limits, in the widest and narrowest dtypes."""
-    import tvm
-
-    from dcn_tvm.tuning import tuner
-
-    rng = random.Random(0)
-    picks = {"largest": lambda options: len(options) - 1, "smallest": lambda options: 0,
-             "random": lambda options: rng.randrange(len(options))}
+def test_every_tuning_candidate_fits_sm_90():
+    """The CUDA tuning spaces the tuner searches replay with any decision and build within the limits:
+    every tile factor at its largest option (the most shared memory and threads) in float64, at its
+    smallest (unit loops) in float32, and random options in float16."""
     modules = []
     for op, geometries in (("deform_conv2d", CONV), ("deform_roi_pool", ROI)):
-        for dtype in ("float64", "float16"):
-            for name, pick in picks.items():
-                functions = {}
-                for fields in geometries:
-                    for task in _workload(op, fields, dtype).tasks(TARGET):
-                        mod = tuner._module(build.prim_func(task.measured))
-                        for index, space in enumerate(tuner.design_spaces(task, tvm.s_tir.Schedule(mod))):
-                            functions[f"{task.measured.workload_key}_{name}_{index}"] = _decided(mod, space, pick)
-                modules.append(functions)
-    _build_modules(modules)
-    assert len(assembled) == len(modules)
+        for dtype, pick in (("float64", "largest"), ("float32", "smallest"), ("float16", "random")):
+            modules.append([(task, pick) for fields in geometries for task in _workload(op, fields, dtype).tasks(TARGET)])
+    assert len(_build_all(modules)) == len(modules)
