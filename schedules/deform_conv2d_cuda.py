@@ -3,7 +3,7 @@
 The forward GEMM computes a channel block x POSITION_TILE output tile per thread block; for each
 reduction step the bilinear gather writes its columns tile straight into shared memory (the gather is
 the tile load, no column buffer in global memory), the weight tile is staged beside it, and every
-thread accumulates a register tile of (channels x THREAD_TILE positions) block in registers.
+thread accumulates a (channel tile x THREAD_TILE positions) block in registers.
 
 The tiles are exactly what the schedule means, because TVM sizes a shared tile by the bounds of the
 indices it reads: a channel block is a divisor of the output channels per group (so a block reads
@@ -42,7 +42,9 @@ def _largest_divisor(value: int, at_most: int) -> int:
 
 
 def _cooperative_load(sch, block, loop, depth: int, threads: int) -> None:
-    """Compute `block` under `loop` (the depth-th loop) and spread it over the block's threads."""
+    """Compute `block` under `loop` (the depth-th loop) and spread it over the block's threads.
+    Unit loops are kept, so a tuning trace replays whatever step it samples (one input channel per
+    step would otherwise drop a loop and change what get_loops returns)."""
     sch.compute_at(block, loop, preserve_unit_loops=True)
     inner = sch.get_loops(block)[depth:]
     fused = sch.fuse(*inner) if len(inner) > 1 else inner[0]
@@ -53,7 +55,8 @@ def _cooperative_load(sch, block, loop, depth: int, threads: int) -> None:
 def _reduction_step(sch, rc, rkh, rkw, element_bytes: int):
     """Split the reduction (rc, rkh, rkw) into (outer loops, step loops): a step holds whole kernel
     rows (all of them unless the tiles would not fit in shared memory) of a tunable number of input
-    channels, all dividing their loops, so every step's tiles are full."""
+    channels, all dividing their loops, so every step's tiles are full. `element_bytes`: the shared
+    memory one reduction element of a step takes (a weight column and a columns row)."""
     budget = SHARED_MEMORY_BYTES // element_bytes  # reduction elements per step that fit
     kh_size, kw_size = _extent(sch, rkh), _extent(sch, rkw)
     rows = _largest_divisor(kh_size, max(budget // kw_size, 1))
@@ -68,6 +71,8 @@ def _reduction_step(sch, rc, rkh, rkw, element_bytes: int):
 
 
 def forward(sch) -> None:
+    """The GEMM tiled as the module docstring says (a group of 8 output channels gets blocks of 2 x 16
+    threads); the sampling tables and the output one thread per element."""
     gemm = sch.get_sblock("deform_gemm")
     columns = sch.get_sblock("deform_columns")
     batch, channel, position, rc, rkh, rkw = sch.get_loops(gemm)
@@ -80,7 +85,7 @@ def forward(sch) -> None:
     c_block, c_thread, c_inner = sch.split(channel, [None, block_channels // channel_tile, channel_tile])
     p_block, p_thread, p_inner = sch.split(position, [None, side, THREAD_TILE])
     dtype = sch.get(columns).writes[0].source.dtype
-    element_bytes = (block_channels + POSITION_TILE) * dtype.bits // 8  # one weight and one columns row
+    element_bytes = (block_channels + POSITION_TILE) * dtype.bits // 8
     outer, step = _reduction_step(sch, rc, rkh, rkw, element_bytes)
     # The channel block varies fastest over the blocks: with symbolic sizes, c_block = fused % blocks is
     # bounded, where fused % (blocks * positions) // positions would leave the tiles unbounded.

@@ -135,6 +135,7 @@ def _forward_gemm_shared_bytes(fields: str, dtype: str) -> int:
     ("c=3,o=18", "float32", 18, 9),  # 3 input channels: one per step
     ("c=256,o=256,groups=32", "float32", 8, 18),  # one group's 8 output channels per block
     ("c=18,o=72,groups=2,offset_groups=3,stride=2x1,pad=0x2,dil=1x2,k=3x2", "float32", 36, 6),
+    ("c=64,o=64,k=7,pad=3", "float64", 64, 7),  # 7x7 would not fit: one kernel row per step
 ])
 def test_forward_gemm_tiles_are_the_schedules(fields, dtype, channels, step):
     """The shared tiles hold (block channels + 64 positions) x step x element bytes, nothing more:

@@ -38,7 +38,8 @@ def scheduled(spec: KernelSpec):
 
 def compile_functions(functions: dict, target_key: str):
     """Compile {symbol: scheduled PrimFunc} for one target into one runtime module. A CUDA build is
-    refused (KernelResourceError) when a kernel exceeds a per-block limit (dcn_tvm.kernels.resources)."""
+    refused (KernelResourceError) when a kernel exceeds a per-block limit (dcn_tvm.kernels.resources);
+    its device kernels are named <symbol>_kernel[_i]."""
     ir = tvm().ir
     module = ir.IRModule({ir.GlobalVar(name): func.with_attr("global_symbol", name) for name, func in functions.items()})
     target = tvm().target.Target(target_config(target_key))
@@ -48,12 +49,9 @@ def compile_functions(functions: dict, target_key: str):
         executable, kernels = resources.compile_cuda(module, target)
         if len(executable.mod.imports) == 0:
             # TVM 0.27 silently emits host code for a PrimFunc whose loops are not bound to threads.
-            raise RuntimeError(f"{sorted(functions)}: the CUDA build has no device module; a schedule left stages unbound")
-        if not kernels:
-            raise RuntimeError(f"{sorted(functions)}: no lowered device kernel seen; cannot check the CUDA limits")
-        threads = resources.check_lowered(kernels)
-        resources.check_assembled(executable.mod.imports[0].inspect_source("cuda"), target_config(target_key)["arch"],
-                                  threads)
+            raise RuntimeError(f"{sorted(functions)}: the CUDA build has no device module; "
+                               f"a schedule left stages unbound")
+        resources.check(kernels, executable.mod.imports[0].inspect_source("cuda"), target_config(target_key)["arch"])
     return executable
 
 

@@ -113,7 +113,7 @@ def check_lowered(kernels: dict) -> dict[str, int]:
 
 _ENTRY = re.compile(r"Compiling entry function '(\w+)'")
 _USAGE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
-_REFUSED = re.compile(r"(?:Entry function '(\w+)' )?uses too much|too many resources")
+_REFUSED = re.compile(r"uses too much|too many resources")
 
 
 def ptxas_usage(source: str, arch: str) -> dict[str, dict[str, int]]:
@@ -123,9 +123,9 @@ def ptxas_usage(source: str, arch: str) -> dict[str, dict[str, int]]:
     with tempfile.TemporaryDirectory(prefix="dcn_tvm_ptxas_") as scratch:
         path = Path(scratch) / "kernels.cu"
         path.write_text(source)
-        result = subprocess.run(
-            ["nvcc", "-cubin", f"-arch={arch}", *NVCC_OPTIONS, "--ptxas-options=-v", "-o", str(path.with_suffix(".cubin")),
-             str(path)], capture_output=True, text=True, timeout=600)
+        command = ["nvcc", "-cubin", f"-arch={arch}", *NVCC_OPTIONS, "--ptxas-options=-v",
+                   "-o", str(path.with_suffix(".cubin")), str(path)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         errors = "\n".join(line for line in result.stderr.splitlines() if "error" in line) or result.stderr
         if _REFUSED.search(result.stderr):
@@ -149,7 +149,7 @@ def check_assembled(source: str, arch: str, threads: dict[str, int]) -> dict[str
         return {}
     usage = ptxas_usage(source, arch)
     for name, used in usage.items():
-        registers = used["registers"] * threads.get(name, 1)
+        registers = used["registers"] * threads[name]
         if used["shared"] > SHARED_MEMORY_BYTES:
             raise KernelResourceError(f"CUDA kernel {name}: ptxas allocates {_kib(used['shared'])} of shared "
                                       f"memory, more than {_kib(SHARED_MEMORY_BYTES)}")
@@ -157,3 +157,11 @@ def check_assembled(source: str, arch: str, threads: dict[str, int]) -> dict[str
             raise KernelResourceError(f"CUDA kernel {name}: {used['registers']} registers x {threads[name]} threads "
                                       f"= {registers} registers per block, more than {MAX_REGISTERS}")
     return usage
+
+
+def check(kernels: dict, source: str, arch: str) -> None:
+    """Both checks on one CUDA build: its lowered device kernels (name -> PrimFunc, from compile_cuda)
+    and its CUDA source for `arch`. Raises KernelResourceError naming the first kernel over a limit."""
+    if not kernels:
+        raise RuntimeError("no lowered device kernel was seen, so the CUDA limits cannot be checked")
+    check_assembled(source, arch, check_lowered(kernels))
