@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from dcn_tvm._tvm import tvm
+from dcn_tvm.kernels import resources
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_config, target_kind
 
@@ -36,18 +37,27 @@ def scheduled(spec: KernelSpec):
 
 
 def compile_functions(functions: dict, target_key: str):
-    """Compile {symbol: scheduled PrimFunc} for one target into one runtime module."""
+    """Compile {symbol: scheduled PrimFunc} for one target into one runtime module. A CUDA build is
+    refused (KernelResourceError) when a kernel exceeds a per-block limit (dcn_tvm.kernels.resources);
+    its device kernels are named <symbol>_kernel[_i]."""
     ir = tvm().ir
     module = ir.IRModule({ir.GlobalVar(name): func.with_attr("global_symbol", name) for name, func in functions.items()})
     target = tvm().target.Target(target_config(target_key))
     with target:
-        executable = tvm().compile(module, target=target)
-    if target_kind(target_key) == "cuda" and len(executable.mod.imports) == 0:
-        # TVM 0.27 silently emits host code for a PrimFunc whose loops are not bound to threads.
-        raise RuntimeError(f"{sorted(functions)}: the CUDA build has no device module; a schedule left stages unbound")
+        if target_kind(target_key) != "cuda":
+            return tvm().compile(module, target=target)
+        executable, kernels = resources.compile_cuda(module, target)
+        if len(executable.mod.imports) == 0:
+            # TVM 0.27 silently emits host code for a PrimFunc whose loops are not bound to threads.
+            raise RuntimeError(f"{sorted(functions)}: the CUDA build has no device module; "
+                               f"a schedule left stages unbound")
+        resources.check(kernels, executable.mod.imports[0].inspect_source("cuda"), target_config(target_key)["arch"])
     return executable
 
 
 def build(spec: KernelSpec):
     """Compile `spec` alone; returns the runtime module (its function is "main")."""
-    return compile_functions({"main": scheduled(spec)}, spec.target)
+    try:
+        return compile_functions({"main": scheduled(spec)}, spec.target)
+    except resources.KernelResourceError as error:
+        raise resources.KernelResourceError(f"{spec.key}: {error}") from None

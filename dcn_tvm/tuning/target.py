@@ -15,10 +15,8 @@ import re
 import torch
 
 from dcn_tvm._tvm import tvm
+from dcn_tvm.kernels.resources import TUNING_LIMITS
 from dcn_tvm.kernels.targets import target_config, target_key, target_kind
-
-#: Static shared memory, registers and threads per block: CUDA's limits since sm_70.
-CUDA_LIMITS = {"max_shared_memory_per_block": 49152, "registers_per_block": 65536, "max_threads_per_block": 1024}
 
 
 def resolve(value: str) -> str:
@@ -49,10 +47,11 @@ def resolve(value: str) -> str:
 
 
 def tuning_target(key: str):
-    """The TVM target measured for a key: the library's own, plus CUDA_LIMITS on CUDA."""
+    """The TVM target measured for a key: the library's own, plus on CUDA the per-block limits that
+    builds check (dcn_tvm.kernels.resources)."""
     config = target_config(key)
     if target_kind(key) == "cuda":
-        config = {**config, **CUDA_LIMITS}
+        config = {**config, **TUNING_LIMITS}
     return tvm().target.Target(config)
 
 
