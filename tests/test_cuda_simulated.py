@@ -1,0 +1,178 @@
+"""The CUDA schedules, run on a simulated GPU (tests/gpusim.py: lowered for sm_90, executed on PoCL).
+
+Through the real op layer: under `simulated_gpu` the ops build KernelSpecs for `cuda-sm_90` (GPU position
+padding, atomic scatters, the allocations a GPU run makes) and take their kernels from the simulator.
+Results are compared with the CPU kernels and the float64 references, over the geometry matrix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+pytest.importorskip("pyopencl", reason="the simulated GPU needs pyopencl (pip install pyopencl) and an OpenCL "
+                                       "device (apt-get install pocl-opencl-icd ocl-icd-libopencl1)")
+import gpusim  # noqa: E402
+from reference import deform_conv2d_loops, deform_conv2d_torch  # noqa: E402
+from reference_roi_pool import deform_roi_pool_loops, deform_roi_pool_torch  # noqa: E402
+from test_deform_conv2d import make_inputs as conv_inputs  # noqa: E402
+from test_deform_roi_pool import CASES as ROI_CASES  # noqa: E402
+from test_deform_roi_pool import case_id as roi_case_id  # noqa: E402
+from test_deform_roi_pool import make_inputs as roi_inputs  # noqa: E402
+
+import dcn_tvm  # noqa: E402
+from dcn_tvm.ops import deform_conv2d as conv_ops  # noqa: E402
+from dcn_tvm.ops import deform_roi_pool as roi_ops  # noqa: E402
+
+_missing = gpusim.available()
+if _missing:
+    pytest.skip(f"the simulated GPU needs an OpenCL device: {_missing} "
+                f"(apt-get install pocl-opencl-icd ocl-icd-libopencl1)", allow_module_level=True)
+
+GPU_TARGET = "cuda-sm_90"
+
+# (N, C, H, W, O, kernel, stride, padding, dilation, groups, offset_groups, mask): channel counts off the
+# tiles (3, 18, 72), groups 2/4/32, offset groups 3/4, asymmetric stride/padding/dilation.
+CONV_CASES = [
+    (2, 4, 7, 9, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, False),
+    (2, 3, 6, 7, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, 3, True),
+    (1, 18, 6, 7, 12, (3, 2), (2, 1), (0, 2), (1, 2), 2, 3, True),
+    (1, 72, 5, 6, 72, (3, 3), (1, 2), (2, 1), (2, 1), 4, 4, False),
+    (1, 64, 4, 5, 64, (3, 3), (1, 1), (1, 1), (1, 1), 32, 4, True),
+]
+DTYPES = {"float32": (torch.float32, 1e-4), "float64": (torch.float64, 1e-10)}
+# The R-FCN head (21 classes, k = 7: 1029 score maps) and plain RoI pooling over 1029 channels.
+ROI_EXTRA = [(1, 21, 9, 11, 7, 7, 21, 7, 2, 0.5), (1, 1029, 6, 7, 3, 1, 0, None, 2, 0.5)]
+
+
+def conv_case_id(case):
+    n, c, h, w, o, (kh, kw), s, p, d, g, og, m = case
+    return f"n{n}c{c}h{h}w{w}o{o}k{kh}x{kw}s{s[0]}x{s[1]}p{p[0]}x{p[1]}d{d[0]}x{d[1]}g{g}og{og}m{int(m)}"
+
+
+@pytest.fixture
+def simulated_gpu(monkeypatch):
+    """A context manager: inside it, dcn_tvm's ops on CPU tensors run the simulated CUDA kernels."""
+
+    @contextlib.contextmanager
+    def gpu():
+        with monkeypatch.context() as patch:
+            for module in (conv_ops, roi_ops):
+                patch.setattr(module, "target_key", lambda device: GPU_TARGET)
+                patch.setattr(module, "get_kernel", gpusim.get_kernel)
+            yield
+
+    return gpu
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-12)).item()
+
+
+def _conv_results(tensors, conv, grad_output):
+    """(output, grads of input, offset, weight, bias[, mask]) of dcn_tvm.deform_conv2d."""
+    x, offset, weight, bias, mask = (None if t is None else t.detach().requires_grad_() for t in tensors)
+    out = dcn_tvm.deform_conv2d(x, offset, weight, bias, mask=mask, **conv)
+    leaves = [t for t in (x, offset, weight, bias, mask) if t is not None]
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad_output)]
+
+
+def _check_conv(case, dtype_name, simulated_gpu, seed=0):
+    dtype, tolerance = DTYPES[dtype_name]
+    tensors, conv = conv_inputs(case, dtype=dtype, seed=seed)
+    grad_output = torch.randn(deform_conv2d_loops(*tensors[:4], mask=tensors[4], **conv).shape,
+                              generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    with simulated_gpu():
+        gpu = _conv_results(tensors, conv, grad_output)
+    names = ["output", "input", "offset", "weight", "bias", "mask"][:len(gpu)]
+    reference = [t.double() if t is not None else None for t in tensors]
+    leaves = [t.requires_grad_() for t in reference if t is not None]
+    expected_out = deform_conv2d_torch(*reference[:4], mask=reference[4], **conv)
+    expected = [deform_conv2d_loops(*reference[:4], mask=reference[4], **conv),
+                *torch.autograd.grad(expected_out, leaves, grad_output.double())]
+    for name, ours, theirs in zip(names, gpu, expected):
+        assert torch.isfinite(ours).all(), name
+        assert relative_error(ours, theirs) <= tolerance, name
+    if dtype == torch.float32:
+        for name, ours, cpu in zip(names, gpu, _conv_results(tensors, conv, grad_output)):
+            assert relative_error(ours, cpu) <= tolerance, name
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES, ids=conv_case_id)
+def test_deform_conv2d_forward_and_gradients(case, dtype_name, simulated_gpu):
+    _check_conv(case, dtype_name, simulated_gpu)
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[2], CONV_CASES[4]], ids=conv_case_id)
+def test_deform_conv2d_dynamic_shapes(case, simulated_gpu, monkeypatch):
+    """One symbolic kernel per stage serves two batch/height/width combinations."""
+    monkeypatch.setenv("DCN_TVM_SHAPES", "dynamic")
+    n, c, h, w, *rest = case
+    for seed, (batch, height, width) in enumerate([(n, h, w), (n + 1, h + 2, w + 1)]):
+        _check_conv((batch, c, height, width, *rest), "float32", simulated_gpu, seed=seed)
+    assert any("_nany_hany_wany_cuda-sm_90" in key for key, _ in gpusim._state["kernels"])
+
+
+def _roi_results(x, rois, offset, kwargs, grad_output):
+    """(output, grad_input[, grad_offset]) of dcn_tvm.deform_roi_pool."""
+    leaves = [x.detach().requires_grad_()] + ([] if offset is None else [offset.detach().requires_grad_()])
+    out = dcn_tvm.deform_roi_pool(leaves[0], rois, leaves[1] if offset is not None else None, **kwargs)
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad_output)]
+
+
+def _check_roi(case, dtype_name, simulated_gpu, seed=0):
+    dtype, tolerance = DTYPES[dtype_name]
+    x, rois, offset, kwargs = roi_inputs(case, dtype=dtype, seed=seed)
+    g = kwargs["group_size"]
+    grad_output = torch.randn(rois.shape[0], x.shape[1] // (g * g), kwargs["output_size"], kwargs["output_size"],
+                              generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    with simulated_gpu():
+        gpu = _roi_results(x, rois, offset, kwargs, grad_output)
+    leaves = [x.double().requires_grad_()] + ([] if offset is None else [offset.double().requires_grad_()])
+    expected_out = deform_roi_pool_torch(leaves[0], rois.double(), leaves[1] if offset is not None else None,
+                                         **kwargs)
+    expected = [deform_roi_pool_loops(x.double(), rois, None if offset is None else offset.double(), **kwargs),
+                *torch.autograd.grad(expected_out, leaves, grad_output.double())]
+    for name, ours, theirs in zip(("output", "input", "offset"), gpu, expected):
+        assert torch.isfinite(ours).all(), name
+        assert relative_error(ours, theirs) <= tolerance, name
+    if dtype == torch.float32:
+        for name, ours, cpu in zip(("output", "input", "offset"), gpu, _roi_results(x, rois, offset, kwargs,
+                                                                                     grad_output)):
+            assert relative_error(ours, cpu) <= tolerance, name
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("case", ROI_CASES[:4] + ROI_EXTRA, ids=roi_case_id)
+def test_deform_roi_pool_forward_and_gradients(case, dtype_name, simulated_gpu):
+    _check_roi(case, dtype_name, simulated_gpu, seed=ROI_CASES.index(case) if case in ROI_CASES else 9)
+
+
+def test_deform_roi_pool_dynamic_shapes(simulated_gpu, monkeypatch):
+    monkeypatch.setenv("DCN_TVM_SHAPES", "dynamic")
+    for seed, (n, h, w) in enumerate([(2, 8, 10), (1, 11, 7)]):
+        _check_roi((n, *ROI_CASES[3][1:2], h, w, *ROI_CASES[3][4:]), "float32", simulated_gpu, seed=seed)
+
+
+def test_deform_roi_pool_zero_rois(simulated_gpu):
+    x, rois, offset, kwargs = roi_inputs(ROI_CASES[3], seed=11)
+    with simulated_gpu():
+        leaves = [x.requires_grad_(), offset[:0].requires_grad_()]
+        out = dcn_tvm.deform_roi_pool(x, rois[:0], leaves[1], **kwargs)
+        assert out.shape == (0, 6, 3, 3)
+        out.sum().backward()
+    assert not x.grad.any() and offset.grad is None and leaves[1].grad.shape == (0, 6, 3, 3)
+
+
+def test_dropped_barriers_are_caught(simulated_gpu):
+    """Without its barriers the shared-memory GEMM reads tiles its neighbours have not written yet."""
+    case = CONV_CASES[3]
+    tensors, conv = conv_inputs(case, seed=3)
+    x, offset, weight, bias, mask = tensors
+    expected = deform_conv2d_loops(x, offset, weight, bias, mask=mask, **conv)
+    with simulated_gpu(), gpusim.mutated(drop_barriers=True):
+        broken = dcn_tvm.deform_conv2d(x, offset, weight, bias, mask=mask, **conv)
+    assert not relative_error(broken, expected) <= 1e-2
