@@ -22,11 +22,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 import re
 from dataclasses import dataclass
 
 import numpy as np
-import pyopencl as cl
+
+# PoCL's default "loopvec" work-group method adds implicit barriers to uniform loops (to vectorise across
+# work-items), which hides a missing barrier; "loops" runs the work-items one after the other between
+# barriers, so a work-item reads only what earlier ones wrote. Set before PoCL starts.
+os.environ["POCL_WORK_GROUP_METHOD"] = "loops"
+import pyopencl as cl  # noqa: E402
 import torch
 import tvm
 from tvm import tirx
@@ -82,6 +88,7 @@ def _lower_atomic_add(call):
 tirx.op.register_intrin_lowering("tirx.cuda.atomic_add", "opencl", f=_lower_atomic_add, level=99)
 
 _PRELUDE = """\
+#define GPUSIM_WORK_GROUP_METHOD_LOOPS 1
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
 #pragma OPENCL EXTENSION cl_khr_int64_base_atomics : enable
 inline float gpusim_atomic_add_f32(volatile __global float* address, float value) {
@@ -216,8 +223,8 @@ def evaluate(expr, scope: dict):
         return not evaluate(expr.a, scope)
     if kind == "Select":
         return evaluate(expr.true_value if evaluate(expr.condition, scope) else expr.false_value, scope)
-    if kind == "Cast" and str(expr.dtype).startswith("int"):
-        return int(evaluate(expr.value, scope))
+    if kind == "Cast":
+        return np.dtype(str(expr.ty.dtype)).type(evaluate(expr.value, scope)).item()
     raise NotImplementedError(f"host expression {kind}: {expr}")
 
 
@@ -273,7 +280,7 @@ class Kernel:
                                     f"sm_90 allows {MAX_STATIC_SHARED_BYTES}")
         self.outputs = set(outputs)
         context, _ = _device()
-        self.program = _program(context, self.source)
+        self.program, self.kernels = _program(context, self.source), {}
 
     def __call__(self, *tensors):
         context, queue = _device()
@@ -343,7 +350,7 @@ class Kernel:
         if math.prod(block) > MAX_THREADS or min(grid + block) < 1 or any(
                 g > MAX_GRID[axis] for g, axis in zip(grid, "xyz")):
             raise ResourceError(f"{self.name}: {name} launched with grid {grid} and block {block}")
-        kernel = getattr(self.program, name)
+        kernel = self.kernels.setdefault(name, cl.Kernel(self.program, name))
         params = self.params[name]
         if len(params) != len(arguments):
             raise RuntimeError(f"{name}: {len(arguments)} arguments for {len(params)} parameters")

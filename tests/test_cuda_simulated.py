@@ -43,6 +43,8 @@ CONV_CASES = [
     (1, 64, 4, 5, 64, (3, 3), (1, 1), (1, 1), (1, 1), 32, 4, True),
 ]
 DTYPES = {"float32": (torch.float32, 1e-4), "float64": (torch.float64, 1e-10)}
+#: float32, simulated GPU against the CPU kernels (the same compute, other schedules and summation orders).
+CPU_TOLERANCE = 1e-5
 # The R-FCN head (21 classes, k = 7: 1029 score maps) and plain RoI pooling over 1029 channels.
 ROI_EXTRA = [(1, 21, 9, 11, 7, 7, 21, 7, 2, 0.5), (1, 1029, 6, 7, 3, 1, 0, None, 2, 0.5)]
 
@@ -97,7 +99,7 @@ def _check_conv(case, dtype_name, simulated_gpu, seed=0):
         assert relative_error(ours, theirs) <= tolerance, name
     if dtype == torch.float32:
         for name, ours, cpu in zip(names, gpu, _conv_results(tensors, conv, grad_output)):
-            assert relative_error(ours, cpu) <= tolerance, name
+            assert relative_error(ours, cpu) <= CPU_TOLERANCE, name
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
@@ -136,13 +138,17 @@ def _check_roi(case, dtype_name, simulated_gpu, seed=0):
                                          **kwargs)
     expected = [deform_roi_pool_loops(x.double(), rois, None if offset is None else offset.double(), **kwargs),
                 *torch.autograd.grad(expected_out, leaves, grad_output.double())]
-    for name, ours, theirs in zip(("output", "input", "offset"), gpu, expected):
+    # In float32 the offset gradient is compared with the CPU kernels only: a sample that lands exactly
+    # on a pixel in one precision and not in the other has a derivative of zero there (the documented
+    # kink of `compute.deform_roi_pool.backward`), e.g. one element of 14406 for the R-FCN head.
+    checked = 3 if dtype == torch.float64 else 2
+    for name, ours, theirs in list(zip(("output", "input", "offset"), gpu, expected))[:checked]:
         assert torch.isfinite(ours).all(), name
         assert relative_error(ours, theirs) <= tolerance, name
     if dtype == torch.float32:
-        for name, ours, cpu in zip(("output", "input", "offset"), gpu, _roi_results(x, rois, offset, kwargs,
-                                                                                     grad_output)):
-            assert relative_error(ours, cpu) <= tolerance, name
+        cpu = _roi_results(x, rois, offset, kwargs, grad_output)
+        for name, ours, theirs in zip(("output", "input", "offset"), gpu, cpu):
+            assert relative_error(ours, theirs) <= CPU_TOLERANCE, name
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
