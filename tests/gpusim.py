@@ -22,17 +22,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import os
 import re
 from dataclasses import dataclass
 
 import numpy as np
-
-# PoCL's default "loopvec" work-group method adds implicit barriers to uniform loops (to vectorise across
-# work-items), which hides a missing barrier; "loops" runs the work-items one after the other between
-# barriers, so a work-item reads only what earlier ones wrote. Set before PoCL starts.
-os.environ["POCL_WORK_GROUP_METHOD"] = "loops"
-import pyopencl as cl  # noqa: E402
+import pyopencl as cl
 import torch
 import tvm
 from tvm import tirx
@@ -88,7 +82,6 @@ def _lower_atomic_add(call):
 tirx.op.register_intrin_lowering("tirx.cuda.atomic_add", "opencl", f=_lower_atomic_add, level=99)
 
 _PRELUDE = """\
-#define GPUSIM_WORK_GROUP_METHOD_LOOPS 1
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
 #pragma OPENCL EXTENSION cl_khr_int64_base_atomics : enable
 inline float gpusim_atomic_add_f32(volatile __global float* address, float value) {
@@ -151,9 +144,15 @@ _SIZES = {"float": 4, "double": 8, "int": 4}
 _FILL = {"float": "NAN", "double": "NAN", "int": "-1"}
 
 
-def _poison_arrays(source: str) -> str:
-    """Fill every kernel-scope shared (__local) and local array with NaN / -1 before the kernel runs;
-    the shared fill is spread over the work-group and followed by a barrier."""
+def _poison_arrays(source: str, synchronised: bool) -> str:
+    """Fill every kernel-scope shared (__local) and local array with NaN / -1 before the kernel runs.
+
+    `synchronised`: the work-group shares the shared fill and then meets at a barrier. Without it (the
+    kernels' own barriers dropped) every work-item fills all of the shared arrays and the kernel keeps
+    no barrier at all: PoCL then runs each work-item from start to end in turn (it adds implicit loop
+    barriers only to kernels that have barriers), so a work-item reads NaN where another one had to
+    write first.
+    """
     kernels = re.split(r"(?=^__kernel void \w+\([^;]*\) \{$)", source, flags=re.M)
     out = []
     for text in kernels:
@@ -164,10 +163,10 @@ def _poison_arrays(source: str) -> str:
         fills = []
         for match in arrays:
             shared, kind, name, size = match.group(1), match.group(2), match.group(3), int(match.group(4))
-            start, step = ("get_local_id(0)", "get_local_size(0)") if shared else ("0", "1")
+            start, step = ("get_local_id(0)", "get_local_size(0)") if shared and synchronised else ("0", "1")
             fills.append(f"  for (int gpusim_i = {start}; gpusim_i < {size}; gpusim_i += {step}) "
                          f"{name}[gpusim_i] = {_FILL[kind]};")
-        if any(m.group(1) for m in arrays):
+        if synchronised and any(m.group(1) for m in arrays):
             fills.append("  barrier(CLK_LOCAL_MEM_FENCE);")
         end = arrays[-1].end()
         out.append(text[:end] + "\n" + "\n".join(fills) + text[end:])
@@ -188,11 +187,12 @@ def _shared_bytes(source: str) -> dict[str, int]:
 def opencl_source(device) -> str:
     """The OpenCL C of the device kernels, with the atomics' helpers, poisoned arrays and the mutation."""
     source = tvm.get_global_func("target.build.opencl")(device, tvm.target.Target({"kind": "opencl"})).inspect_source()
-    if _mutation.get().drop_barriers:
+    drop = _mutation.get().drop_barriers
+    if drop:
         source, count = re.subn(r"^\s*barrier\(CLK_LOCAL_MEM_FENCE\);\n", "", source, flags=re.M)
         if not count:
             raise ValueError("drop_barriers: the kernels have no barrier")
-    return _PRELUDE + _poison_arrays(source)
+    return _PRELUDE + _poison_arrays(source, synchronised=not drop)
 
 
 # ------------------------------------------------------------------------------------ host interpreter
