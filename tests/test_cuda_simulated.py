@@ -182,3 +182,60 @@ def test_dropped_barriers_are_caught(simulated_gpu):
     with simulated_gpu(), gpusim.mutated(drop_barriers=True):
         broken = dcn_tvm.deform_conv2d(x, offset, weight, bias, mask=mask, **conv)
     assert not relative_error(broken, expected) <= 1e-2
+
+
+def _copy_kernel(shift: int, count: int):
+    """b[i + shift] = a[i] for i < count, one thread each, on 256-element buffers."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def copy(a: T.Buffer((256,), "float32"), b: T.Buffer((256,), "float32")):
+        for i in T.thread_binding(256, thread="threadIdx.x"):
+            with T.sblock("copy"):
+                vi = T.axis.remap("S", [i])
+                if vi < count:
+                    b[vi + shift] = a[vi]
+
+    return copy
+
+
+def test_out_of_bounds_write_is_caught():
+    a, b = torch.randn(256), torch.empty(256)
+    gpusim.Kernel(_copy_kernel(0, 256), outputs={1})(a, b)
+    torch.testing.assert_close(b, a)
+    with pytest.raises(AssertionError, match="wrote outside global buffer 1"):
+        gpusim.Kernel(_copy_kernel(1, 256), outputs={1})(a, b)
+
+
+def test_unwritten_output_reads_nan():
+    a, b = torch.randn(256), torch.zeros(256)
+    gpusim.Kernel(_copy_kernel(0, 200), outputs={1})(a, b)
+    assert torch.equal(b[:200], a[:200]) and b[200:].isnan().all()
+
+
+def _reversed_through_shared(size: int):
+    """b = a reversed, one block of 256 threads that stages all of `a` in shared memory first."""
+    import tvm
+    from tvm import te
+
+    a = te.placeholder((size,), name="a")
+    b = te.compute((size,), lambda i: a[size - 1 - i], name="b")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([a, b]))
+    block = sch.get_sblock("b")
+    outer, step, thread = sch.split(sch.get_loops(block)[0], [1, None, 256])
+    sch.reorder(outer, thread, step)
+    sch.bind(outer, "blockIdx.x")
+    sch.bind(thread, "threadIdx.x")
+    tile = sch.cache_read(block, 0, "shared")
+    sch.compute_at(tile, outer)
+    sch.bind(sch.split(sch.get_loops(tile)[-1], [None, 256])[1], "threadIdx.x")
+    return sch.mod["main"]
+
+
+def test_static_shared_memory_over_the_sm_90_limit_is_refused():
+    """A 48 KiB tile fits an sm_90 block, a 64 KiB one does not (nvcc refuses it; so does the simulator)."""
+    a, b = torch.randn(12288), torch.empty(12288)
+    gpusim.Kernel(_reversed_through_shared(12288), outputs={1})(a, b)
+    assert torch.equal(b, a.flip(0))
+    with pytest.raises(gpusim.ResourceError, match="65536 bytes of static shared memory; sm_90 allows 49152"):
+        gpusim.Kernel(_reversed_through_shared(16384))
