@@ -51,9 +51,11 @@ _TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.i
 
 @dataclass(frozen=True)
 class Mutation:
-    """Deliberate bugs, to check that the tests catch them."""
+    """Deliberate bugs, to check that the tests catch them: drop every barrier, drop the n-th barrier of
+    the device code (in source order), or make the atomic adds plain read-modify-writes."""
 
     drop_barriers: bool = False
+    drop_barrier: int | None = None
     plain_adds: bool = False
 
 
@@ -184,15 +186,32 @@ def _shared_bytes(source: str) -> dict[str, int]:
     return usage
 
 
+_BARRIER = re.compile(r"^\s*barrier\(CLK_LOCAL_MEM_FENCE\);\n", re.M)
+_COUNTED_LOOP = re.compile(r"for \(int (\w+) = 0; \1 < ([^;]+); \+\+\1\)")
+
+
+def _opaque_trip_counts(source: str) -> str:
+    """Add a zero PoCL cannot prove uniform (`get_local_id(0) >> 30`) to every loop bound. PoCL puts an
+    implicit barrier around every uniform innermost loop of a kernel that has barriers (to vectorise
+    across work-items), which would make a missing barrier before or after such a loop harmless."""
+    return _COUNTED_LOOP.sub(lambda m: f"for (int {m[1]} = 0; {m[1]} < ({m[2]}) + (((int)get_local_id(0)) >> 30); "
+                                       f"++{m[1]})", source)
+
+
 def opencl_source(device) -> str:
     """The OpenCL C of the device kernels, with the atomics' helpers, poisoned arrays and the mutation."""
     source = tvm.get_global_func("target.build.opencl")(device, tvm.target.Target({"kind": "opencl"})).inspect_source()
-    drop = _mutation.get().drop_barriers
-    if drop:
-        source, count = re.subn(r"^\s*barrier\(CLK_LOCAL_MEM_FENCE\);\n", "", source, flags=re.M)
-        if not count:
-            raise ValueError("drop_barriers: the kernels have no barrier")
-    return _PRELUDE + _poison_arrays(source, synchronised=not drop)
+    mutation = _mutation.get()
+    barriers = list(_BARRIER.finditer(source))
+    if (mutation.drop_barriers or mutation.drop_barrier is not None) and not barriers:
+        raise ValueError("the kernels have no barrier to drop")
+    if mutation.drop_barriers:
+        source = _BARRIER.sub("", source)
+    elif mutation.drop_barrier is not None:
+        dropped = barriers[mutation.drop_barrier]
+        source = source[:dropped.start()] + source[dropped.end():]
+    source = _poison_arrays(_opaque_trip_counts(source), synchronised=not mutation.drop_barriers)
+    return _PRELUDE + source
 
 
 # ------------------------------------------------------------------------------------ host interpreter

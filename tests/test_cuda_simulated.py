@@ -173,14 +173,17 @@ def test_deform_roi_pool_zero_rois(simulated_gpu):
     assert not x.grad.any() and offset.grad is None and leaves[1].grad.shape == (0, 6, 3, 3)
 
 
-def test_dropped_barriers_are_caught(simulated_gpu):
-    """Without its barriers the shared-memory GEMM reads tiles its neighbours have not written yet."""
-    case = CONV_CASES[3]
-    tensors, conv = conv_inputs(case, seed=3)
+@pytest.mark.parametrize("bug", [dict(drop_barriers=True), dict(drop_barrier=1)], ids=["all", "after-loads"])
+def test_dropped_barriers_are_caught(bug, simulated_gpu):
+    """Without its barriers (or without the one between the tile loads and the multiply-adds) the
+    shared-memory GEMM reads tiles its neighbours have not written yet."""
+    tensors, conv = conv_inputs(CONV_CASES[0], seed=3)
     x, offset, weight, bias, mask = tensors
     expected = deform_conv2d_loops(x, offset, weight, bias, mask=mask, **conv)
-    with simulated_gpu(), gpusim.mutated(drop_barriers=True):
-        broken = dcn_tvm.deform_conv2d(x, offset, weight, bias, mask=mask, **conv)
+    with simulated_gpu():
+        assert relative_error(dcn_tvm.deform_conv2d(x, offset, weight, bias, mask=mask, **conv), expected) <= 1e-4
+        with gpusim.mutated(**bug):
+            broken = dcn_tvm.deform_conv2d(x, offset, weight, bias, mask=mask, **conv)
     assert not relative_error(broken, expected) <= 1e-2
 
 
