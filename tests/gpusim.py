@@ -176,13 +176,14 @@ def _poison_arrays(source: str, synchronised: bool) -> str:
 
 
 def _shared_bytes(source: str) -> dict[str, int]:
-    """Static shared memory per kernel, from the printed __local arrays."""
-    usage = {}
+    """Static shared memory per kernel, from the printed __local arrays (the codegen repeats every
+    kernel's prototype before each definition: a kernel's figure is the largest over its chunks)."""
+    usage: dict[str, int] = {}
     for text in re.split(r"(?=^__kernel void )", source, flags=re.M):
         name = re.match(r"__kernel void (\w+)\(", text)
         if name:
-            usage[name.group(1)] = sum(_SIZES[m.group(2)] * int(m.group(4))
-                                       for m in _LOCAL_ARRAY.finditer(text) if m.group(1))
+            used = sum(_SIZES[m.group(2)] * int(m.group(4)) for m in _LOCAL_ARRAY.finditer(text) if m.group(1))
+            usage[name.group(1)] = max(used, usage.get(name.group(1), 0))
     return usage
 
 
