@@ -13,8 +13,11 @@ the ones a GPU would run. After the host/device split:
 
 Teeth: every buffer the host allocates, every output argument and every shared or local array starts as
 NaN (floats) or -1 (ints), and every global buffer sits between guard bytes that are checked after each
-launch; a launch over sm_90's limits (1024 threads, 48 KiB static shared memory per block) is refused.
-`Mutation` removes the barriers or makes the atomic adds plain, to show that the tests notice.
+launch; a kernel over sm_90's limits (1024 threads, 48 KiB static shared memory per block) is refused.
+PoCL runs the work-items of a group one after the other between barriers, so a missing barrier makes a
+work-item read a NaN another one had not yet replaced (loop bounds are made opaque to PoCL, whose
+implicit loop barriers would otherwise hide it). `Mutation` drops barriers or makes the atomic adds
+plain, to show that the tests notice.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ GUARD_PATTERN = b"\xff\xf7\xff\xff"
 #: Poison of unwritten memory: NaN as float32/float64, -1 as int32.
 POISON = 0xFF
 
-_TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.int32: np.int32}
+_DTYPES = (torch.float32, torch.float64, torch.int32)
 
 
 @dataclass(frozen=True)
@@ -275,14 +278,6 @@ class _Memory:
                 raise AssertionError(f"{launch} wrote outside global buffer {index} ({nbytes} bytes)")
 
 
-@dataclass
-class _Launch:
-    name: str
-    arguments: list  # expressions: buffer_data(buffer) calls or scalars
-    grid: tuple
-    block: tuple
-
-
 class Kernel:
     """A CUDA-scheduled PrimFunc, callable like a compiled dcn_tvm kernel on CPU torch tensors.
 
@@ -311,14 +306,14 @@ class Kernel:
         arrays = []
         for index, (buffer, tensor) in enumerate(zip(params, tensors)):
             self._bind_shape(buffer, tensor, scope)
-            array = tensor.detach().numpy() if tensor.dtype in _TORCH_TO_NUMPY else None
-            if array is None or not tensor.is_contiguous():
+            if tensor.dtype not in _DTYPES or not tensor.is_contiguous():
                 raise TypeError(f"{self.name}: argument {index} must be a contiguous float32/float64/int32 tensor")
+            array = tensor.detach().numpy()
             poison = bytes([POISON]) * array.nbytes if index in self.outputs else array.tobytes()
             buffers[hash(buffer)] = memory.allocate(array.nbytes, poison)
             arrays.append(array)
         self._run(self.host.body, scope, buffers, memory, queue)
-        for index, (buffer, tensor, array) in enumerate(zip(params, tensors, arrays)):
+        for buffer, tensor, array in zip(params, tensors, arrays):
             result = np.empty_like(array)
             cl.enqueue_copy(queue, result, buffers[hash(buffer)])
             tensor.copy_(torch.from_numpy(result))
