@@ -1,0 +1,453 @@
+"""A simulated GPU for the tests: dcn_tvm's CUDA-scheduled kernels, run on an OpenCL CPU device (PoCL).
+
+A kernel is lowered exactly as a CUDA build lowers it (`{"kind": "cuda", "arch": "sm_90"}`, TVM's default
+TIR pipeline), so thread binding, barriers, shared and local scopes, storage reuse and tail predicates are
+the ones a GPU would run. After the host/device split:
+
+- the device kernels are finalised for OpenCL instead of CUDA (only intrinsic names differ), printed by
+  TVM's OpenCL codegen and built by PoCL; `T.cuda.atomic_add` is lowered to a compare-and-swap loop
+  (32- or 64-bit, so float64 adds stay atomic);
+- the host function, taken just before MakePackedAPI, is interpreted: it binds the arguments' shapes,
+  allocates its intermediate buffers and launches the kernels with its grid and block sizes and its
+  argument order.
+
+Teeth: every buffer the host allocates, every output argument and every shared or local array starts as
+NaN (floats) or -1 (ints), and every global buffer sits between guard bytes that are checked after each
+launch; a kernel over sm_90's limits (1024 threads, 48 KiB static shared memory per block) is refused.
+PoCL runs the work-items of a group one after the other between barriers, so a missing barrier makes a
+work-item read a NaN another one had not yet replaced (loop bounds are made opaque to PoCL, whose
+implicit loop barriers would otherwise hide it). `Mutation` drops barriers or makes the atomic adds
+plain, to show that the tests notice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyopencl as cl
+import torch
+import tvm
+from tvm import tirx
+from tvm.tirx.build import split_host_device_mods
+
+from dcn_tvm.kernels.build import prim_func, scheduled
+from dcn_tvm.kernels.spec import KernelSpec
+
+TARGET = {"kind": "cuda", "arch": "sm_90"}
+MAX_THREADS = 1024
+MAX_STATIC_SHARED_BYTES = 48 * 1024
+MAX_GRID = {"x": 2**31 - 1, "y": 65535, "z": 65535}
+#: Guard bytes on either side of every global buffer (a multiple of PoCL's 128-byte base alignment).
+GUARD = 1024
+#: NaN as float32 and float64, -2049 as int32: an out-of-bounds read yields NaN or a wild index.
+GUARD_PATTERN = b"\xff\xf7\xff\xff"
+#: Poison of unwritten memory: NaN as float32/float64, -1 as int32.
+POISON = 0xFF
+
+_DTYPES = (torch.float32, torch.float64, torch.int32)
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """Deliberate bugs, to check that the tests catch them: drop every barrier, drop the n-th barrier of
+    the device code (in source order), or make the atomic adds plain read-modify-writes."""
+
+    drop_barriers: bool = False
+    drop_barrier: int | None = None
+    plain_adds: bool = False
+
+
+_mutation = contextvars.ContextVar("gpusim_mutation", default=Mutation())
+
+
+@contextlib.contextmanager
+def mutated(**bugs):
+    """Kernels built inside this context carry the given `Mutation`."""
+    token = _mutation.set(Mutation(**bugs))
+    try:
+        yield
+    finally:
+        _mutation.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------- lowering
+
+def _lower_atomic_add(call):
+    """OpenCL lowering of `T.cuda.atomic_add(address, value)`: a call to one of the helpers in _PRELUDE."""
+    dtype = call.args[1].ty.dtype
+    name = ("gpusim_plain_add_f" if _mutation.get().plain_adds else "gpusim_atomic_add_f") + str(dtype.bits)
+    return tirx.call_extern(str(dtype), name, *call.args)
+
+
+tirx.op.register_intrin_lowering("tirx.cuda.atomic_add", "opencl", f=_lower_atomic_add, level=99)
+
+_PRELUDE = """\
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+#pragma OPENCL EXTENSION cl_khr_int64_base_atomics : enable
+inline float gpusim_atomic_add_f32(volatile __global float* address, float value) {
+  volatile __global int* bits = (volatile __global int*)address;
+  int expected, seen = *bits;
+  do {
+    expected = seen;
+    seen = atomic_cmpxchg(bits, expected, as_int(as_float(expected) + value));
+  } while (seen != expected);
+  return as_float(seen);
+}
+inline double gpusim_atomic_add_f64(volatile __global double* address, double value) {
+  volatile __global long* bits = (volatile __global long*)address;
+  long expected, seen = *bits;
+  do {
+    expected = seen;
+    seen = atom_cmpxchg(bits, expected, as_long(as_double(expected) + value));
+  } while (seen != expected);
+  return as_double(seen);
+}
+inline float gpusim_plain_add_f32(__global float* address, float value) {
+  float old = *address; *address = old + value; return old;
+}
+inline double gpusim_plain_add_f64(__global double* address, double value) {
+  double old = *address; *address = old + value; return old;
+}
+"""
+
+
+def lower(func):
+    """(host PrimFunc before MakePackedAPI, finalised device IRModule) of a scheduled PrimFunc, through
+    the default pipeline for sm_90, as `dcn_tvm.kernels.build.compile_functions` compiles it."""
+    target = tvm.target.Target(TARGET)
+    module = tvm.IRModule({tvm.ir.GlobalVar("main"): func.with_attr("global_symbol", "main")})
+    seen = {}
+
+    @tvm.instrument.pass_instrument
+    class _BeforePackedAPI:
+        def run_before_pass(self, mod, info):
+            if info.name == "tirx.MakePackedAPI":
+                seen["host"] = mod["main"]
+
+    pipeline, _, finalize_device = tvm.tirx.get_tir_pipeline("default")
+    with tvm.transform.PassContext(instruments=[_BeforePackedAPI()]), target:
+        bound = tvm.tirx.transform.BindTarget(target.with_host(tvm.target.Target("llvm")))(module)
+        lowered = pipeline(bound)
+    _, devices = split_host_device_mods(lowered)
+    if len(devices) != 1:
+        raise RuntimeError(f"expected one device module, got {len(devices)}: a stage is not bound to threads")
+    (device,) = devices.values()
+    opencl = tvm.target.Target({"kind": "opencl"})
+    device = tvm.tirx.transform.Apply(lambda f: f.with_attr("target", opencl))(device)
+    with opencl:
+        device = finalize_device()(device)
+    return seen["host"], device
+
+
+_LOCAL_ARRAY = re.compile(r"^  (__local )?(float|double|int) (\w+)\[(\d+)\];$", re.M)
+_SIZES = {"float": 4, "double": 8, "int": 4}
+_FILL = {"float": "NAN", "double": "NAN", "int": "-1"}
+
+
+def _poison_arrays(source: str, synchronised: bool) -> str:
+    """Fill every kernel-scope shared (__local) and local array with NaN / -1 before the kernel runs.
+
+    `synchronised`: the work-group shares the shared fill and then meets at a barrier. Without it (the
+    kernels' own barriers dropped) every work-item fills all of the shared arrays and the kernel keeps
+    no barrier at all: PoCL then runs each work-item from start to end in turn (it adds implicit loop
+    barriers only to kernels that have barriers), so a work-item reads NaN where another one had to
+    write first.
+    """
+    kernels = re.split(r"(?=^__kernel void \w+\([^;]*\) \{$)", source, flags=re.M)
+    out = []
+    for text in kernels:
+        arrays = list(_LOCAL_ARRAY.finditer(text))
+        if not arrays:
+            out.append(text)
+            continue
+        fills = []
+        for match in arrays:
+            shared, kind, name, size = match.group(1), match.group(2), match.group(3), int(match.group(4))
+            start, step = ("get_local_id(0)", "get_local_size(0)") if shared and synchronised else ("0", "1")
+            fills.append(f"  for (int gpusim_i = {start}; gpusim_i < {size}; gpusim_i += {step}) "
+                         f"{name}[gpusim_i] = {_FILL[kind]};")
+        if synchronised and any(m.group(1) for m in arrays):
+            fills.append("  barrier(CLK_LOCAL_MEM_FENCE);")
+        end = arrays[-1].end()
+        out.append(text[:end] + "\n" + "\n".join(fills) + text[end:])
+    return "".join(out)
+
+
+def _shared_bytes(source: str) -> dict[str, int]:
+    """Static shared memory per kernel, from the printed __local arrays (the codegen repeats every
+    kernel's prototype before each definition: a kernel's figure is the largest over its chunks)."""
+    usage: dict[str, int] = {}
+    for text in re.split(r"(?=^__kernel void )", source, flags=re.M):
+        name = re.match(r"__kernel void (\w+)\(", text)
+        if name:
+            used = sum(_SIZES[m.group(2)] * int(m.group(4)) for m in _LOCAL_ARRAY.finditer(text) if m.group(1))
+            usage[name.group(1)] = max(used, usage.get(name.group(1), 0))
+    return usage
+
+
+_BARRIER = re.compile(r"^\s*barrier\(CLK_LOCAL_MEM_FENCE\);\n", re.M)
+_COUNTED_LOOP = re.compile(r"for \(int (\w+) = 0; \1 < ([^;]+); \+\+\1\)")
+
+
+def _opaque_trip_counts(source: str) -> str:
+    """Add a zero PoCL cannot prove uniform (`get_local_id(0) >> 30`) to every loop bound. PoCL puts an
+    implicit barrier around every uniform innermost loop of a kernel that has barriers (to vectorise
+    across work-items), which would make a missing barrier before or after such a loop harmless."""
+    return _COUNTED_LOOP.sub(lambda m: f"for (int {m[1]} = 0; {m[1]} < ({m[2]}) + (((int)get_local_id(0)) >> 30); "
+                                       f"++{m[1]})", source)
+
+
+def opencl_source(device) -> str:
+    """The OpenCL C of the device kernels, with the atomics' helpers, poisoned arrays and the mutation."""
+    source = tvm.get_global_func("target.build.opencl")(device, tvm.target.Target({"kind": "opencl"})).inspect_source()
+    mutation = _mutation.get()
+    barriers = list(_BARRIER.finditer(source))
+    if (mutation.drop_barriers or mutation.drop_barrier is not None) and not barriers:
+        raise ValueError("the kernels have no barrier to drop")
+    if mutation.drop_barriers:
+        source = _BARRIER.sub("", source)
+    elif mutation.drop_barrier is not None:
+        dropped = barriers[mutation.drop_barrier]
+        source = source[:dropped.start()] + source[dropped.end():]
+    source = _poison_arrays(_opaque_trip_counts(source), synchronised=not mutation.drop_barriers)
+    return _PRELUDE + source
+
+
+# ------------------------------------------------------------------------------------ host interpreter
+
+_BINARY = {
+    "Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
+    "FloorDiv": lambda a, b: a // b, "FloorMod": lambda a, b: a % b,
+    "Div": lambda a, b: int(a / b) if isinstance(a, int) else a / b,
+    "Mod": lambda a, b: int(math.fmod(a, b)), "Min": min, "Max": max,
+    "EQ": lambda a, b: a == b, "NE": lambda a, b: a != b, "LT": lambda a, b: a < b,
+    "LE": lambda a, b: a <= b, "GT": lambda a, b: a > b, "GE": lambda a, b: a >= b,
+    "And": lambda a, b: a and b, "Or": lambda a, b: a or b,
+}
+
+
+def evaluate(expr, scope: dict):
+    """Value of a host scalar expression; `scope` maps a Var's hash to its value."""
+    kind = type(expr).__name__
+    if kind in ("IntImm", "FloatImm"):
+        return expr.value
+    if kind == "Var":
+        if hash(expr) not in scope:
+            raise NotImplementedError(f"host variable {expr} is not bound")
+        return scope[hash(expr)]
+    if kind in _BINARY:
+        return _BINARY[kind](evaluate(expr.a, scope), evaluate(expr.b, scope))
+    if kind == "Not":
+        return not evaluate(expr.a, scope)
+    if kind == "Select":
+        return evaluate(expr.true_value if evaluate(expr.condition, scope) else expr.false_value, scope)
+    if kind == "Cast":
+        return np.dtype(str(expr.ty.dtype)).type(evaluate(expr.value, scope)).item()
+    raise NotImplementedError(f"host expression {kind}: {expr}")
+
+
+class _Memory:
+    """Global buffers on the OpenCL device, each between guard bytes."""
+
+    def __init__(self, context, queue):
+        self.context, self.queue, self.parents = context, queue, []
+
+    def allocate(self, nbytes: int, fill: bytes | None):
+        total = GUARD + max(nbytes, 1) + GUARD
+        host = np.frombuffer((GUARD_PATTERN * (total // 4 + 1))[:total], np.uint8).copy()
+        if fill is not None:
+            host[GUARD:GUARD + nbytes] = np.frombuffer(fill, np.uint8)
+        parent = cl.Buffer(self.context, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=host)
+        self.parents.append((parent, nbytes))
+        return parent.get_sub_region(GUARD, max(nbytes, 1))
+
+    def check_guards(self, launch: str) -> None:
+        expected = np.frombuffer((GUARD_PATTERN * (GUARD // 4)), np.uint8)
+        for index, (parent, nbytes) in enumerate(self.parents):
+            front, back = np.empty(GUARD, np.uint8), np.empty(GUARD, np.uint8)
+            cl.enqueue_copy(self.queue, front, parent, src_offset=0)
+            cl.enqueue_copy(self.queue, back, parent, src_offset=GUARD + max(nbytes, 1))
+            tail = (GUARD + max(nbytes, 1)) % 4  # the pattern continues across the buffer
+            pattern = np.frombuffer((GUARD_PATTERN * (GUARD // 4 + 2))[tail:tail + GUARD], np.uint8)
+            if not (np.array_equal(front, expected) and np.array_equal(back, pattern)):
+                raise AssertionError(f"{launch} wrote outside global buffer {index} ({nbytes} bytes)")
+
+
+class Kernel:
+    """A CUDA-scheduled PrimFunc, callable like a compiled dcn_tvm kernel on CPU torch tensors.
+
+    `outputs`: indices of the arguments the kernel only writes (poisoned before the call).
+    """
+
+    def __init__(self, func, outputs=(), name: str = "kernel"):
+        self.name = name
+        self.host, device = lower(func)
+        self.params = {gv.name_hint: [_param_kind(p) for p in f.params] for gv, f in device.functions.items()}
+        self.source = opencl_source(device)
+        for kernel, used in _shared_bytes(self.source).items():
+            if used > MAX_STATIC_SHARED_BYTES:
+                raise ResourceError(f"{name}: {kernel} declares {used} bytes of static shared memory; "
+                                    f"sm_90 allows {MAX_STATIC_SHARED_BYTES}")
+        self.outputs = set(outputs)
+        context, _ = _device()
+        self.program, self.kernels = _program(context, self.source), {}
+
+    def __call__(self, *tensors):
+        context, queue = _device()
+        params = self.host.params
+        if len(tensors) != len(params):
+            raise TypeError(f"{self.name} takes {len(params)} arguments, got {len(tensors)}")
+        scope, buffers, memory = {}, {}, _Memory(context, queue)
+        arrays = []
+        for index, (buffer, tensor) in enumerate(zip(params, tensors)):
+            self._bind_shape(buffer, tensor, scope)
+            if tensor.dtype not in _DTYPES or not tensor.is_contiguous():
+                raise TypeError(f"{self.name}: argument {index} must be a contiguous float32/float64/int32 tensor")
+            array = tensor.detach().numpy()
+            poison = bytes([POISON]) * array.nbytes if index in self.outputs else array.tobytes()
+            buffers[hash(buffer)] = memory.allocate(array.nbytes, poison)
+            arrays.append(array)
+        self._run(self.host.body, scope, buffers, memory, queue)
+        for buffer, tensor, array in zip(params, tensors, arrays):
+            result = np.empty_like(array)
+            cl.enqueue_copy(queue, result, buffers[hash(buffer)])
+            tensor.copy_(torch.from_numpy(result))
+        queue.finish()
+
+    def _bind_shape(self, buffer, tensor, scope):
+        if len(buffer.shape) != tensor.dim():
+            raise TypeError(f"{self.name}: {buffer.name} has rank {len(buffer.shape)}, got {tuple(tensor.shape)}")
+        for dim, size in zip(buffer.shape, tensor.shape):
+            if type(dim).__name__ == "Var" and hash(dim) not in scope:
+                scope[hash(dim)] = int(size)
+            elif evaluate(dim, scope) != size:
+                raise ValueError(f"{self.name}: {buffer.name} must have shape {list(buffer.shape)}, "
+                                 f"got {tuple(tensor.shape)}")
+
+    def _run(self, stmt, scope, buffers, memory, queue):
+        kind = type(stmt).__name__
+        if kind == "SeqStmt":
+            for child in stmt.seq:
+                self._run(child, scope, buffers, memory, queue)
+        elif kind == "Bind":
+            scope[hash(stmt.var)] = evaluate(stmt.value, scope)
+        elif kind == "AllocBuffer":
+            buffer = stmt.buffer
+            if buffer.scope() != "global":
+                raise NotImplementedError(f"host allocation in scope {buffer.scope()}")
+            nbytes = math.prod(evaluate(d, scope) for d in buffer.shape) * _itemsize(buffer.dtype)
+            buffers[hash(buffer)] = memory.allocate(nbytes, bytes([POISON]) * nbytes)
+        elif kind == "DeclBuffer":
+            if int(getattr(stmt.buffer, "elem_offset", 0) or 0) != 0:
+                raise NotImplementedError(f"view {stmt.buffer.name} with an element offset")
+            buffers[hash(stmt.buffer)] = buffers[hash(_data_of(stmt.data))]
+        elif kind == "Evaluate" and getattr(stmt.value, "op", None) is not None \
+                and stmt.value.op.name == "tirx.call_ffi_kernel":
+            self._launch(stmt.value, scope, buffers, memory, queue)
+        else:
+            raise NotImplementedError(f"host statement {kind}: {stmt}")
+
+    def _launch(self, call, scope, buffers, memory, queue):
+        name = call.args[0].value
+        tags = list(call.attrs.launch_params)
+        if any(not tag.startswith(("blockIdx.", "threadIdx.")) for tag in tags):
+            raise NotImplementedError(f"{name}: launch parameters {tags} (dynamic shared memory?)")
+        values = [evaluate(a, scope) for a in call.args[len(call.args) - len(tags):]]
+        arguments = call.args[1:len(call.args) - len(tags)]
+        extent = {tag: value for tag, value in zip(tags, values)}
+        grid = [extent.get(f"blockIdx.{axis}", 1) for axis in "xyz"]
+        block = [extent.get(f"threadIdx.{axis}", 1) for axis in "xyz"]
+        if math.prod(block) > MAX_THREADS or min(grid + block) < 1 or any(
+                g > MAX_GRID[axis] for g, axis in zip(grid, "xyz")):
+            raise ResourceError(f"{self.name}: {name} launched with grid {grid} and block {block}")
+        kernel = self.kernels.setdefault(name, cl.Kernel(self.program, name))
+        params = self.params[name]
+        if len(params) != len(arguments):
+            raise RuntimeError(f"{name}: {len(arguments)} arguments for {len(params)} parameters")
+        for index, (dtype, argument) in enumerate(zip(params, arguments)):
+            if dtype == "handle":
+                kernel.set_arg(index, buffers[hash(_data_of(argument))])
+            else:
+                kernel.set_arg(index, np.dtype(dtype).type(evaluate(argument, scope)))
+        dims = 3 if grid[2] * block[2] > 1 else 2 if grid[1] * block[1] > 1 else 1
+        cl.enqueue_nd_range_kernel(queue, kernel, [g * b for g, b in zip(grid, block)][:dims], block[:dims])
+        queue.finish()
+        memory.check_guards(f"{self.name}: {name}")
+
+
+class ResourceError(RuntimeError):
+    """A kernel needs more than an sm_90 block offers."""
+
+
+def _data_of(expr):
+    """The buffer of a `buffer_data(buffer)` expression."""
+    if type(expr).__name__ != "Call" or expr.op.name != "tirx.buffer_data":
+        raise NotImplementedError(f"buffer argument {expr}")
+    return expr.args[0]
+
+
+def _param_kind(param) -> str:
+    """"handle" for a device kernel's pointer parameter, else its scalar dtype."""
+    return "handle" if type(param.ty).__name__ == "PointerType" else str(param.ty.dtype)
+
+
+def _itemsize(dtype) -> int:
+    return np.dtype(str(dtype)).itemsize
+
+
+# -------------------------------------------------------------------------------------- device, cache
+
+_state: dict = {}
+
+
+def available() -> str | None:
+    """None when an OpenCL device is there, else why not."""
+    try:
+        _device()
+    except Exception as error:  # noqa: BLE001 - any failure means no device
+        return f"no OpenCL device ({type(error).__name__}: {error})"
+    return None
+
+
+def _device():
+    if "context" not in _state:
+        devices = [d for p in cl.get_platforms() for d in p.get_devices()]
+        if not devices:
+            raise RuntimeError("no OpenCL device")
+        _state["context"] = cl.Context([devices[0]])
+        _state["queue"] = cl.CommandQueue(_state["context"])
+    return _state["context"], _state["queue"]
+
+
+def _program(context, source: str):
+    programs = _state.setdefault("programs", {})
+    if source not in programs:
+        programs[source] = cl.Program(context, source).build()
+    return programs[source]
+
+
+def get_kernel(spec: KernelSpec) -> Kernel:
+    """The simulated kernel of a spec (scheduled as a CUDA build schedules it), cached per mutation."""
+    kernels = _state.setdefault("kernels", {})
+    key = (spec.key, _mutation.get())
+    if key not in kernels:
+        func = scheduled(spec)
+        kernels[key] = Kernel(func, outputs=_pure_outputs(spec), name=spec.key)
+    return kernels[key]
+
+
+def _pure_outputs(spec: KernelSpec) -> set[int]:
+    """Arguments that `te.create_prim_func` made from the stage's outputs: those its blocks write. The
+    scatter stages add into their last argument, which the caller zero-fills."""
+    if spec.stage == "scatter":
+        return set()
+    func = prim_func(spec)
+    sch = tvm.s_tir.Schedule(func)
+    written = {hash(region.source) for block in sch.get_child_blocks(sch.get_sblock("root"))
+               for region in sch.get(block).writes}
+    return {index for index, buffer in enumerate(func.params) if hash(buffer) in written}
