@@ -183,12 +183,17 @@ def test_backward_matches_autograd_of_plain_torch():
 
 
 def test_dynamic_shapes_serve_every_size(monkeypatch):
+    """One kernel per stage for every size, forward and backward."""
     monkeypatch.setenv("DCN_TVM_SHAPES", "dynamic")
     for seed, (n, h, w) in enumerate([(1, 6, 7), (3, 9, 5)]):
         case = (n, 4, h, w, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, True)
         (x, offset, weight, bias, mask), conv = make_inputs(case, seed=seed)
         out = dcn_tvm.deform_conv2d(x, offset, weight, bias, mask=mask, **conv)
         assert relative_error(out, deform_conv2d_loops(x, offset, weight, bias, mask=mask, **conv)) <= 1e-4
+        leaves = [t.requires_grad_() for t in (x, offset, weight, bias, mask)]
+        ours = torch.autograd.grad(dcn_tvm.deform_conv2d(x, offset, weight, bias, mask=mask, **conv).sum(), leaves)
+        theirs = torch.autograd.grad(deform_conv2d_torch(x, offset, weight, bias, mask=mask, **conv).sum(), leaves)
+        assert all(relative_error(a, b) <= 1e-4 for a, b in zip(ours, theirs))
     assert any("_nany_hany_wany_" in key for key in cache._kernels)
 
 

@@ -102,8 +102,10 @@ def sampling_tables(geo: ConvGeometry, offset, mask, height, width, positions, d
     coords = sample_coordinates(geo, offset, height, width, positions, closed=derivatives)
 
     def corner_index(b, g, kh, kw, p, axis, t, size):
-        """Row (axis 0) or column (axis 1) of corner t, clamped into [0, size) so reads stay in bounds."""
-        return tirx.max(tirx.min(te.floor(coords[b, g, kh, kw, p, axis]).astype("int32") + t, size - 1), 0)
+        """Row (axis 0) or column (axis 1) of corner t, clamped into [0, size) so reads stay in bounds;
+        int32 (the tables' dtype) even when size is an int64 variable."""
+        index = te.floor(coords[b, g, kh, kw, p, axis]).astype("int32") + t
+        return tirx.max(tirx.min(index, size - 1), 0).astype("int32")
 
     rows = te.compute(shape + (2,), lambda b, g, kh, kw, p, t: corner_index(b, g, kh, kw, p, 0, t, height),
                       name="sample_rows")
