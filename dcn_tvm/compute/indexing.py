@@ -2,7 +2,8 @@
 
 TE indexes in int32 by default, which overflows (a lowering error with static shapes, wrong
 addresses with symbolic ones) once a buffer's flattened size passes 2^31 elements even though each
-dimension fits. Symbolic sizes are int64 variables, so a kernel for every size indexes in 64 bits.
+dimension fits. Symbolic sizes are int64 variables (dcn_tvm.kernels.build), so a kernel for every
+size indexes in 64 bits.
 """
 
 from __future__ import annotations
@@ -14,11 +15,6 @@ from tvm import te, tirx
 #: The most elements a buffer of an int32-indexed PrimFunc may have: half of int32's range, leaving
 #: headroom for the partial sums of index arithmetic and for tiles that overshoot an extent.
 INT32_ELEMENTS = 2**30
-
-
-def size_var(name: str):
-    """A symbolic size: int64, so that products of sizes cannot overflow."""
-    return te.var(name, "int64")
 
 
 def _buffers(outputs):

@@ -12,11 +12,12 @@ from dcn_tvm.kernels.targets import target_config, target_kind
 def prim_func(spec: KernelSpec):
     """The PrimFunc of a spec, from `dcn_tvm.compute.<op>` (symbolic sizes where the spec has None)."""
     from dcn_tvm import schedules
-    from dcn_tvm.compute.indexing import size_var
 
+    te = tvm().te
     compute = importlib.import_module(f"dcn_tvm.compute.{spec.op}")
     kind = target_kind(spec.target)
-    sizes = [size_var(name) if value is None else value for name, value in spec.sizes]
+    # int64: a kernel for every size must index past 2^31 elements (see dcn_tvm.compute.indexing).
+    sizes = [te.var(name, "int64") if value is None else value for name, value in spec.sizes]
     return compute.prim_func(spec.stage, spec.geometry, sizes, acc_dtype=spec.acc_dtype,
                              position_align=schedules.position_tile(spec.op, kind), atomic=kind == "cuda")
 
