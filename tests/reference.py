@@ -85,7 +85,9 @@ def deform_conv2d_torch(inp, offset, weight, bias=None, stride=(1, 1), padding=(
     off = offset.view(n, offset_groups, k, 2, oh, ow)
     y = base_y.unsqueeze(1).to(dt) + off[:, :, :, 0]  # [N, OG, K, OH, OW]
     x = base_x.unsqueeze(1).to(dt) + off[:, :, :, 1]
-    inside = (y > -1) & (y < h) & (x > -1) & (x < w)
+    # Closed at -1 (torchvision's gradient): on y = -1 the only corner inside has weight y - floor(y) = 0,
+    # so the value is the same as with the open rule, but its derivative along y is not zero.
+    inside = (y >= -1) & (y < h) & (x >= -1) & (x < w)
     y0, x0 = torch.floor(y), torch.floor(x)
     ly, lx = y - y0, x - x0
     planes = inp.reshape(n, offset_groups, c // offset_groups, h * w)

@@ -139,6 +139,7 @@ def test_nan_and_huge_offsets_sample_nothing():
     grads = torch.autograd.grad(
         dcn_tvm.deform_conv2d(x.requires_grad_(), offset.requires_grad_(), weight, bias, **conv).sum(), [x, offset])
     assert all(torch.isfinite(g).all() for g in grads)
+    assert (grads[1][0, :2] == 0).all()  # a NaN dy: the point samples nothing, both derivatives are zero
 
 
 def test_empty_batch():
@@ -182,12 +183,17 @@ def test_backward_matches_autograd_of_plain_torch():
 
 
 def test_dynamic_shapes_serve_every_size(monkeypatch):
+    """One kernel per stage for every size, forward and backward."""
     monkeypatch.setenv("DCN_TVM_SHAPES", "dynamic")
     for seed, (n, h, w) in enumerate([(1, 6, 7), (3, 9, 5)]):
         case = (n, 4, h, w, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, True)
         (x, offset, weight, bias, mask), conv = make_inputs(case, seed=seed)
         out = dcn_tvm.deform_conv2d(x, offset, weight, bias, mask=mask, **conv)
         assert relative_error(out, deform_conv2d_loops(x, offset, weight, bias, mask=mask, **conv)) <= 1e-4
+        leaves = [t.requires_grad_() for t in (x, offset, weight, bias, mask)]
+        ours = torch.autograd.grad(dcn_tvm.deform_conv2d(x, offset, weight, bias, mask=mask, **conv).sum(), leaves)
+        theirs = torch.autograd.grad(deform_conv2d_torch(x, offset, weight, bias, mask=mask, **conv).sum(), leaves)
+        assert all(relative_error(a, b) <= 1e-4 for a, b in zip(ours, theirs))
     assert any("_nany_hany_wany_" in key for key in cache._kernels)
 
 
@@ -298,3 +304,77 @@ def test_cuda_matches_torchvision(dtype):
     grad = torch.randn_like(ours)
     for a, b in zip(torch.autograd.grad(ours, args, grad), torch.autograd.grad(theirs, args, grad)):
         assert relative_error(a, b) <= 10 * tolerance
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_offset_gradient_on_minus_one_is_the_derivative_from_inside(with_mask):
+    """torchvision's rule: a sample exactly on y = -1 (x = -1) samples nothing, but its derivative
+    along y (x) is that of the bilinear weight y - floor(y) of its corner in row (column) 0."""
+    x = torch.arange(1.0, 13.0, dtype=torch.float64).view(1, 1, 3, 4)
+    weight = torch.full((1, 1, 1, 1), 2.0, dtype=torch.float64)
+    offset = torch.zeros(1, 2, 3, 4, dtype=torch.float64)
+    offset[0, 0, 0, 1] = -1.0  # output (0, 1) samples (y, x) = (-1, 1)
+    offset[0, 1, 2, 0] = -1.0  # output (2, 0) samples (2, -1)
+    offset[0, :, 1, 3] = torch.tensor([-2.0, -4.0])  # output (1, 3) samples (-1, -1)
+    mask = torch.full((1, 1, 3, 4), 0.5, dtype=torch.float64) if with_mask else None
+    leaves = [offset.requires_grad_()] + ([mask.requires_grad_()] if with_mask else [])
+    out = dcn_tvm.deform_conv2d(x, offset, weight, mask=mask)
+    points = ([0, 2, 1], [1, 0, 3])
+    assert (out[0, 0][points] == 0).all()
+    grads = torch.autograd.grad(out.sum(), leaves)
+    m = 0.5 if with_mask else 1.0
+    expected_dy = torch.tensor([m * 2.0 * x[0, 0, 0, 1], 0.0, 0.0], dtype=torch.float64)
+    expected_dx = torch.tensor([0.0, m * 2.0 * x[0, 0, 2, 0], 0.0], dtype=torch.float64)
+    torch.testing.assert_close(grads[0][0, 0][points], expected_dy)
+    torch.testing.assert_close(grads[0][0, 1][points], expected_dx)
+    if with_mask:
+        assert (grads[1][0, 0][points] == 0).all()  # the mask multiplies a value of zero
+
+
+@pytest.mark.parametrize("stage", ["forward", "backward_data", "backward_weight", "scatter"])
+def test_symbolic_kernels_index_in_64_bits(stage):
+    """Symbolic sizes must be int64: an int32 size overflows (and crashed) past 2^31 elements."""
+    import tvm
+
+    from dcn_tvm.kernels.build import prim_func
+
+    geo = ConvGeometry(4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, True, "float32")
+    spec = (KernelSpec("deform_conv2d", stage, None, (), "llvm") if stage == "scatter" else
+            KernelSpec("deform_conv2d", stage, geo, (("n", None), ("h", None), ("w", None)), "llvm"))
+    sizes = {v.name: str(v.ty) for v in tvm.tirx.analysis.undefined_vars(prim_func(spec).body, [])
+             if str(v.ty).startswith("int")}
+    assert sizes and set(sizes.values()) == {"int64"}, sizes
+
+
+def test_static_kernels_past_int32_elements_compile():
+    """grad_columns [1, 58256, 3, 3, 4096] has 2^31 + 65536 elements: int32 indices fail to lower."""
+    from dcn_tvm.kernels.build import build
+
+    geo = ConvGeometry(58256, 1, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, False, "float32")
+    build(KernelSpec("deform_conv2d", "backward_data", geo, (("n", 1), ("h", 64), ("w", 64)), "llvm"))
+
+
+@pytest.fixture(scope="module")
+def input_past_int32():
+    """A bfloat16 input of 2^31 + 65536 elements (4 GiB), zero but on the pixels a 1x1 kernel with
+    stride 128 samples, and its weight."""
+    c, h, w, s = 32769, 256, 256, 128
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(1, c, h, w, dtype=torch.bfloat16)
+    x[:, :, ::s, ::s] = torch.randn(1, c, h // s, w // s, generator=gen).bfloat16()
+    weight = torch.randn(1, c, 1, 1, generator=gen).bfloat16()
+    yield x, weight, s
+    del x
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shapes", ["static", "dynamic"])
+def test_forward_reads_past_int32_elements(input_past_int32, shapes, monkeypatch):
+    """The last channels lie past 2^31 elements: int32 indexing failed to lower (static) or
+    crashed (dynamic)."""
+    monkeypatch.setenv("DCN_TVM_SHAPES", shapes)
+    x, weight, s = input_past_int32
+    offset = torch.zeros(1, 2, x.shape[2] // s, x.shape[3] // s, dtype=x.dtype)
+    out = dcn_tvm.deform_conv2d(x, offset, weight, stride=s)
+    expected = torch.einsum("oc,nchw->nohw", weight[:, :, 0, 0].double(), x[:, :, ::s, ::s].double())
+    assert relative_error(out, expected) <= 1e-2

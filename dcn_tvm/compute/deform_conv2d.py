@@ -26,13 +26,16 @@ every channel of the offset group, which is what makes the gather cheap.
 Sampling rule (torchvision's): the point (y, x) = (oh*sh - ph + kh*dh + dy, ow*sw - pw + kw*dw + dx)
 contributes only if -1 < y < H and -1 < x < W; each of its four corners that falls outside the image
 reads zero. NaN or huge offsets fail the comparison and sample nothing; indices are always clamped,
-so no offset can make a kernel read out of bounds.
+so no offset can make a kernel read out of bounds. The offset gradient is that of the bilinear sum
+without the range test (torchvision's): a point exactly on y = -1 (or x = -1) samples nothing, yet
+its derivative along y (x) is that of its corners in row (column) 0.
 """
 
 from __future__ import annotations
 
 from tvm import te, tirx
 
+from dcn_tvm.compute.indexing import create_prim_func
 from dcn_tvm.kernels.spec import ConvGeometry
 
 
@@ -55,9 +58,13 @@ def padded_positions(oh_size, ow_size, align: int):
 OUTSIDE = -2.0
 
 
-def sample_coordinates(geo: ConvGeometry, offset, height, width, positions):
+def sample_coordinates(geo: ConvGeometry, offset, height, width, positions, closed: bool = False):
     """sample_coords [N, OG, KH, KW, P, 2]: (y, x) of every sample, or (OUTSIDE, OUTSIDE) when the
     point samples nothing (outside the image, NaN, or a padded position).
+
+    `closed` keeps the points exactly on y = -1 or x = -1 (for the derivatives): their corners
+    inside the image have weight y - floor(y) = 0 (x - floor(x) = 0), so they still sample nothing,
+    but the derivatives of those weights are not zero.
 
     A stage of its own so that the tables below read two numbers instead of re-deriving them
     (inlined, the position arithmetic is repeated in every corner's expression).
@@ -72,9 +79,9 @@ def sample_coordinates(geo: ConvGeometry, offset, height, width, positions):
         channel = 2 * ((g * kh_size + kh) * kw_size + kw)
         y = (oh * sh - ph + kh * dh).astype(acc) + offset[b, channel, oh, ow].astype(acc)
         x = (ow * sw - pw + kw * dw).astype(acc) + offset[b, channel + 1, oh, ow].astype(acc)
-        inside = tirx.all(
-            p < oh_size * ow_size, y > -1.0, y < _cast(height, acc), x > -1.0, x < _cast(width, acc)
-        )
+        low = tirx.const(-1.0, acc)
+        above, right = (y >= low, x >= low) if closed else (y > low, x > low)
+        inside = tirx.all(p < oh_size * ow_size, above, y < _cast(height, acc), right, x < _cast(width, acc))
         return te.if_then_else(inside, te.if_then_else(axis == 0, y, x), tirx.const(OUTSIDE, acc))
 
     return te.compute((n, og, kh_size, kw_size, positions, 2), coordinate, name="sample_coords")
@@ -85,17 +92,20 @@ def sampling_tables(geo: ConvGeometry, offset, mask, height, width, positions, d
 
     With `derivatives`, also the unmasked corner weights and their derivatives along y and x
     (`sample_weights_unmasked`, `sample_weights_dy`, `sample_weights_dx`), which the offset and
-    mask gradients need. The derivative is zero where the sample is outside, as the forward is.
+    mask gradients need. The tables then come from closed coordinates (see sample_coordinates): the
+    derivatives are torchvision's on y = -1 and x = -1, where every weight is still zero.
     """
     n, _, oh_size, ow_size = offset.shape
     og, (kh_size, kw_size) = geo.offset_groups, geo.kernel
     acc = geo.acc_dtype
     shape = (n, og, kh_size, kw_size, positions)
-    coords = sample_coordinates(geo, offset, height, width, positions)
+    coords = sample_coordinates(geo, offset, height, width, positions, closed=derivatives)
 
     def corner_index(b, g, kh, kw, p, axis, t, size):
-        """Row (axis 0) or column (axis 1) of corner t, clamped into [0, size) so reads stay in bounds."""
-        return tirx.max(tirx.min(te.floor(coords[b, g, kh, kw, p, axis]).astype("int32") + t, size - 1), 0)
+        """Row (axis 0) or column (axis 1) of corner t, clamped into [0, size) so reads stay in bounds;
+        int32 (the tables' dtype) even when size is an int64 variable."""
+        index = te.floor(coords[b, g, kh, kw, p, axis]).astype("int32") + t
+        return tirx.max(tirx.min(index, size - 1), 0).astype("int32")
 
     rows = te.compute(shape + (2,), lambda b, g, kh, kw, p, t: corner_index(b, g, kh, kw, p, 0, t, height),
                       name="sample_rows")
@@ -332,7 +342,8 @@ def scatter_grad_input(acc_dtype: str, atomic: bool):
     """PrimFunc adding each column gradient into the input gradient at its four corners (eq. 8).
 
     (grad_columns [N, C, KH, KW, P], sample_rows, sample_cols, sample_weights) -> grad_input
-    [N, C, H, W] in acc_dtype, which the caller zero-fills; all sizes are symbolic.
+    [N, C, H, W] in acc_dtype, which the caller zero-fills; all sizes are symbolic (int64, see
+    dcn_tvm.compute.indexing) and the int32 rows and columns are widened before they index.
 
     The input gradient is a scatter: a sample may land anywhere, so it has no bounded gather form.
     Channel c of image n only ever receives from grad_columns[n, c], so the (n, c) planes partition
@@ -345,8 +356,8 @@ def scatter_grad_input(acc_dtype: str, atomic: bool):
     @T.prim_func(s_tir=True)
     def scatter(gcol_h: T.handle, rows_h: T.handle, cols_h: T.handle, weights_h: T.handle, gin_h: T.handle):
         T.func_attr({"tirx.noalias": True})
-        n, c, og, kh, kw = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        p, h, w = T.int32(), T.int32(), T.int32()
+        n, c, og, kh, kw = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        p, h, w = T.int64(), T.int64(), T.int64()
         grad_columns = T.match_buffer(gcol_h, (n, c, kh, kw, p), acc_dtype)
         rows = T.match_buffer(rows_h, (n, og, kh, kw, p, 2), "int32")
         cols = T.match_buffer(cols_h, (n, og, kh, kw, p, 2), "int32")
@@ -390,4 +401,4 @@ def prim_func(stage: str, geo: ConvGeometry | None, sizes, *, acc_dtype: str, po
     if stage not in stages:
         raise ValueError(f"unknown deform_conv2d stage {stage!r}")
     arguments, outputs = stages[stage](geo, *sizes, position_align=position_align)
-    return te.create_prim_func(arguments + outputs)
+    return create_prim_func(arguments + outputs)

@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 from tvm import te, tirx
 
+from dcn_tvm.compute.indexing import create_prim_func
 from dcn_tvm.kernels.roi_spec import RoIPoolGeometry
 
 
@@ -304,7 +305,8 @@ def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
     """PrimFunc adding every sample's bilinear weights x grad_scale into the input gradient.
 
     (grad_scale, roi_batch, sample_rows, sample_row_weights, sample_cols, sample_col_weights) ->
-    grad_input [N, C, H, W] in acc_dtype, which the caller zero-fills; R, N, H, W are symbolic.
+    grad_input [N, C, H, W] in acc_dtype, which the caller zero-fills; R, N, H, W are symbolic (int64,
+    see dcn_tvm.compute.indexing).
 
     Input channel ch only ever receives from output channel ch // G² at the bins of its group
     (ch // G % G, ch % G), from every RoI. On the CPU one thread owns a channel and plain adds are
@@ -321,7 +323,7 @@ def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
     def scatter(scale_h: T.handle, batch_h: T.handle, rows_h: T.handle, row_weights_h: T.handle,
                 cols_h: T.handle, col_weights_h: T.handle, grad_input_h: T.handle):
         T.func_attr({"tirx.noalias": True})
-        r, n, h, w = T.int32(), T.int32(), T.int32(), T.int32()
+        r, n, h, w = T.int64(), T.int64(), T.int64(), T.int64()
         grad_scale = T.match_buffer(scale_h, (r, o, k, k), acc)
         roi_batch = T.match_buffer(batch_h, (r,), "int32")
         rows = T.match_buffer(rows_h, (r, nc, k, k, s, 2), "int32")
@@ -381,4 +383,4 @@ def prim_func(stage: str, geo: RoIPoolGeometry, sizes, *, acc_dtype: str, positi
     if stage not in stages:
         raise ValueError(f"unknown deform_roi_pool stage {stage!r}")
     arguments, outputs = stages[stage](geo, *sizes)
-    return te.create_prim_func(arguments + outputs)
+    return create_prim_func(arguments + outputs)
