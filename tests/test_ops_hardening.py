@@ -132,3 +132,15 @@ def test_cli_rejects_bad_workloads_with_a_usage_error(item, message, capsys, tmp
     err = capsys.readouterr().err
     assert err.startswith("usage: dcn-tvm tune") and "Traceback" not in err
     assert __import__("re").search(message, err), err
+
+
+def test_infinite_box_edge_gives_finite_gradients():
+    """An inf edge samples nothing (output 0): its offset gradient is 0, not 0 * inf = NaN."""
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    rois = torch.tensor([[0, 1, 1, 5, 5.0], [0, 1, 1, float("inf"), 5], [0, -float("inf"), 1, 5, 5]])
+    offset = torch.randn(3, 2, 2, 2, requires_grad=True)
+    out = dcn_tvm.deform_roi_pool(x, rois, offset, output_size=2)
+    assert not out[1:].any()
+    grad_x, grad_offset = torch.autograd.grad(out.sum(), [x, offset])
+    assert torch.isfinite(grad_x).all() and torch.isfinite(grad_offset).all()
+    assert not grad_offset[1:].any() and grad_offset[0].any()
