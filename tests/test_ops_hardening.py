@@ -144,3 +144,12 @@ def test_infinite_box_edge_gives_finite_gradients():
     grad_x, grad_offset = torch.autograd.grad(out.sum(), [x, offset])
     assert torch.isfinite(grad_x).all() and torch.isfinite(grad_offset).all()
     assert not grad_offset[1:].any() and grad_offset[0].any()
+
+
+def test_double_backward_raises_clearly():
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = dcn_tvm.deform_conv2d(x, torch.randn(1, 18, 5, 5, dtype=torch.float64),
+                                torch.randn(3, 2, 3, 3, dtype=torch.float64), padding=1)
+    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+        grad.sum().backward()
