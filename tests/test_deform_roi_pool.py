@@ -288,7 +288,7 @@ def _arguments(**override):
 
 BAD_ARGUMENTS = [
     (dict(rois=torch.tensor([[2.0, 0, 0, 4, 4]] * 3)), ValueError,
-     r"rois\[:, 0\] must be batch indices in \[0, 2\) \(input has 2 images\), got 2.0 in row 0"),
+     r"rois\[:, 0\] must be batch indices in \[0, 2\) \(input has 2 images\), whole numbers, got 2.0 in row 0"),
     (dict(rois=torch.tensor([[0.0, 0, 0, 4, 4], [float("nan"), 0, 0, 4, 4], [0.0, 0, 0, 4, 4]])), ValueError,
      r"got nan in row 1"),
     (dict(rois=torch.zeros(3, 4)), ValueError, r"rois must have shape \[R, 5\] .*got \(3, 4\)"),

@@ -295,7 +295,9 @@ def backward(geo: RoIPoolGeometry, rois_count, batch, height, width):
 
     def offset_gradient(r, channel, part_row, part_col):
         size = _corner(channel % 2, roi.boxes[r, 2], roi.boxes[r, 3])
-        return (parts[r, channel, part_row, part_col] * _const(geo.gamma, acc) * size).astype(geo.dtype)
+        part = parts[r, channel, part_row, part_col]
+        # A part that sampled nothing has no gradient, also when its box is infinite (0 * inf).
+        return tirx.Select(part == zero, zero, part * _const(geo.gamma, acc) * size).astype(geo.dtype)
 
     grad_offset = te.compute(offset.shape, offset_gradient, name="grad_offset")
     return [data, rois, offset, grad_output], [grad_offset, grad_scale, *tables]

@@ -29,6 +29,13 @@ def _pair(value, name: str, minimum: int) -> tuple[int, int]:
     return pair
 
 
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 def _check_tensor(name: str, value, rank: int, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -62,6 +69,8 @@ def geometry(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None,
         raise ValueError(f"dcn_tvm runs on cpu and cuda devices, got {input.device}")
     n, c, h, w = input.shape
     o, c_per_group, kh, kw = weight.shape
+    if c == 0:
+        raise ValueError(f"input must have at least one channel, got shape {tuple(input.shape)}")
     if c_per_group == 0 or c % c_per_group != 0:
         raise ValueError(f"input channels ({c}) must be a multiple of weight.shape[1] ({c_per_group})")
     groups = c // c_per_group
@@ -113,8 +122,8 @@ def _forward_op(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tens
     geo = geometry(input, offset, weight, mask, stride, padding, dilation)
     oh, ow = geo.output_size(input.shape[2], input.shape[3])
     output = input.new_empty(input.shape[0], geo.out_channels, oh, ow)
-    if input.shape[0] == 0:
-        return output
+    if output.numel() == 0 or input.numel() == 0:  # no images, output channels or pixels: only the bias
+        return output.copy_(bias[:, None, None].expand_as(output))
     kernel = get_kernel(_spec("forward", geo, input))
     kernel(*_present(input, offset, mask, weight, bias), output)
     return output
@@ -133,10 +142,10 @@ def _backward_op(grad_output: Tensor, input: Tensor, offset: Tensor, mask: Tenso
     grad_output, input, offset, mask, weight = _contiguous(grad_output, input, offset, mask, weight)
     geo = geometry(input, offset, weight, mask, stride, padding, dilation)
     n = input.shape[0]
-    if n == 0:
+    if grad_output.numel() == 0 or input.numel() == 0:  # as the forward: only the bias sees the output
         grad_mask = torch.zeros_like(mask) if mask is not None else input.new_empty(0)
         return (torch.zeros_like(input), torch.zeros_like(offset), grad_mask, torch.zeros_like(weight),
-                weight.new_zeros(weight.shape[0]))
+                grad_output.sum((0, 2, 3)))
     grad_offset = torch.empty_like(offset)
     grad_mask = torch.empty_like(mask) if mask is not None else input.new_empty(0)
     acc = getattr(torch, geo.acc_dtype)
@@ -229,6 +238,7 @@ class DeformConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True):
         super().__init__()
+        _positive("groups", groups)
         if in_channels % groups != 0 or out_channels % groups != 0:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
                              f"multiples of groups ({groups})")
@@ -271,6 +281,7 @@ class DeformConv2dPack(DeformConv2d):
                  groups: int = 1, offset_groups: int = 1, bias: bool = True, modulated: bool = False,
                  offset_lr_mult: float = 1.0):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        _positive("offset_groups", offset_groups)
         if in_channels % offset_groups != 0:
             raise ValueError(f"in_channels ({in_channels}) must be a multiple of offset_groups ({offset_groups})")
         points = offset_groups * self.kernel_size[0] * self.kernel_size[1]

@@ -66,7 +66,9 @@ def roi_rows(rois, input: Tensor) -> Tensor:
         _check_tensor(f"rois[{index}]", boxes, 2, input)
         if boxes.shape[1] != 4:
             raise ValueError(f"rois[{index}] must have shape [L, 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}")
-        rows.append(torch.cat([boxes.new_full((boxes.shape[0], 1), index), boxes], dim=1))
+        # At least float32, which holds every batch index exactly (bfloat16 stops at 256).
+        dtype = torch.promote_types(boxes.dtype, torch.float32)
+        rows.append(torch.cat([boxes.new_full((boxes.shape[0], 1), index, dtype=dtype), boxes.to(dtype)], dim=1))
     if not rows:
         return input.new_zeros(0, 5)
     return torch.cat(rows)
@@ -112,13 +114,14 @@ def geometry(input: Tensor, rois: Tensor, offset: Tensor | None, output_size, sp
 
 
 def _kernel_rois(rois: Tensor, geo: RoIPoolGeometry, batch: int) -> Tensor:
-    """rois in acc_dtype, contiguous, after checking every batch index is in [0, N) (a host sync)."""
+    """rois in acc_dtype, contiguous, after checking every batch index is a whole number in [0, N)
+    (a host sync)."""
     index = rois[:, 0]
-    bad = ~((index >= 0) & (index < batch))
+    bad = ~((index >= 0) & (index < batch) & (index == index.trunc()))
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"rois[:, 0] must be batch indices in [0, {batch}) (input has {batch} images), "
-                         f"got {index[row].item()} in row {row}")
+        raise ValueError(f"rois[:, 0] must be batch indices in [0, {batch}) (input has {batch} images), whole "
+                         f"numbers, got {index[row].item()!r} in row {row}")
     return rois.to(getattr(torch, geo.acc_dtype)).contiguous()
 
 
@@ -149,8 +152,8 @@ def _forward_op(input: Tensor, rois: Tensor, offset: Tensor | None, output_size:
     geo, input, rois, offset = _prepare(input, rois, offset, output_size, spatial_scale, group_size, part_size,
                                         sampling_ratio, gamma)
     output = input.new_empty(_output_shape(input, rois, output_size, group_size))
-    if rois.shape[0] == 0:
-        return output
+    if rois.shape[0] == 0 or input.numel() == 0:  # no RoIs, or no pixels to sample
+        return output.zero_()
     kernel = get_kernel(_spec("forward", geo, input))
     kernel(*[t for t in (input, rois, offset) if t is not None], output)
     return output
@@ -174,7 +177,7 @@ def _backward_op(grad_output: Tensor, input: Tensor, rois: Tensor, offset: Tenso
                          f"got {grad_output.dtype} of shape {tuple(grad_output.shape)}")
     grad_offset = input.new_empty(0) if offset is None else torch.empty_like(offset)
     r = rois.shape[0]
-    if r == 0:
+    if r == 0 or input.numel() == 0:
         return torch.zeros_like(input), grad_offset.zero_()
     acc = getattr(torch, geo.acc_dtype)
     k, s, classes = geo.output_size, geo.sampling_ratio, geo.sample_classes

@@ -11,7 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dcn_tvm.tuning.workloads import PRESETS, STAGES
+from dcn_tvm.tuning.workloads import PRESETS, STAGES, Workload
+
+
+def _workload(text: str) -> Workload:
+    """--workload's type: a bad string is argparse's usage error (exit code 2), not a traceback."""
+    try:
+        return Workload.parse(text)
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "llvm), a TVM tag such as nvidia/nvidia-h100, or a TVM target JSON dict")
     parser.add_argument("--preset", action="append", default=[], choices=sorted(PRESETS),
                         help="a named set of workloads (repeatable)")
-    parser.add_argument("--workload", action="append", default=[], metavar="OP:KEY=VALUE,...",
+    parser.add_argument("--workload", action="append", default=[], metavar="OP:KEY=VALUE,...", type=_workload,
                         help="a workload string, e.g. deform_conv2d:n=1,c=64,h=32,w=32,o=64,k=3,pad=1 (repeatable)")
     parser.add_argument("--stage", action="append", choices=sorted({s for v in STAGES.values() for s in v}),
                         help="tune only this stage (repeatable; default: every tunable stage)")

@@ -15,6 +15,7 @@ count, so `r` is only the count they are measured with.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
@@ -25,29 +26,62 @@ from dcn_tvm.ops import deform_conv2d as conv_op
 from dcn_tvm.ops import deform_roi_pool as roi_op
 
 
-def _pair(text: str) -> tuple[int, int]:
-    first, _, second = text.partition("x")
-    return int(first), int(second or first)
+def _int(minimum: int, maximum: int | None = None):
+    """A parser of decimal integers in [minimum, maximum]; raises ValueError describing what it expects."""
+    kind = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"[0-9]+", text) or int(text) < minimum or (maximum is not None and int(text) > maximum):
+            raise ValueError(kind)
+        return int(text)
+
+    return parse
+
+
+def _pair(minimum: int):
+    """A parser of `A` or `AxB` (integers >= minimum) into (A, A) or (A, B)."""
+    number = _int(minimum)
+
+    def parse(text: str) -> tuple[int, int]:
+        parts = text.split("x")
+        try:
+            if len(parts) > 2:
+                raise ValueError
+            pair = [number(part) for part in parts]
+        except ValueError:
+            raise ValueError(f"an integer or AxB, each >= {minimum}") from None
+        return pair[0], pair[-1]
+
+    return parse
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("a number") from None
 
 
 def _pair_text(pair) -> str:
     return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
 
 
+_size = _int(1)
+
 #: Per operator: key -> (parse, default or None when required), in the canonical order.
 FIELDS = {
     "deform_conv2d": {
-        "n": (int, None), "c": (int, None), "h": (int, None), "w": (int, None), "o": (int, None),
-        "k": (_pair, None), "stride": (_pair, "1"), "pad": (_pair, "0"), "dil": (_pair, "1"),
-        "groups": (int, "1"), "offset_groups": (int, "1"), "mask": (int, "0"), "dtype": (str, "float32"),
+        "n": (_size, None), "c": (_size, None), "h": (_size, None), "w": (_size, None), "o": (_size, None),
+        "k": (_pair(1), None), "stride": (_pair(1), "1"), "pad": (_pair(0), "0"), "dil": (_pair(1), "1"),
+        "groups": (_size, "1"), "offset_groups": (_size, "1"), "mask": (_int(0, 1), "0"), "dtype": (str, "float32"),
     },
     "deform_roi_pool": {
-        "r": (int, None), "n": (int, None), "c": (int, None), "h": (int, None), "w": (int, None),
-        "k": (int, None), "group_size": (int, "1"), "part_size": (int, ""), "sampling_ratio": (int, "4"),
-        "classes": (int, "0"), "spatial_scale": (float, "1.0"), "gamma": (float, "0.1"), "dtype": (str, "float32"),
+        "r": (_size, None), "n": (_size, None), "c": (_size, None), "h": (_size, None), "w": (_size, None),
+        "k": (_size, None), "group_size": (_size, "1"), "part_size": (_size, ""), "sampling_ratio": (_size, "4"),
+        "classes": (_int(0), "0"), "spatial_scale": (_number, "1.0"), "gamma": (_number, "0.1"),
+        "dtype": (str, "float32"),
     },
 }
-_KINDS = {int: "an integer", float: "a number", _pair: "an integer or AxB", str: "a string"}
 STAGES = {"deform_conv2d": ("forward", "backward_data", "backward_weight"), "deform_roi_pool": ("forward", "backward")}
 
 PRESETS = {
@@ -109,8 +143,8 @@ class Workload:
             raw = given.get(key, default)
             try:
                 values.append((key, parse(raw) if raw != "" else None))
-            except ValueError:
-                raise ValueError(f"workload {text!r}: {key}={raw!r} is not {_KINDS[parse]}") from None
+            except ValueError as kind:
+                raise ValueError(f"workload {text!r}: {key}={raw!r} is not {kind}") from None
         workload = cls(op, tuple(values))
         if dict(values)["dtype"] not in DTYPES:
             raise ValueError(f"workload {text!r}: dtype must be one of {DTYPES}")
