@@ -108,18 +108,10 @@ def _check_conv(stage, case, dtype_name, simulated_gpu, seed=0):
             assert relative_error(ours, cpu) <= CPU_TOLERANCE, name
 
 
-#: (case index, dtype) whose forward GEMM declares more than 48 KiB of static shared memory: the tiles
-#: of a grouped layer span every group (issue 11; fixed on branch cudafix, then drop this set).
-SHARED_MEMORY_BLOWUP = {(2, "float64"), (3, "float32"), (3, "float64"), (4, "float32"), (4, "float64")}
-
-
 def _forward_params():
-    for index, case in enumerate(CONV_CASES):
+    for case in CONV_CASES:
         for dtype_name in DTYPES:
-            marks = [pytest.mark.xfail(raises=gpusim.ResourceError, strict=True,
-                                       reason="grouped forward GEMM over sm_90's shared memory (issue 11)")
-                     ] if (index, dtype_name) in SHARED_MEMORY_BLOWUP else []
-            yield pytest.param(case, dtype_name, marks=marks, id=f"{conv_case_id(case)}-{dtype_name}")
+            yield pytest.param(case, dtype_name, id=f"{conv_case_id(case)}-{dtype_name}")
 
 
 @pytest.mark.parametrize("case,dtype_name", list(_forward_params()))
