@@ -12,6 +12,9 @@
 |                     |                              | (with a warning) instead of refusing it              |
 | DCN_TVM_TUNING_LOGS | the checkout's tuning_logs/, | tuned schedules (`dcn-tvm tune` records) that builds |
 |                     | else <cache dir>/tuning_logs | use; the default of `dcn-tvm tune --logs`            |
+
+Boolean variables take 1/0, true/false, yes/no or on/off in any case (empty means unset); any other
+value is a ValueError, never silently false.
 """
 
 from __future__ import annotations
@@ -24,8 +27,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DCN_TVM_CACHE_DIR") or Path.home() / ".cache" / "dcn_tvm")
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+             "off": False, "": False}
+
+
 def _flag(name: str) -> bool:
-    return os.environ.get(name, "0") in ("1", "true", "yes")
+    value = os.environ.get(name, "")
+    if value.lower() not in _BOOLEANS:
+        raise ValueError(f"{name}={value!r} is not a boolean: use 1/0, true/false, yes/no or on/off (any case; "
+                         f"empty means unset)")
+    return _BOOLEANS[value.lower()]
 
 
 def tuning_logs_dir() -> Path:

@@ -1,11 +1,16 @@
 import os
+import sys
 import tempfile
+import uuid
 
 import pytest
 import torch
 
 # Kernels compile into a cache private to this test session unless the caller points elsewhere.
 os.environ.setdefault("DCN_TVM_CACHE_DIR", tempfile.mkdtemp(prefix="dcn_tvm_test_cache_"))
+# Every process this session starts inherits this mark, so it is found even once orphaned.
+SESSION_MARK = ("DCN_TVM_TEST_SESSION", uuid.uuid4().hex)
+os.environ[SESSION_MARK[0]] = SESSION_MARK[1]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -15,3 +20,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def _started_by_this_session(psutil) -> list:
+    """The live processes that carry this session's mark (children, and orphans of killed ones)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.status() != psutil.STATUS_ZOMBIE and \
+                    process.environ().get(SESSION_MARK[0]) == SESSION_MARK[1]:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_suite():
+    """Fail the run if a process the tests started (e.g. MetaSchedule's tvm.exec.popen_worker) is
+    still alive at the end; such processes are killed, then reported."""
+    import psutil
+
+    yield
+    if "torch._inductor.async_compile" in sys.modules:  # torch.compile's worker pool, torch's to end
+        sys.modules["torch._inductor.async_compile"].shutdown_compile_workers()
+    left = []
+    for process in _started_by_this_session(psutil):
+        try:
+            left.append(f"{process.pid}: {' '.join(process.cmdline())}")
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    if left:
+        pytest.fail("processes started by the tests were still alive at the end:\n" + "\n".join(left), pytrace=False)

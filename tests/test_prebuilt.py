@@ -191,8 +191,14 @@ def test_other_version_is_refused_unless_allowed(copy, use_package, monkeypatch)
 
 
 def test_other_gpu_arch_is_refused(copy, use_package):
-    _edit_manifest(copy, lambda m: m["libraries"].append(
-        {"kind": "cuda", "arch": "sm_90", "file": "lib/x.so", "target": "cuda-sm_90"}))
+    root = _package_root(copy)
+    shutil.copy(next((root / "lib").glob("*.so")), root / "lib" / "x.so")
+
+    def add_cuda(manifest):
+        manifest["libraries"].append({"kind": "cuda", "arch": "sm_90", "file": "lib/x.so", "target": "cuda-sm_90"})
+        manifest["files"]["lib/x.so"] = mf.sha256(root / "lib" / "x.so")
+
+    _edit_manifest(copy, add_cuda)
     use_package(copy)
     (package,) = loader.packages()
     with pytest.raises(loader.PrebuiltError, match=r"built for CUDA \['sm_90'\], but this GPU is sm_80"):
@@ -231,3 +237,53 @@ def test_pip_installs_and_is_found_by_entry_point(package, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "dcn_tvm_prebuilt_llvm" in result.stdout
+
+
+def _library_entry(manifest, kind="llvm"):
+    return next(lib for lib in manifest["libraries"] if lib["kind"] == kind)
+
+
+def test_a_library_the_manifest_does_not_hash_is_refused(copy, use_package):
+    def unlist(manifest):
+        del manifest["files"][_library_entry(manifest)["file"]]
+
+    _edit_manifest(copy, unlist)
+    use_package(copy)
+    with pytest.raises(loader.PrebuiltError, match=r"manifest\.json: libraries\[\d\] names 'lib/.*\.so', which "
+                                                   r"'files' does not list"):
+        loader.packages()
+
+
+@pytest.mark.parametrize("where", ["absolute", "parent", "symlink"])
+def test_files_outside_the_package_are_refused_even_if_hashed(copy, use_package, tmp_path, where):
+    """A manifest may only name files inside its package, after resolving symlinks."""
+    root = _package_root(copy)
+    manifest = json.loads((root / mf.MANIFEST).read_text())
+    outside = tmp_path / "outside.so"
+    shutil.copy(root / _library_entry(manifest)["file"], outside)
+    name = {"absolute": str(outside), "parent": os.path.relpath(outside, root), "symlink": "lib/link.so"}[where]
+    if where == "symlink":
+        (root / name).symlink_to(outside)
+
+    def point_outside(manifest):
+        _library_entry(manifest)["file"] = name
+        manifest["files"][name] = mf.sha256(outside)
+
+    _edit_manifest(copy, point_outside)
+    use_package(copy)
+    with pytest.raises(loader.PrebuiltError, match=rf"manifest\.json: {name!r} is outside the package"):
+        loader.packages()
+
+
+@pytest.mark.parametrize("key", ["format", "versions", "files", "libraries", "kernels", "libraries[0].kind",
+                                 "libraries[0].file", "libraries[0].isa"])
+def test_a_manifest_missing_a_key_names_it(copy, use_package, key):
+    def remove(manifest):
+        container, _, name = key.rpartition(".")
+        del (manifest["libraries"][0] if container else manifest)[name]
+
+    _edit_manifest(copy, remove)
+    use_package(copy)
+    path = _package_root(copy) / mf.MANIFEST
+    with pytest.raises(loader.PrebuiltError, match=rf"{path}: .*no {key.rpartition('.')[2]!r} key"):
+        loader.packages()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -348,6 +349,7 @@ def rpc_tracker():
                                 "--port", str(port), "--port-end", str(port + 1), "--silent"], env=env)
     server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
                                "--key", "dcn-test", "--host", "127.0.0.1", "--silent"], env=env)
+    processes = [server, tracker]
     try:
         config = RPCConfig("127.0.0.1", port, "dcn-test", session_timeout_sec=5)
         deadline = time.monotonic() + 60
@@ -361,9 +363,14 @@ def rpc_tracker():
             time.sleep(0.5)
         yield f"127.0.0.1:{port}"
     finally:
-        for process in (server, tracker):
-            process.terminate()
-            process.wait(timeout=30)
+        import psutil
+
+        # The server forks a process per session and starts popen workers: end the whole trees.
+        tree = [psutil.Process(p.pid) for p in processes]
+        tree += [child for process in tree for child in process.children(recursive=True)]
+        for process in tree:
+            process.kill()
+        psutil.wait_procs(tree, timeout=30)
 
 
 @pytest.mark.slow
@@ -499,3 +506,87 @@ def test_record_notes_every_deformable_op_of_a_model():
     ]
     for workload in workloads:
         assert Workload.parse(str(workload)) == workload
+
+
+# --- damaged and concurrent records --------------------------------------------------------------------
+
+def _tuned_for_real(store, task):
+    """A usable tuned record of `task` in `store` (another point of the space, marked tuned)."""
+    import tvm_ffi
+
+    store.commit(task.spec.key, [1.0], _other_trace(task))
+    store.update_kernel(task.spec.key, "test", workload=TINY, stage="forward", default_ms=2.0, tuned_ms=1.0,
+                        func_hash=str(tvm_ffi.structural_hash(build.prim_func(task.spec))), schedule="tuned")
+
+
+def test_a_truncated_records_line_is_skipped_with_one_warning(tmp_path, caplog):
+    task = forward_task()
+    store = Store(CPU, "deform_conv2d", tmp_path)
+    _tuned_for_real(store, task)
+    with store.records_path.open("a") as handle:
+        handle.write('{"key": "' + task.spec.key + '", "run_ms": [0.5, 0.')  # a run killed mid-write
+    with caplog.at_level(logging.WARNING, logger="dcn_tvm"):
+        for _ in range(2):
+            assert records.tuned_schedule(task.spec, build.prim_func(task.spec), tmp_path) is not None
+            assert records.schedule_tag(task.spec, tmp_path).startswith("tuned-")
+    assert caplog.text.count(f"skipping line 2 of {store.records_path}") == 1
+
+
+def test_a_truncated_metadata_means_default_schedules(tmp_path, caplog, monkeypatch):
+    task = forward_task()
+    store = Store(CPU, "deform_conv2d", tmp_path)
+    _tuned_for_real(store, task)
+    text = store.metadata_path.read_text()
+    store.metadata_path.write_text(text[:len(text) // 2])
+    monkeypatch.setenv("DCN_TVM_TUNING_LOGS", str(tmp_path))
+    monkeypatch.setenv("DCN_TVM_NO_DISK_CACHE", "1")
+    with caplog.at_level(logging.WARNING, logger="dcn_tvm"):
+        assert which_schedule(task.spec) == "default"
+        assert records.tuned_schedule(task.spec, build.prim_func(task.spec), tmp_path) is None
+        x, offset, weight = torch.randn(1, 8, 10, 10), torch.randn(1, 18, 10, 10), torch.randn(8, 8, 3, 3)
+        torch.testing.assert_close(dcn_tvm.deform_conv2d(x, offset, weight, padding=1),
+                                   deform_conv2d_torch(x, offset, weight, padding=(1, 1)), rtol=1e-4, atol=1e-4)
+    assert caplog.text.count(f"ignoring {store.metadata_path}, which cannot be read") == 1
+
+
+def _write_concurrently(root: str, worker: int, start: float, count: int) -> None:
+    """One of several processes committing records and trial counts into one Store at the same time."""
+    store = Store(CPU, "deform_conv2d", Path(root))
+    while time.time() < start:
+        time.sleep(0.01)
+    for i in range(count):
+        store.commit(f"kernel{worker}", [float(count - i)], [["trace", worker, i]])
+        entry = store.kernel(f"kernel{worker}") or {}
+        store.update_kernel(f"kernel{worker}", "test", trials=entry.get("trials", 0) + 1)
+
+
+def test_concurrent_store_writers_lose_nothing(tmp_path):
+    workers, count = 3, 40
+    start = time.time() + 10  # after every process has imported dcn_tvm
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pool.starmap(_write_concurrently, [(str(tmp_path), w, start, count) for w in range(workers)])
+    store = Store(CPU, "deform_conv2d", tmp_path)
+    for worker in range(workers):
+        assert store.kernel(f"kernel{worker}")["trials"] == count
+        assert [r["run_ms"] for r in store.records(f"kernel{worker}")] == [[1.0], [2.0], [3.0]]
+
+
+@pytest.mark.slow
+def test_two_tuning_runs_into_one_folder_count_every_trial(tmp_path):
+    """The second run waits for the first, then tops its kernel up to its own budget."""
+    def command(trials):
+        return [sys.executable, "-m", "dcn_tvm", "tune", "--target", "llvm", "--workload", TINY, "--stage",
+                "forward", "--trials", str(trials), "--logs", str(tmp_path), "--no-progress"]
+
+    runs = [subprocess.Popen(command(trials), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for trials in (2, 3)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sum("waiting for another writer of" in err for _, err in outputs) == 1
+    store = Store(CPU, "deform_conv2d", tmp_path)
+    (entry,) = store.metadata()["kernels"].values()
+    assert entry["trials"] == 3 and entry["history"][-1][0] == 3
+    kept = store.records(forward_task().spec.key)
+    fastest = records.median(kept[0]["run_ms"])
+    assert entry["schedule"] == ("tuned" if fastest < entry["default_ms"] else "default")
+    assert entry["tuned_ms"] == pytest.approx(fastest if entry["schedule"] == "tuned" else entry["default_ms"])

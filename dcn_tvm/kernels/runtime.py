@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
 
 
@@ -16,6 +19,8 @@ def load_tvm_runtime(fallback: Path | None = None, cuda: bool = False) -> None:
     TVM's own copies are preferred where TVM is installed; otherwise `fallback` (a prebuilt
     package's runtime folder).
     """
+    import tvm_ffi  # noqa: F401  (loads libtvm_ffi.so, which libtvm_runtime.so links against)
+
     spec = importlib.util.find_spec("tvm")
     folders = []
     if spec is not None and spec.submodule_search_locations:
@@ -32,9 +37,30 @@ def load_tvm_runtime(fallback: Path | None = None, cuda: bool = False) -> None:
                        f"dcn_tvm prebuilt package")
 
 
-def load_function(path: Path, name: str = "main"):
-    """The function `name` of the kernel library at `path`."""
+def digest(handle, size: int | None = None) -> str | None:
+    """The sha256 of an open binary file, or None if `size` is given and the file has another size."""
+    if size is not None and os.fstat(handle.fileno()).st_size != size:
+        return None
+    handle.seek(0)
+    return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def load_verified(path: Path, sha256: str, size: int | None = None):
+    """The module of the kernel library at `path` if its bytes have this sha256 (and size), else None.
+
+    The library is dlopened through /proc/self/fd from the very file descriptor that was hashed, so
+    a file replaced at `path` between the check and the load is never the one loaded. Callers load
+    libtvm_runtime.so first (`load_tvm_runtime`).
+    """
     import tvm_ffi
 
-    load_tvm_runtime()
-    return tvm_ffi.load_module(str(path.resolve()))[name]
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    with handle, tempfile.TemporaryDirectory(prefix="dcn_tvm_load_") as folder:
+        if digest(handle, size) != sha256:
+            return None
+        link = Path(folder) / path.name  # tvm_ffi picks the loader by the name's suffix
+        link.symlink_to(f"/proc/self/fd/{handle.fileno()}")
+        return tvm_ffi.load_module(str(link))

@@ -1,9 +1,10 @@
 """Find, verify and load prebuilt kernel packages (runtime side: tvm_ffi only, never the compiler).
 
 Packages come from DCN_TVM_PREBUILT (folders, searched first) and from installed packages that
-declare a `dcn_tvm.prebuilt` entry point. Each is verified once per process: manifest format,
-versions (DCN_TVM_ALLOW_VERSION_MISMATCH=1 turns a mismatch into a warning), the sha256 of every
-file, and a warning for files in world-writable places. A library built for this device kind but
+declare a `dcn_tvm.prebuilt` entry point. Each is verified once per process: manifest format and
+keys, versions (DCN_TVM_ALLOW_VERSION_MISMATCH=1 turns a mismatch into a warning), the sha256 of every
+file (every library must be one of them, inside the package after resolving symlinks; it is
+hashed again as it is loaded), and a warning for files in world-writable places. A library built for this device kind but
 another GPU arch, or for a CPU level this CPU cannot run, is refused with an error.
 """
 
@@ -20,12 +21,15 @@ import warnings
 from pathlib import Path
 
 from dcn_tvm import env
-from dcn_tvm.kernels.runtime import load_tvm_runtime
+from dcn_tvm.kernels.runtime import load_tvm_runtime, load_verified
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.prebuilt import manifest as mf
 
 log = logging.getLogger("dcn_tvm")
 ENTRY_POINT_GROUP = "dcn_tvm.prebuilt"
+#: The keys every manifest has, and those every library entry of a kind has.
+KEYS = ("format", "versions", "files", "libraries", "kernels")
+LIBRARY_KEYS = {"llvm": ("isa",), "cuda": ("arch",)}
 
 
 class PrebuiltError(RuntimeError):
@@ -46,14 +50,16 @@ class PrebuiltPackage:
 
     def __init__(self, root: Path):
         self.root = root
-        path = root / mf.MANIFEST
+        self.path = path = root / mf.MANIFEST
         try:
             self.manifest = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise PrebuiltError(f"{path}: not a readable dcn_tvm prebuilt manifest ({error})") from error
-        if self.manifest.get("format") != mf.FORMAT:
-            raise PrebuiltError(f"{path}: manifest format {self.manifest.get('format')!r}, this dcn_tvm reads "
+        self._require(self.manifest, KEYS, "the manifest")
+        if self.manifest["format"] != mf.FORMAT:
+            raise PrebuiltError(f"{path}: manifest format {self.manifest['format']!r}, this dcn_tvm reads "
                                 f"{mf.FORMAT}; rebuild the package with this version (dcn-tvm build)")
+        self._check_libraries()
         self._check_versions()
         self._check_files()
         self._modules: dict[str, object] = {}
@@ -61,6 +67,30 @@ class PrebuiltPackage:
 
     def __repr__(self) -> str:
         return f"PrebuiltPackage({self.root})"
+
+    def _require(self, mapping, keys, where: str) -> None:
+        if not isinstance(mapping, dict):
+            raise PrebuiltError(f"{self.path}: {where} is not a JSON object; rebuild the package (dcn-tvm build)")
+        for key in keys:
+            if key not in mapping:
+                raise PrebuiltError(f"{self.path}: {where} has no {key!r} key; rebuild the package (dcn-tvm build)")
+
+    def _check_libraries(self) -> None:
+        """Every library entry is complete and names a file that `files` hashes."""
+        for i, library in enumerate(self.manifest["libraries"]):
+            self._require(library, ("kind", "file"), f"libraries[{i}]")
+            self._require(library, LIBRARY_KEYS.get(library["kind"], ()), f"libraries[{i}]")
+            if library["file"] not in self.manifest["files"]:
+                raise PrebuiltError(f"{self.path}: libraries[{i}] names {library['file']!r}, which 'files' does not "
+                                    f"list with its sha256; refusing to load a library nothing verifies")
+
+    def _inside(self, name: str) -> Path:
+        """The path of a file the manifest names, which must lie inside the package (symlinks resolved)."""
+        path = self.root / name
+        if Path(name).is_absolute() or not path.resolve().is_relative_to(self.root.resolve()):
+            raise PrebuiltError(f"{self.path}: {name!r} is outside the package {self.root}; a manifest may only "
+                                f"name files inside its package")
+        return path
 
     def _check_versions(self) -> None:
         running = mf.runtime_versions()
@@ -74,7 +104,7 @@ class PrebuiltPackage:
 
     def _check_files(self) -> None:
         for name, expected in self.manifest["files"].items():
-            path = self.root / name
+            path = self._inside(name)
             if not path.is_file():
                 raise PrebuiltError(f"{self.root}: {name} is listed in the manifest but missing")
             actual = mf.sha256(path)
@@ -107,10 +137,13 @@ class PrebuiltPackage:
     def _module(self, library: dict):
         with self._lock:
             if library["file"] not in self._modules:
-                import tvm_ffi
-
                 load_tvm_runtime(self.root / "runtime", cuda=library["kind"] == "cuda")
-                self._modules[library["file"]] = tvm_ffi.load_module(str((self.root / library["file"]).resolve()))
+                path = self._inside(library["file"])
+                module = load_verified(path, self.manifest["files"][library["file"]])
+                if module is None:
+                    raise PrebuiltError(f"{path}: changed since the package was verified (its sha256 no longer "
+                                        f"matches the manifest); refusing to load it")
+                self._modules[library["file"]] = module
             return self._modules[library["file"]]
 
     def find(self, spec: KernelSpec):

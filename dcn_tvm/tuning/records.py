@@ -10,12 +10,17 @@
 Targets never share a folder (MetaSchedule matches records by PrimFunc, ignoring the target). Only
 text is stored, no TVM object blobs; a trace replays with `Trace.apply_json_to_schedule`, whose
 instruction names may change between TVM releases, so readers check the recorded TVM version and a
-record only applies to a PrimFunc with the recorded structural hash. Files are replaced atomically.
+record only applies to a PrimFunc with the recorded structural hash. Files are replaced atomically,
+by one writer at a time (`Store.locked`: an fcntl lock on the folder's .lock file, which a tuning
+run holds from start to end). A damaged file never fails an operator call: an unreadable line of
+records.jsonl is skipped, an unreadable metadata.json means the default schedules, each with one
+warning naming the file.
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -23,6 +28,8 @@ import logging
 import os
 import statistics
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from dcn_tvm import env
@@ -35,6 +42,9 @@ KEEP = 3
 #: run_secs at or above this mark a failed measurement (MetaSchedule stores failures as 1e10 s).
 FAILED_SECS = 1e9
 _warned: set[str] = set()
+#: Per folder: a lock for this process's threads, and [the open .lock file, how deeply it is held].
+_folder_locks: dict[str, tuple[threading.RLock, list]] = {}
+_folder_locks_guard = threading.Lock()
 
 
 class RecordsVersionError(RuntimeError):
@@ -85,11 +95,45 @@ class Store:
     def exists(self) -> bool:
         return self.metadata_path.is_file()
 
+    @contextmanager
+    def locked(self):
+        """Be the folder's only writer while inside: other processes and threads wait (reentrant)."""
+        with _folder_locks_guard:
+            thread_lock, held = _folder_locks.setdefault(str(self.folder), (threading.RLock(), [None, 0]))
+        with thread_lock:
+            if held[1] == 0:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                handle = open(self.folder / ".lock", "a")
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.warning("dcn_tvm: waiting for another writer of %s (another dcn-tvm tune run?)", self.folder)
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                held[0] = handle
+            held[1] += 1
+            try:
+                yield
+            finally:
+                held[1] -= 1
+                if held[1] == 0:
+                    held[0].close()
+                    held[0] = None
+
     def metadata(self) -> dict:
+        """The folder's metadata; a fresh one where there is none or it cannot be read (warned once)."""
+        fresh = {"tvm": version("apache-tvm"), "dcn_tvm": version("dcn_tvm"), "target": target_config(self.target),
+                 "device": None, "date": None, "kernels": {}}
         if not self.exists():
-            return {"tvm": version("apache-tvm"), "dcn_tvm": version("dcn_tvm"), "target": target_config(self.target),
-                    "device": None, "date": None, "kernels": {}}
-        return json.loads(self.metadata_path.read_text())
+            return fresh
+        try:
+            metadata = json.loads(self.metadata_path.read_text(errors="replace"))
+            if not (isinstance(metadata, dict) and isinstance(metadata.get("kernels"), dict) and "tvm" in metadata):
+                raise ValueError("not a JSON object with 'tvm' and 'kernels'")
+        except (OSError, ValueError) as error:
+            _warn_once(str(self.metadata_path), "dcn_tvm: ignoring %s, which cannot be read (%s); using the default "
+                       "schedules", self.metadata_path, error)
+            return fresh
+        return metadata
 
     def version_error(self) -> str | None:
         """Why these records cannot be used with the installed TVM, or None."""
@@ -105,23 +149,43 @@ class Store:
             raise RecordsVersionError(error)
 
     def kernel(self, key: str) -> dict | None:
-        return self.metadata()["kernels"].get(key)
+        entry = self.metadata()["kernels"].get(key)
+        return entry if isinstance(entry, dict) else None
 
     def update_kernel(self, key: str, device: str, **fields) -> dict:
         """Merge `fields` into the kernel's entry and stamp the folder's device and date."""
-        metadata = self.metadata()
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        metadata.update(device=device, date=now, dcn_tvm=version("dcn_tvm"))
-        entry = metadata["kernels"].setdefault(key, {})
-        entry.update(fields, date=now)
-        metadata["kernels"] = dict(sorted(metadata["kernels"].items()))
-        _write(self.metadata_path, json.dumps(metadata, indent=1) + "\n")
-        return entry
+        with self.locked():
+            metadata = self.metadata()
+            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            metadata.update(device=device, date=now, dcn_tvm=version("dcn_tvm"))
+            entry = metadata["kernels"].get(key)
+            entry = metadata["kernels"][key] = entry if isinstance(entry, dict) else {}
+            entry.update(fields, date=now)
+            metadata["kernels"] = dict(sorted(metadata["kernels"].items()))
+            _write(self.metadata_path, json.dumps(metadata, indent=1) + "\n")
+            return entry
 
     def _all_records(self) -> list[dict]:
-        if not self.records_path.is_file():
+        """Every record of the file; a line that is not one is skipped, with one warning."""
+        try:
+            text = self.records_path.read_text(errors="replace") if self.records_path.is_file() else ""
+        except OSError as error:
+            _warn_once(str(self.records_path), "dcn_tvm: ignoring %s (%s)", self.records_path, error)
             return []
-        return [json.loads(line) for line in self.records_path.read_text().splitlines() if line]
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if _is_record(record):
+                records.append(record)
+                continue
+            _warn_once(f"{self.records_path}:{number}", "dcn_tvm: skipping line %d of %s: not a tuning record "
+                       "(truncated or edited?)", number, self.records_path)
+        return records
 
     def records(self, key: str) -> list[dict]:
         """The kernel's records, fastest (median) first."""
@@ -133,15 +197,24 @@ class Store:
 
     def remove(self, key: str, trace: list) -> None:
         """Forget a recorded schedule (one that no longer builds or runs)."""
-        self._save([r for r in self._all_records() if not (r["key"] == key and r["trace"] == trace)])
+        with self.locked():
+            self._save([r for r in self._all_records() if not (r["key"] == key and r["trace"] == trace)])
 
     def commit(self, key: str, run_ms: list[float], trace: list) -> None:
         """Record a measured schedule (replacing an earlier measurement of the same trace), keeping
         the KEEP fastest per kernel."""
-        others = [r for r in self._all_records() if not (r["key"] == key and r["trace"] == trace)]
-        mine = sorted([r for r in others if r["key"] == key] + [{"key": key, "run_ms": run_ms, "trace": trace}],
-                      key=lambda r: median(r["run_ms"]))[:KEEP]
-        self._save([r for r in others if r["key"] != key] + mine)
+        with self.locked():
+            others = [r for r in self._all_records() if not (r["key"] == key and r["trace"] == trace)]
+            mine = sorted([r for r in others if r["key"] == key] + [{"key": key, "run_ms": run_ms, "trace": trace}],
+                          key=lambda r: median(r["run_ms"]))[:KEEP]
+            self._save([r for r in others if r["key"] != key] + mine)
+
+
+def _is_record(record) -> bool:
+    """Whether a parsed line of records.jsonl has the shape of a record."""
+    return (isinstance(record, dict) and isinstance(record.get("key"), str) and isinstance(record.get("trace"), list)
+            and isinstance(record.get("run_ms"), list) and len(record["run_ms"]) > 0
+            and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in record["run_ms"]))
 
 
 def plain(value):
@@ -190,14 +263,14 @@ def tuned_schedule(spec: KernelSpec, func, root: Path | None = None):
     if found is None:
         return None
     store, entry = found
-    if entry["func_hash"] != str(tvm_ffi.structural_hash(func)):
+    if entry.get("func_hash") != str(tvm_ffi.structural_hash(func)):
         _warn_once(spec.key, "dcn_tvm: the tuned schedule of %s was tuned for another version of its compute; "
-                   "using the default schedule (re-tune %s)", spec.key, entry["workload"])
+                   "using the default schedule (re-tune %s)", spec.key, entry.get("workload", "it"))
         return None
     sch = tvm().s_tir.Schedule(func)
     try:
         tvm().s_tir.Trace.apply_json_to_schedule(store.records(spec.key)[0]["trace"], sch)
-    except tvm().s_tir.ScheduleError as error:
+    except Exception as error:  # a record that does not replay, for whatever reason, must not fail the op
         _warn_once(spec.key, "dcn_tvm: the tuned schedule of %s does not apply (%s); using the default schedule",
                    spec.key, str(error).splitlines()[0])
         return None

@@ -12,11 +12,15 @@ schedule and its kept records are measured side by side; the fastest is what the
 compile.
 
 `--trials` is the budget of the whole run, split evenly over the kernels; a kernel whose recorded
-trials already meet its share (or whose space ran out) is not measured again.
+trials already meet its share (or whose space ran out) is not measured again. A run holds the lock
+of each records folder it tunes (`Store.locked`) from start to end, so a second run into the same
+folder waits, then counts the first one's trials. Every worker process the run starts
+(MetaSchedule's `tvm.exec.popen_worker` builders and runners) is ended when it returns or raises.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -176,6 +180,10 @@ class Measurer:
         config = ms.runner.RPCConfig(host, int(port), rpc_key, session_timeout_sec=120)
         servers = config.count_num_servers(allow_missing=False)
         self.runner = ms.runner.RPCRunner(config, evaluator, max_workers=servers)
+
+    def close(self) -> None:
+        """End the runner's worker processes (the builder starts and ends its own per batch)."""
+        self.runner.pool.shutdown(wait=False)
 
     def measure(self, mods) -> list[list[float] | str]:
         """Per module: its run times in ms over ROUNDS runs of the whole list (every other round in
@@ -350,10 +358,20 @@ def tune(workloads: list[Workload], target: str, trials: int, logs: Path | None 
         raise ValueError("nothing to tune: give --preset or --workload (and stages they have)")
     if target_kind(target) == "cuda" and rpc_tracker is None and not torch.cuda.is_available():
         raise ValueError(f"measuring for {target} needs a visible CUDA GPU or --rpc-tracker")
-    stores = {op: Store(target, op, root) for op in {task.spec.op for task in tasks}}
-    for store in stores.values():
-        store.check_version()
-    share = max(trials // len(tasks), 1)
+    stores = {op: Store(target, op, root) for op in sorted({task.spec.op for task in tasks})}
+    with contextlib.ExitStack() as stack:
+        for store in stores.values():
+            stack.enter_context(store.locked())
+        stack.enter_context(_ending_new_workers())
+        for store in stores.values():
+            store.check_version()
+        _tune_tasks(tasks, stores, target, max(trials // len(tasks), 1), rpc_tracker, rpc_key, progress, stack)
+    return [result_of(stores[task.spec.op], task.spec.key) for task in tasks]
+
+
+def _tune_tasks(tasks: list[Task], stores: dict, target: str, share: int, rpc_tracker, rpc_key, progress: bool,
+                stack: contextlib.ExitStack) -> None:
+    """Give every kernel its `share` of trials (less those recorded), then its final measurement."""
 
     def remaining(task: Task) -> int:
         entry = stores[task.spec.op].kernel(task.spec.key) or {}
@@ -362,9 +380,12 @@ def tune(workloads: list[Workload], target: str, trials: int, logs: Path | None 
     todo = {task.spec.key: remaining(task) for task in tasks}
     unfinished = [task for task in tasks if todo[task.spec.key] or "default_ms" not in
                   (stores[task.spec.op].kernel(task.spec.key) or {})]
-    measurer = Measurer(tuning_target(target), rpc_tracker, rpc_key) if unfinished else None
+    if not unfinished:
+        return
+    measurer = Measurer(tuning_target(target), rpc_tracker, rpc_key)
+    stack.callback(measurer.close)
     device = f"RPC key {rpc_key!r} at {rpc_tracker}" if rpc_tracker else local_device(target)
-    bars = _Progress(sum(todo.values()), progress)
+    bars = stack.enter_context(contextlib.closing(_Progress(sum(todo.values()), progress)))
     for task in unfinished:
         store = stores[task.spec.op]
         if todo[task.spec.key]:
@@ -372,8 +393,24 @@ def tune(workloads: list[Workload], target: str, trials: int, logs: Path | None 
             _search(task, store, measurer, todo[task.spec.key], bars, device)
             bars.finish_kernel()
         _final(task, store, measurer, device)
-    bars.close()
-    return [result_of(stores[task.spec.op], task.spec.key) for task in tasks]
+
+
+@contextlib.contextmanager
+def _ending_new_workers():
+    """Kill, on the way out, every descendant process started inside (MetaSchedule's popen workers,
+    which otherwise outlive the run: a builder pool interrupted mid-batch is never shut down)."""
+    import psutil
+
+    me = psutil.Process()
+    before = {child.pid for child in me.children(recursive=True)}
+    try:
+        yield
+    finally:
+        started = [child for child in me.children(recursive=True) if child.pid not in before]
+        for child in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(started, timeout=10)
 
 
 def result_of(store: Store, key: str) -> Result:
