@@ -44,8 +44,10 @@ def no_process_outlives_the_suite():
     yield
     if "torch._inductor.async_compile" in sys.modules:  # torch.compile's worker pool, torch's to end
         sys.modules["torch._inductor.async_compile"].shutdown_compile_workers()
+    # A process may be exiting right now (a subprocess of the last test): give it a moment.
+    _, alive = psutil.wait_procs(_started_by_this_session(psutil), timeout=10)
     left = []
-    for process in _started_by_this_session(psutil):
+    for process in alive:
         try:
             left.append(f"{process.pid}: {' '.join(process.cmdline())}")
             process.kill()
