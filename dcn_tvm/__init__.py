@@ -1,7 +1,9 @@
 """dcn_tvm: Deformable ConvNets operators written as TVM tensor expressions, called from PyTorch."""
 
+from dcn_tvm.convert import convert_torchvision
 from dcn_tvm.ops.deform_conv2d import DeformConv2d, DeformConv2dPack, deform_conv2d
 from dcn_tvm.ops.deform_roi_pool import DeformPSRoIPool, DeformRoIPool, deform_roi_pool
 
-__all__ = ["DeformConv2d", "DeformConv2dPack", "DeformPSRoIPool", "DeformRoIPool", "deform_conv2d", "deform_roi_pool"]
+__all__ = ["DeformConv2d", "DeformConv2dPack", "DeformPSRoIPool", "DeformRoIPool", "convert_torchvision",
+           "deform_conv2d", "deform_roi_pool"]
 __version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""ONNX export of dcn_tvm's ops through `torch.onnx.export(..., dynamo=True)`.
+
+- `dcn_tvm::deform_conv2d` becomes the standard `DeformConv` (opset >= 19): same offset layout
+  ((dy, dx) pairs per kernel point and offset group), mask and bias inputs, the exporter's dynamic
+  batch and spatial sizes. onnxruntime runs it on its CPU execution provider.
+- `dcn_tvm::deform_roi_pool` has no standard operator: it becomes `dcn_tvm::DeformRoIPool`
+  (custom domain `dcn_tvm`, version 1, schema in `DEFORM_ROI_POOL_SCHEMA`), which a runtime must
+  implement itself (onnxruntime refuses a model holding one unless given such a custom op).
+
+`to_onnx` is `torch.onnx.export` with these translations and dynamic batch and spatial sizes;
+`onnx_translation_table()` gives the translations to pass to `torch.onnx.export` yourself.
+Needs onnx, onnxscript (and onnxruntime to run the result): `pip install dcn_tvm[export]`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import onnx
+import torch
+from onnxscript import opset19
+from onnxscript.values import Op, Opset
+
+ONNX_OPSET = 19
+"""The first opset with DeformConv."""
+DOMAIN = "dcn_tvm"
+
+_Schema = onnx.defs.OpSchema
+DEFORM_ROI_POOL_SCHEMA = _Schema(
+    "DeformRoIPool", DOMAIN, 1,
+    doc="dcn_tvm.deform_roi_pool: (deformable) (position-sensitive) RoI pooling as the original "
+        "DeformablePSROIPooling. Y[r, c, i, j] is the mean of the sampling_ratio² bilinear samples of bin (i, j) "
+        "of RoI r that fall inside the image, read from channel (c * group_size + gi) * group_size + gj of "
+        "image rois[r, 0], the bin moved by gamma * offset[r, 2*class:2*class+2, pi, pj] * (roi width, height) "
+        "(x first; class = c // (C_out / num_classes)). Batch indices must lie in [0, N).",
+    inputs=[
+        _Schema.FormalParameter("X", "T", "input [N, C, H, W], C = C_out * group_size²"),
+        _Schema.FormalParameter("rois", "T1", "[R, 5] rows (batch_index, x1, y1, x2, y2) in image pixels"),
+        _Schema.FormalParameter("offset", "T", "[R, 2*num_classes, part_size, part_size] normalised offsets",
+                                param_option=_Schema.FormalParameterOption.Optional),
+    ],
+    outputs=[_Schema.FormalParameter("Y", "T", "[R, C_out, output_size, output_size]")],
+    type_constraints=[
+        ("T", ["tensor(float16)", "tensor(bfloat16)", "tensor(float)", "tensor(double)"], "features"),
+        ("T1", ["tensor(float16)", "tensor(bfloat16)", "tensor(float)", "tensor(double)"], "RoI boxes"),
+    ],
+    attributes=[
+        _Schema.Attribute("output_size", _Schema.AttrType.INT, "k, bins per side"),
+        _Schema.Attribute("spatial_scale", _Schema.AttrType.FLOAT, "input pixels per image pixel"),
+        _Schema.Attribute("group_size", _Schema.AttrType.INT, "1: plain pooling; k: position-sensitive"),
+        _Schema.Attribute("part_size", _Schema.AttrType.INT, "offset cells per side"),
+        _Schema.Attribute("sampling_ratio", _Schema.AttrType.INT, "samples per bin side"),
+        _Schema.Attribute("gamma", _Schema.AttrType.FLOAT, "offset scale"),
+    ],
+)
+_DEFORM_ROI_POOL = Op(Opset(DOMAIN, 1), "DeformRoIPool", DEFORM_ROI_POOL_SCHEMA)
+
+
+def _static(name: str, value) -> int:
+    if not isinstance(value, int):
+        raise ValueError(f"ONNX DeformConv needs a static {name}, got {value!r}")
+    return value
+
+
+def _deform_conv2d(input, offset, mask, weight, bias, stride: Sequence[int], padding: Sequence[int],
+                   dilation: Sequence[int]):
+    """dcn_tvm::deform_conv2d as DeformConv: weight [O, C/groups, KH, KW] and the channel counts are static."""
+    channels, (_, per_group, kh, kw) = _static("input channels", input.shape[1]), weight.shape
+    offset_groups = _static("offset channels", offset.shape[1]) // (2 * kh * kw)
+    return opset19.DeformConv(input, weight, offset, bias, mask, dilations=list(dilation),
+                              group=channels // per_group, kernel_shape=[kh, kw], offset_group=offset_groups,
+                              pads=[padding[0], padding[1], padding[0], padding[1]], strides=list(stride))
+
+
+def _deform_roi_pool(input, rois, offset, output_size: int, spatial_scale: float, group_size: int,
+                     part_size: int, sampling_ratio: int, gamma: float):
+    """dcn_tvm::deform_roi_pool as dcn_tvm::DeformRoIPool, its arguments as attributes."""
+    return _DEFORM_ROI_POOL(input, rois, offset, output_size=output_size, spatial_scale=spatial_scale,
+                            group_size=group_size, part_size=part_size, sampling_ratio=sampling_ratio,
+                            gamma=gamma)
+
+
+def onnx_translation_table() -> dict[torch._ops.OpOverload, Callable]:
+    """dcn_tvm's ops to their ONNX translations, for `torch.onnx.export(custom_translation_table=...)`."""
+    return {torch.ops.dcn_tvm.deform_conv2d.default: _deform_conv2d,
+            torch.ops.dcn_tvm.deform_roi_pool.default: _deform_roi_pool}
+
+
+def dynamic_shapes(args: Sequence) -> tuple:
+    """Every dimension but dim 1 (channels, box coordinates) of every tensor in `args` dynamic:
+    batch and spatial sizes of images, the number of RoIs."""
+    dynamic = torch.export.Dim.DYNAMIC
+    return tuple({dim: dynamic for dim in range(arg.dim()) if dim != 1} if isinstance(arg, torch.Tensor) else None
+                 for arg in args)
+
+
+def to_onnx(model: torch.nn.Module, args: Sequence, f: str | os.PathLike | None = None, *,
+            dynamic: bool = True, opset_version: int | None = None, **options) -> torch.onnx.ONNXProgram:
+    """`torch.onnx.export(model, args, f, dynamo=True, ...)` with dcn_tvm's translations.
+
+    Args:
+        model: an eval-mode module (or torch.export.ExportedProgram) using dcn_tvm ops.
+        args: its positional example inputs.
+        f: where to save the model, if given.
+        dynamic: every dimension but dim 1 of every tensor argument is dynamic (see `dynamic_shapes`),
+            unless `options` holds `dynamic_shapes`; False exports the example's sizes.
+        opset_version: >= 19 (DeformConv); torch's default if None.
+        options: further torch.onnx.export arguments; a `custom_translation_table` is merged in.
+
+    Returns the torch.onnx.ONNXProgram (`.model_proto`, `.save(path)`).
+    """
+    if opset_version is not None and opset_version < ONNX_OPSET:
+        raise ValueError(f"opset_version must be >= {ONNX_OPSET} (the first with DeformConv), got {opset_version}")
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    if dynamic and "dynamic_shapes" not in options:
+        options["dynamic_shapes"] = dynamic_shapes(args)
+    options["custom_translation_table"] = {**onnx_translation_table(), **options.get("custom_translation_table", {})}
+    return torch.onnx.export(model, args, f, dynamo=True, opset_version=opset_version, **options)
