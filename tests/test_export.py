@@ -3,17 +3,23 @@ torch.export save/load, torch.compile max-autotune."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 import dcn_tvm
-from dcn_tvm import DeformConv2dPack
+from dcn_tvm import DeformConv2d, DeformConv2dPack, DeformPSRoIPool, DeformRoIPool
+from dcn_tvm.models import DeepLabHead, resnet101_dcn
 
 _MISSING_ONNX = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
 needs_onnx = pytest.mark.skipif(bool(_MISSING_ONNX), reason=f"needs {', '.join(_MISSING_ONNX)} (dcn_tvm[export])")
+needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                                       reason="needs torchvision")
 
 
 def relative_error(actual, expected) -> float:
@@ -127,3 +133,231 @@ def test_opsets_without_deformconv_are_refused():
 
     with pytest.raises(ValueError, match=r"opset_version must be >= 19 \(the first with DeformConv\), got 18"):
         to_onnx(DeformConv2dPack(4, 4, 3).eval(), (torch.randn(1, 4, 5, 5),), opset_version=18)
+
+
+class RoIHeads(nn.Module):
+    """Both RoI poolings: deformable (offset input) and plain (the first pass inside DeformRoIPool),
+    position-sensitive."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = DeformRoIPool(8, 3, spatial_scale=0.5)
+        self.ps_pool = DeformPSRoIPool(8, 2, 3, spatial_scale=0.5)
+        with torch.no_grad():
+            self.pool.offset_fc.weight.normal_(std=0.01)
+            self.ps_pool.offset_conv.weight.normal_(std=0.01)
+
+    def forward(self, features, rois):
+        return self.pool(features, rois), self.ps_pool(features, rois)
+
+
+def rois(count: int, batch: int, size: float = 16.0, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    corners = torch.rand(count, 2, 2, generator=gen) * size
+    boxes = torch.cat([corners.min(1).values, corners.max(1).values], dim=1)
+    return torch.cat([torch.randint(batch, (count, 1), generator=gen).float(), boxes], dim=1)
+
+
+def _run_deform_roi_pool(self, x, boxes, offset=None, **attrs):
+    """dcn_tvm::DeformRoIPool for onnx's reference evaluator, from the node's inputs and attributes."""
+    tensors = [None if t is None else torch.from_numpy(t) for t in (x, boxes, offset)]
+    return (dcn_tvm.deform_roi_pool(*tensors, **attrs).numpy(),)
+
+
+@needs_onnx
+def test_deform_roi_pool_exports_to_the_dcn_tvm_domain():
+    """The custom node carries everything the op needs: an implementation of dcn_tvm::DeformRoIPool
+    from its documented inputs and attributes reproduces the model (here in onnx's reference
+    evaluator, at another RoI count); onnxruntime, which has no such op, refuses the model."""
+    import onnx
+    import onnxruntime
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    from dcn_tvm.export import DEFORM_ROI_POOL_SCHEMA, to_onnx
+
+    torch.manual_seed(0)
+    model = RoIHeads().eval()
+    program = to_onnx(model, (torch.randn(2, 8, 8, 8), rois(3, 2)), verbose=False)
+    proto = program.model_proto
+    onnx.checker.check_model(proto, full_check=True)
+    assert {(opset.domain, opset.version) for opset in proto.opset_import} >= {("dcn_tvm", 1)}
+    pools = nodes(proto, "DeformRoIPool")
+    assert all(node.domain == "dcn_tvm" for node in pools)
+    assert sorted(len(node.input) for node in pools) == [2, 2, 3, 3]  # plain passes have no offset
+    schema_attributes = set(DEFORM_ROI_POOL_SCHEMA.attributes)
+    assert all(set(attributes(node)) == schema_attributes for node in pools)
+    assert {attributes(node)["group_size"] for node in pools} == {1, 3}
+    assert {attributes(node)["part_size"] for node in pools} == {3}
+
+    # The reference evaluator finds a custom op by its class name and op_domain.
+    DeformRoIPoolOp = type("DeformRoIPool", (OpRun,), {"op_domain": "dcn_tvm", "_run": _run_deform_roi_pool})
+
+
+    features, boxes = torch.randn(3, 8, 8, 8), rois(5, 3, seed=1)
+    with torch.no_grad():
+        expected = model(features, boxes)
+    outputs = ReferenceEvaluator(proto, new_ops=[DeformRoIPoolOp]).run(None, {"features": features.numpy(),
+                                                                               "rois": boxes.numpy()})
+    for output, reference in zip(outputs, expected):
+        assert relative_error(output, reference) < 1e-5
+    with pytest.raises(onnxruntime.capi.onnxruntime_pybind11_state.Fail, match="DeformRoIPool"):
+        run_onnxruntime(proto, features, boxes)
+
+
+class DeepLab(nn.Module):
+    """ResNet-101-DCN with the DeepLab head, scores upsampled to the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = resnet101_dcn(), DeepLabHead(1024, 20)
+
+    def forward(self, image):
+        return self.head(self.backbone(image), size=image.shape[-2:])
+
+
+@needs_onnx
+@pytest.mark.slow
+def test_resnet101_dcn_deeplab_runs_in_onnxruntime():
+    from dcn_tvm.export import to_onnx
+
+    torch.manual_seed(0)
+    model = DeepLab().eval()
+    for block in model.backbone.layer4:
+        deforming(block.conv2, std=0.01)
+    program = to_onnx(model, (torch.randn(1, 3, 64, 64),), verbose=False)
+    assert len(nodes(program.model_proto, "DeformConv")) == 3
+    for shape in ((1, 3, 64, 64), (2, 3, 48, 80)):
+        image = torch.randn(shape)
+        with torch.no_grad():
+            expected = model(image)
+        (output,) = run_onnxruntime(program.model_proto, image)
+        assert output.shape == (shape[0], 21, *shape[2:])
+        assert relative_error(output, expected) < 1e-5, shape
+
+
+def torchvision_model(torchvision, dtype):
+    """torchvision DeformConv2d layers nested in a Sequential, ModuleList and ModuleDict, one of them
+    reachable under two names, one without bias and in eval mode; forward(input, offsets, masks)."""
+    tv = torchvision.ops.DeformConv2d
+    shared = tv(4, 4, 3, padding=1, groups=2)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(tv(4, 4, 3, padding=1), nn.ReLU())
+            self.blocks = nn.ModuleList([shared, nn.ModuleDict({"deform": tv(4, 8, 3, 2, 2, 2, bias=False),
+                                                                "again": shared})])
+            self.blocks[1]["deform"].eval()
+
+        def forward(self, x, offsets, mask):
+            x = self.stem[1](self.stem[0](x, offsets[0]))
+            x = self.blocks[1]["again"](self.blocks[0](x, offsets[1], mask), offsets[2])
+            return self.blocks[1]["deform"](x, offsets[3], mask[:, :, ::2, ::2].repeat(1, 2, 1, 1))
+
+    return Model().to(dtype)
+
+
+@needs_torchvision
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_convert_torchvision_swaps_modules_keeping_parameters(dtype, tolerance):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision_model(torchvision, dtype)
+    reference = copy.deepcopy(model)
+    parameters = dict(model.named_parameters())
+    x = torch.randn(2, 4, 7, 9, dtype=dtype, requires_grad=True)
+    offsets = [(2 * torch.randn(2, 18, 7, 9, dtype=dtype)).requires_grad_() for _ in range(3)]
+    offsets.append((2 * torch.randn(2, 36, 4, 5, dtype=dtype)).requires_grad_())
+    mask = torch.rand(2, 9, 7, 9, dtype=dtype, requires_grad=True)
+
+    replaced = dcn_tvm.convert_torchvision(model)
+
+    assert replaced == ["stem.0", "blocks.0", "blocks.1.deform", "blocks.1.again"]
+    assert not any(isinstance(m, torchvision.ops.DeformConv2d) for m in model.modules())
+    assert model.blocks[0] is model.blocks[1]["again"] and isinstance(model.blocks[0], DeformConv2d)
+    assert all(value is parameters[name] for name, value in model.named_parameters())  # the same tensors
+    assert model.blocks[1]["deform"].bias is None and not model.blocks[1]["deform"].training
+    assert model.stem[0].training and model.stem[0].weight.dtype == dtype
+    grads = []
+    for run in (reference, model):
+        run.zero_grad()
+        inputs = (x, *offsets, mask)
+        for tensor in inputs:
+            tensor.grad = None
+        out = run(x, offsets, mask)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        grads.append([out] + [t.grad.clone() for t in inputs]
+                     + [p.grad.clone() for p in run.parameters()])
+    for ours, theirs in zip(grads[1], grads[0]):
+        assert relative_error(ours, theirs) < tolerance
+
+
+@needs_torchvision
+def test_convert_torchvision_leaves_what_it_cannot_swap():
+    """The functional torchvision.ops.deform_conv2d in a forward is not a module: nothing to swap."""
+    import torchvision
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4, 3, 3))
+
+        def forward(self, x, offset):
+            return torchvision.ops.deform_conv2d(x, offset, self.weight)
+
+    class Subclass(torchvision.ops.DeformConv2d):
+        pass
+
+    assert dcn_tvm.convert_torchvision(nn.Sequential(Functional(), Subclass(4, 4, 3))) == []
+    with pytest.raises(TypeError, match="model is itself a torchvision DeformConv2d"):
+        dcn_tvm.convert_torchvision(torchvision.ops.DeformConv2d(4, 4, 3))
+
+
+def test_dcn_tvm_imports_without_torchvision():
+    code = ("import sys; sys.modules['torchvision'] = None; import dcn_tvm, torch; "
+            "assert dcn_tvm.convert_torchvision(torch.nn.Linear(2, 2)) == []")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class TinyNet(nn.Module):
+    """A modulated deformable conv feeding a deformable RoI pooling: both op families."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = deforming(DeformConv2dPack(4, 8, 3, padding=1, offset_groups=2, modulated=True), std=0.1)
+        self.pool = DeformRoIPool(8, 3, spatial_scale=0.5)
+        with torch.no_grad():
+            self.pool.offset_fc.weight.normal_(std=0.01)
+
+    def forward(self, features, rois):
+        return self.pool(self.conv(features), rois)
+
+
+def test_torch_export_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    args = (torch.randn(2, 4, 8, 8), rois(3, 2))
+    program = torch.export.export(model, args)
+    path = tmp_path / "tiny.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path)
+    targets = {str(node.target) for node in loaded.graph.nodes if node.op == "call_function"}
+    assert {"dcn_tvm.deform_conv2d.default", "dcn_tvm.deform_roi_pool.default"} <= targets
+    with torch.no_grad():
+        assert torch.equal(loaded.module()(*args), model(*args))
+
+
+def test_torch_compile_max_autotune_on_cpu():
+    torch.manual_seed(0)
+    model = TinyNet()
+    features, boxes = torch.randn(2, 4, 8, 8), rois(3, 2)
+    results = []
+    for run in (model, torch.compile(model, mode="max-autotune-no-cudagraphs", fullgraph=True)):
+        model.zero_grad()
+        out = run(features, boxes)
+        out.square().sum().backward()
+        results.append((out, model.conv.weight.grad.clone(), model.conv.conv_offset.weight.grad.clone()))
+    for compiled, eager in zip(results[1], results[0]):
+        assert relative_error(compiled, eager) < 1e-5
