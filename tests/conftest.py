@@ -22,13 +22,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _exits_with_pytest(process) -> bool:
+    """multiprocessing's resource tracker of this very process: it ends when pytest does."""
+    return process.ppid() == os.getpid() and "multiprocessing.resource_tracker" in " ".join(process.cmdline())
+
+
 def _started_by_this_session(psutil) -> list:
     """The live processes that carry this session's mark (children, and orphans of killed ones)."""
     found = []
     for process in psutil.process_iter():
         try:
             if process.pid != os.getpid() and process.status() != psutil.STATUS_ZOMBIE and \
-                    process.environ().get(SESSION_MARK[0]) == SESSION_MARK[1]:
+                    process.environ().get(SESSION_MARK[0]) == SESSION_MARK[1] and not _exits_with_pytest(process):
                 found.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
