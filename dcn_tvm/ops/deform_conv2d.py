@@ -15,6 +15,7 @@ from dcn_tvm import env, schedules
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import DTYPES, ConvGeometry, KernelSpec
 from dcn_tvm.kernels.targets import target_key, target_kind
+from dcn_tvm.ops import dispatch
 
 OP = "deform_conv2d"
 _TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}
@@ -60,8 +61,9 @@ def geometry(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None,
     stride, padding, dilation = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
     if input.dtype not in _TORCH_DTYPES:
         raise TypeError(f"input must have a floating dtype among {DTYPES}, got {input.dtype}")
+    dtype = dispatch.compute_dtype(input)
     for name, value in (("offset", offset), ("weight", weight), ("mask", mask)):
-        if value is not None and value.dtype != input.dtype:
+        if value is not None and dispatch.compute_dtype(value) != dtype:
             raise TypeError(f"{name} must have the input's dtype {input.dtype}, got {value.dtype}")
         if value is not None and value.device != input.device:
             raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
@@ -83,7 +85,7 @@ def geometry(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None,
     if c % offset_groups != 0:
         raise ValueError(f"input channels ({c}) must be a multiple of offset groups ({offset_groups})")
     geo = ConvGeometry(c, o, (kh, kw), stride, padding, dilation, groups, offset_groups, mask is not None,
-                       _TORCH_DTYPES[input.dtype])
+                       _TORCH_DTYPES[dtype])
     oh, ow = geo.output_size(h, w)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding} "
@@ -190,6 +192,8 @@ def _backward(ctx, grad_output):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+dispatch.register("deform_conv2d", autocast=True)
+dispatch.register("deform_conv2d_backward", autocast=False)
 
 
 def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -212,7 +216,7 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | 
     geo = geometry(input, offset, weight, mask, stride, padding, dilation)
     if bias is None:
         bias = weight.new_zeros(weight.shape[0])
-    elif bias.dtype != input.dtype or bias.device != input.device:
+    elif dispatch.compute_dtype(bias) != dispatch.compute_dtype(input) or bias.device != input.device:
         raise TypeError(f"bias must have the input's dtype {input.dtype} on {input.device}, "
                         f"got {bias.dtype} on {bias.device}")
     _expect_shape("bias", bias, (geo.out_channels,), "O")

@@ -21,6 +21,7 @@ from dcn_tvm.ops.deform_conv2d import init_offset_layer
 from dcn_tvm.kernels.roi_spec import RoIPoolGeometry
 from dcn_tvm.kernels.spec import DTYPES, KernelSpec
 from dcn_tvm.kernels.targets import target_key
+from dcn_tvm.ops import dispatch
 
 OP = "deform_roi_pool"
 _TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}
@@ -98,10 +99,11 @@ def geometry(input: Tensor, rois: Tensor, offset: Tensor | None, output_size, sp
     if channels == 0 or channels % (g * g) != 0:
         raise ValueError(f"input channels ({channels}) must be a positive multiple of group_size² ({g * g})")
     out_channels = channels // (g * g)
+    dtype = _TORCH_DTYPES[dispatch.compute_dtype(input)]
     if offset is None:
-        return RoIPoolGeometry(out_channels, k, g, 0, s, 0, scale, 0.0, _TORCH_DTYPES[input.dtype])
+        return RoIPoolGeometry(out_channels, k, g, 0, s, 0, scale, 0.0, dtype)
     _check_tensor("offset", offset, 4, input)
-    if offset.dtype != input.dtype:
+    if dispatch.compute_dtype(offset) != dispatch.compute_dtype(input):
         raise TypeError(f"offset must have the input's dtype {input.dtype}, got {offset.dtype}")
     classes, odd = divmod(offset.shape[1], 2)
     if odd or not classes or (offset.shape[0], offset.shape[2], offset.shape[3]) != (rois.shape[0], p, p):
@@ -110,7 +112,7 @@ def geometry(input: Tensor, rois: Tensor, offset: Tensor | None, output_size, sp
     if out_channels % classes != 0:
         raise ValueError(f"out channels ({out_channels} = {channels} // group_size²) must be a multiple of "
                          f"the offset classes ({classes} = offset.shape[1] // 2)")
-    return RoIPoolGeometry(out_channels, k, g, p, s, classes, scale, gamma, _TORCH_DTYPES[input.dtype])
+    return RoIPoolGeometry(out_channels, k, g, p, s, classes, scale, gamma, dtype)
 
 
 def _kernel_rois(rois: Tensor, geo: RoIPoolGeometry, batch: int) -> Tensor:
@@ -214,6 +216,8 @@ def _backward(ctx, grad_output):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+dispatch.register("deform_roi_pool", autocast=True)
+dispatch.register("deform_roi_pool_backward", autocast=False)
 
 
 def deform_roi_pool(input: Tensor, rois, offset: Tensor | None = None, output_size: int = 7,

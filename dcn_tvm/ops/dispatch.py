@@ -1,0 +1,61 @@
+"""Dispatcher rules shared by the dcn_tvm torch.library ops: autocast, and forward-mode AD refused.
+
+Autocast follows torchvision's deform_conv2d and roi_align: inside `torch.autocast`, float16,
+bfloat16 and float32 arguments run in float32 (float64 stays float64) with autocast off, and the
+result comes back in the first argument's dtype. torchvision registers this for CUDA only; dcn_tvm
+does it on the CPU too.
+
+No op has a forward-mode formula, and torch would drop a tangent silently (the result of
+`torch.func.jvp` all zeros, `forward_ad.unpack_dual(out).tangent` None): a tangent raises instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+
+_LIBRARY = torch.library.Library("dcn_tvm", "FRAGMENT")
+_DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_AUTOCAST_TO_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def compute_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype `tensor` is computed in: float32 under autocast on its device for float16, bfloat16
+    and float32, its own dtype otherwise."""
+    if tensor.dtype in _AUTOCAST_TO_FLOAT32 and torch.is_autocast_enabled(tensor.device.type):
+        return torch.float32
+    return tensor.dtype
+
+
+def _autocast_kernel(op: torch._ops.OpOverload, device_type: str):
+    def kernel(*args):
+        cast = [a.to(compute_dtype(a)) if isinstance(a, Tensor) and a.device.type == device_type else a
+                for a in args]
+        with torch.autocast(device_type, enabled=False):
+            return op(*cast).to(args[0].dtype)
+    return kernel
+
+
+def _forward_ad_refusing_kernel(qualname: str, reverse_mode):
+    def kernel(keyset, *args):
+        if any(isinstance(a, Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args):
+            raise NotImplementedError(
+                f"{qualname} has no forward-mode derivative (torch.func.jvp, torch.autograd.forward_ad, "
+                f"torch.func.jacfwd); use reverse mode (Tensor.backward, torch.autograd.grad)")
+        return reverse_mode.call_boxed(keyset, *args)
+    return kernel
+
+
+def register(op_name: str, autocast: bool) -> None:
+    """Refuse forward-mode tangents to dcn_tvm::<op_name> on every device; with `autocast`, give it
+    the autocast rule above (for forward ops, whose single result takes the input's dtype)."""
+    qualname = f"dcn_tvm::{op_name}"
+    for device_type, key in _DEVICE_KEYS.items():
+        # The op's own Autograd kernel (reverse mode, from register_autograd) stays what runs.
+        reverse_mode = torch.library.get_kernel(qualname, "Autograd" + key)
+        _LIBRARY.impl(op_name, _forward_ad_refusing_kernel(qualname, reverse_mode), "Autograd" + key,
+                      with_keyset=True)
+        if autocast:
+            _LIBRARY.impl(op_name, _autocast_kernel(getattr(torch.ops.dcn_tvm, op_name).default, device_type),
+                          "Autocast" + key)
