@@ -107,7 +107,9 @@ THREADS, THREAD_CANDIDATES = 256, (64, 128, 256, 512, 1024)
 
 def bind_threads(sch, loops):
     """Fuse `loops` and spread them over blocks of THREADS threads (tunable); returns the thread loop."""
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    fused = loops[0]
+    for loop in loops[1:]:  # pairwise: TVM 0.27's fuse of more loops folds an int32 constant past 2^31
+        fused = sch.fuse(fused, loop)
     blocks, threads = sch.split(fused, [None, decide(sch, THREAD_CANDIDATES, THREADS)])
     sch.bind(blocks, "blockIdx.x")
     sch.bind(threads, "threadIdx.x")

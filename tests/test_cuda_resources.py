@@ -209,3 +209,17 @@ def test_every_tuning_candidate_fits_sm_90():
         for dtype, pick in (("float64", "largest"), ("float32", "smallest"), ("float16", "random")):
             modules.append([(task, pick) for fields in geometries for task in _workload(op, fields, dtype).tasks(TARGET)])
     assert len(_build_all(modules)) == len(modules)
+
+
+@pytest.mark.parametrize("stage", [
+    "backward_data",
+    pytest.param("backward_weight", marks=pytest.mark.xfail(
+        strict=True, reason="its column buffer in global memory (2^31 + 65536 floats) fails TVM 0.27's region "
+                            "bound with an int32 literal; the CUDA grad_weight GEMM should gather into shared tiles")),
+])
+def test_static_backward_past_2_31_elements_compiles(stage):
+    """grad_columns of 1x58256x64x64, 3x3, pad 1 holds 2^31 + 65536 elements: 64-bit indices throughout, and
+    no fuse of five loops (TVM 0.27 folds their extent into an int32 constant: bind_threads fuses pairwise)."""
+    workload = Workload.parse("deform_conv2d:n=1,c=58256,o=8,h=64,w=64,k=3,pad=1,dtype=float32")
+    (task,) = [task for task in workload.tasks(TARGET) if task.spec.stage == stage]
+    build.build(task.spec)
