@@ -5,20 +5,65 @@ over their spatial loops and keep the reductions serial inside. The gathers run 
 (channel, bin) with a serial RoI loop inside: every RoI reads the same input plane back to back
 while it is in cache (RoI-major order sweeps the whole input once per RoI), and the parallel index
 splits by constants only (fusing the symbolic RoI count in would cost integer divisions per bin).
+
+Plain (group_size 1) forward pooling over a multiple of VECTOR channels reads the input channels-last
+instead: all channels of a sample share its pixels and weights (the sampling tables), so a copy of
+the input in [N, H, W, C] turns the four corner gathers into vector loads over a chunk of channels;
+the chunks run in parallel and each chunk's slab of the input stays in cache over every RoI.
 """
 
 from __future__ import annotations
 
-from .common import count_iters, parallel_outer
+from .common import count_iters, divisors, parallel_outer
 
 #: The stages that gather from the input, with the RoI loop first (compute order).
 GATHERS = ("pool_sum", "grad_offset_bins")
+#: float32 lanes of the widest vector every x86-64 target here has (AVX2), and the channel chunks
+#: tried, largest first: a chunk's input slab, H x W x chunk, should stay in L2.
+VECTOR, CHUNKS = 8, (64, 32, 16, 8)
 
 
-def stages(sch) -> None:
-    """Every root stage parallel over its fused spatial loops, its reduction loops serial inside."""
+def _shape(buffer) -> list[int | None]:
+    return [int(d) if hasattr(d, "value") else None for d in buffer.shape]
+
+
+def _channels_last_pool(sch) -> tuple[str, ...]:
+    """Schedule pool_sum and output channels-last (see the module docstring) if the stage is plain
+    pooling over a multiple of VECTOR static channels; returns the stages it scheduled."""
+    block = sch.get_sblock("pool_sum")
+    reads = {region.source.name: index for index, region in enumerate(sch.get(block).reads)}
+    channels = _shape(sch.get(block).writes[0].source)[1]
+    input_channels = _shape(next(r.source for r in sch.get(block).reads if r.source.name == "input"))[1]
+    if channels is None or channels != input_channels or channels % VECTOR:
+        return ()
+    chunk = divisors(channels, CHUNKS)[0]
+    copy = sch.cache_read(block, reads["input"], "global")
+    sch.transform_layout(copy, ("write", 0), lambda n, c, h, w: (n, h, w, c))
+    parallel_outer(sch, sch.get(copy).name_hint)
+    sch.transform_layout(block, ("write", 0), lambda r, c, i, j: (r, i, j, c))
+    r, c, i, j, rb, ra = sch.get_loops(block)
+    outer, middle, lanes = sch.split(c, [None, chunk // VECTOR, VECTOR])
+    sch.reorder(outer, r, i, j, rb, ra, middle, lanes)
+    sch.parallel(outer)
+    sch.vectorize(lanes)  # before decompose_reduction: vectorize wants the block with its init
+    init = sch.decompose_reduction(block, rb)
+    sch.vectorize(sch.get_loops(init)[-1])
+    # output: read the channels-last sums in order, VECTOR channels at a time.
+    output = sch.get_sblock("output")
+    r, c, i, j = sch.get_loops(output)
+    c, lanes = sch.split(c, [None, VECTOR])
+    sch.reorder(r, i, j, c, lanes)
+    sch.parallel(r)
+    sch.vectorize(lanes)
+    return tuple(sch.get(b).name_hint for b in (copy, init, block, output))
+
+
+def stages(sch, done=()) -> None:
+    """Every root stage not in `done` parallel over its fused spatial loops, its reductions serial inside."""
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         name, reductions = sch.get(block).name_hint, count_iters(sch, block, reduction=True)
+        if name in done:
+            continue
         if name in GATHERS:
             roi, *others = sch.get_loops(block)[: -reductions]
             sch.reorder(*others, roi)
@@ -27,9 +72,13 @@ def stages(sch) -> None:
             parallel_outer(sch, name, inner=reductions)
 
 
+def forward(sch) -> None:
+    stages(sch, done=_channels_last_pool(sch))
+
+
 def scatter(sch) -> None:
     """One thread per input channel: the channels partition the writes (no atomics)."""
     parallel_outer(sch, "scatter_grad_input", inner=0)
 
 
-RULES = {"forward": stages, "backward": stages, "scatter": scatter}
+RULES = {"forward": forward, "backward": stages, "scatter": scatter}

@@ -20,6 +20,8 @@ CASES = [
     (1, 2, 12, 9, 3, 3, 0, None, 3, 1.0),  # PS RoI pooling
     (2, 6, 8, 10, 3, 3, 3, 3, 2, 0.25),  # deformable PS RoI pooling, three classes
     (1, 4, 7, 7, 4, 2, 1, 5, 1, 1.0),  # group_size < k, class-agnostic offsets, part_size > k
+    (2, 24, 9, 11, 3, 1, 0, None, 2, 0.5),  # RoI pooling channels-last on the CPU (channels % 8 == 0)
+    (2, 16, 10, 8, 3, 1, 2, 2, 2, 0.5),  # deformable RoI pooling channels-last, two offset classes
 ]
 
 

@@ -20,6 +20,9 @@ Stages, by the names schedules look up:
     roi_batch      [R]              int32 image of every RoI
     roi_boxes      [R, 4]           start_w, start_h, roi_w, roi_h
     sample_count   [R, NC', k, k]   samples taken per bin (NC' = NC, or 1 without offsets)
+    sample_rows, sample_row_weights, sample_cols, sample_col_weights
+                   [R, NC', k, k, S, 2]  floor/ceil pixels and weights of every sample row/col,
+                                    computed once for all the channels of a class
     pool_sum       [R, O, k, k]     their sum, in acc_dtype
     output         [R, O, k, k]     pool_sum / sample_count (0 for empty bins), cast to dtype
 
@@ -68,9 +71,17 @@ def bins_of(part, parts: int, k: int):
 
 
 def input_channel(geo: RoIPoolGeometry, c, i, j):
-    """Input channel read by output channel c at bin (i, j): (c*G + i*G // k)*G + j*G // k."""
+    """Input channel read by output channel c at bin (i, j): (c*G + i*G // k)*G + j*G // k (c for G = 1,
+    written so: TVM does not fold the i // k of a loop variable i < k)."""
     g, k = geo.group_size, geo.output_size
-    return (c * g + i * g // k) * g + j * g // k
+    return c if g == 1 else (c * g + i * g // k) * g + j * g // k
+
+
+def sample_class(geo: RoIPoolGeometry, c):
+    """The row of the per-class tables (sample_count, the sampling tables) output channel c uses: its
+    offset class, or 0 without offsets (written so for the same reason, and so that a kernel vectorised
+    over channels reads one table entry for them all)."""
+    return c // geo.channels_per_class if geo.sample_classes > 1 else 0
 
 
 class _Axis(NamedTuple):
@@ -188,24 +199,64 @@ def _sample_count(geo: RoIPoolGeometry, roi: _RoIs, offset, height, width):
     return te.compute((roi.batch.shape[0], geo.sample_classes, k, k), count, name="sample_count")
 
 
+class _Tables(NamedTuple):
+    """Where every bin of every RoI and offset class samples, shared by all its channels:
+    [R, NC', k, k, S, 2] each, the floor and ceil pixel of sample row (col) b and their weights
+    (1 - f, f), both weights zero where the sample is skipped."""
+
+    rows: te.Tensor
+    row_weights: te.Tensor
+    cols: te.Tensor
+    col_weights: te.Tensor
+
+
+def _sample_tables(geo: RoIPoolGeometry, roi: _RoIs, offset, height, width) -> _Tables:
+    """The stages sample_rows, sample_row_weights, sample_cols and sample_col_weights."""
+    acc, k, s = geo.acc_dtype, geo.output_size, geo.sampling_ratio
+    zero, one = _const(0, acc), _const(1, acc)
+
+    def table(name: str, along_rows: bool, weights: bool):
+        def entry(r, cls, i, j, index, t):
+            at = _bin(geo, roi, offset, r, cls, i, j)
+            axis = at.row(index, height) if along_rows else at.col(index, width)
+            if not weights:
+                return _corner(t, axis.low, axis.high)
+            return tirx.Select(axis.taken, _corner(t, one - axis.frac, axis.frac), zero)
+
+        return te.compute((roi.batch.shape[0], geo.sample_classes, k, k, s, 2), entry, name=name)
+
+    return _Tables(table("sample_rows", True, False), table("sample_row_weights", True, True),
+                   table("sample_cols", False, False), table("sample_col_weights", False, True))
+
+
 def forward(geo: RoIPoolGeometry, rois_count, batch, height, width):
     """(input, rois, [offset]) -> output [R, O, k, k]; returns (arguments, outputs) in call order."""
     data, rois, offset = _operands(geo, rois_count, batch, height, width)
-    acc, k, s, per_class = geo.acc_dtype, geo.output_size, geo.sampling_ratio, geo.channels_per_class
+    acc, k, s = geo.acc_dtype, geo.output_size, geo.sampling_ratio
     roi = _roi_stages(geo, rois, batch)
     count = _sample_count(geo, roi, offset, height, width)
+    tables = _sample_tables(geo, roi, offset, height, width)
     rb, ra = te.reduce_axis((0, s), name="rb"), te.reduce_axis((0, s), name="ra")
+    zero = _const(0, acc)
 
     def pooled(r, c, i, j):
-        at = _bin(geo, roi, offset, r, c // per_class, i, j)
-        ys, xs = at.row(rb, height), at.col(ra, width)
-        value = _interpolate(data, at.image, input_channel(geo, c, i, j), ys, xs, acc)
-        return te.sum(tirx.Select(tirx.all(ys.taken, xs.taken), value, _const(0, acc)), axis=[rb, ra])
+        sample = (r, sample_class(geo, c), i, j)
+        row_weights = [tables.row_weights[(*sample, rb, t)] for t in (0, 1)]
+        col_weights = [tables.col_weights[(*sample, ra, t)] for t in (0, 1)]
+        image, channel = roi.batch[r], input_channel(geo, c, i, j)
+        value = zero
+        for ty in (0, 1):
+            for tx in (0, 1):
+                pixel = data[image, channel, tables.rows[(*sample, rb, ty)], tables.cols[(*sample, ra, tx)]]
+                value = value + row_weights[ty] * col_weights[tx] * pixel.astype(acc)
+        # Skipped samples (both weights zero) are left out, not added as 0 * pixel (an inf pixel gives NaN).
+        taken = tirx.all(row_weights[0] + row_weights[1] != zero, col_weights[0] + col_weights[1] != zero)
+        return te.sum(tirx.Select(taken, value, zero), axis=[rb, ra])
 
     total = te.compute((rois_count, geo.out_channels, k, k), pooled, name="pool_sum")
 
     def mean(r, c, i, j):
-        taken = count[r, c // per_class, i, j]
+        taken = count[r, sample_class(geo, c), i, j]
         return tirx.Select(taken > _const(0, acc), total[r, c, i, j] / taken, _const(0, acc)).astype(geo.dtype)
 
     output = te.compute(total.shape, mean, name="output")
@@ -240,23 +291,12 @@ def backward(geo: RoIPoolGeometry, rois_count, batch, height, width):
     zero = _const(0, acc)
 
     def scale(r, c, i, j):
-        taken = count[r, c // per_class, i, j]
+        taken = count[r, sample_class(geo, c), i, j]
         return tirx.Select(taken > zero, grad_output[r, c, i, j].astype(acc) / taken, zero)
 
     grad_scale = te.compute(grad_output.shape, scale, name="grad_scale")
 
-    def table(name: str, along_rows: bool, weights: bool):
-        def entry(r, cls, i, j, index, t):
-            at = _bin(geo, roi, offset, r, cls, i, j)
-            axis = at.row(index, height) if along_rows else at.col(index, width)
-            if not weights:
-                return _corner(t, axis.low, axis.high)
-            return tirx.Select(axis.taken, _corner(t, _const(1, acc) - axis.frac, axis.frac), zero)
-
-        return te.compute((rois_count, geo.sample_classes, k, k, s, 2), entry, name=name)
-
-    tables = [roi.batch, table("sample_rows", True, False), table("sample_row_weights", True, True),
-              table("sample_cols", False, False), table("sample_col_weights", False, True)]
+    tables = [roi.batch, *_sample_tables(geo, roi, offset, height, width)]
     if offset is None:
         return [data, rois, grad_output], [grad_scale, *tables]
 
