@@ -13,6 +13,8 @@ from .common import choose, decide, divisors, parallel_outer
 
 #: Positions per tile; the compute pads P to a multiple of this, so tiles never have tails.
 POSITION_TILE = 32
+#: The forward graph these rules schedule: channels-last stages (see dcn_tvm.compute.deform_conv2d).
+COMPUTE_OPTIONS = {"forward_layout": "channels_last"}
 #: Bytes per vector register (AVX-512); narrower ISAs split the vectors, which LLVM does well.
 VECTOR_BYTES = 64
 #: Register-block heights: the default is the first dividing the channels, tuning tries every divisor.
@@ -65,27 +67,6 @@ def _split_positions(sch, loop, lanes):
     return (p_task, *sch.split(p_in, [None, chunks, lanes]))
 
 
-def _microkernel(sch, block, parallel_loops, channel_loop, position_loop, reduction_loops, unrolled=()):
-    """Tile `channel_loop` x `position_loop` into a register block and put the reduction inside it.
-
-    Loop order: parallel(parallel_loops, position task) / channel block / position tile / reduction /
-    unrolled / channel in block / position vector chunks (unrolled) / vector lanes.
-    Returns the fused parallel loop (where callers compute the gather).
-    """
-    p_task, p_tile, p_chunk, p_lane = _split_positions(sch, position_loop, _lanes(sch, block))
-    c_outer, c_inner = sch.split(channel_loop, [None, _channel_block(sch, channel_loop)])
-    sch.reorder(*parallel_loops, p_task, c_outer, p_tile, *reduction_loops, *unrolled, c_inner, p_chunk, p_lane)
-    fused = sch.fuse(*parallel_loops, p_task)
-    sch.parallel(fused)
-    accumulator = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(accumulator, p_tile)
-    for loop in (*unrolled, c_inner, p_chunk):
-        sch.unroll(loop)
-    sch.vectorize(p_lane)
-    sch.decompose_reduction(block, reduction_loops[0])
-    return fused
-
-
 def _corner_major(b, g, kh, kw, p, t):
     """Layout of a per-corner table [.., P, corner] stored as [.., corner, P] (contiguous vectors of P)."""
     return b, g, kh, kw, t, p
@@ -95,38 +76,73 @@ def _stage_names(sch) -> set[str]:
     return {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
 
 
-def _sampling_tables(sch, corner_major: bool = False) -> None:
-    """Every sampling table present (the unmasked one exists only with a mask) in parallel.
-
-    `corner_major` stores the internal tables [.., corner, P] instead of [.., P, corner], so that the
-    gather reads them with contiguous vector loads (tables the kernel returns keep their layout).
-    """
+def _sampling_tables(sch) -> None:
+    """Every sampling table present (the unmasked one exists only with a mask) in parallel."""
     for name in _stage_names(sch):
-        if not name.startswith("sample_"):
-            continue
-        if corner_major and name != "sample_coords":
-            block = sch.get_sblock(name)
-            sch.transform_layout(block, ("write", 0), _corner_major)
-            b, g, kh, kw, p, t = sch.get_loops(block)
-            sch.reorder(t, p)
-            sch.parallel(sch.fuse(b, g, kh, kw))
-        else:
+        if name.startswith("sample_"):
             parallel_outer(sch, name, inner=2)
 
 
+def _target_vector_bytes() -> int:
+    """Bytes per vector register of the current target (the host's when none is current): 64 with
+    AVX-512, 32 with AVX2, else 16."""
+    from dcn_tvm._tvm import tvm
+    from dcn_tvm.kernels.targets import host_cpu, target_config
+
+    target = tvm().target.Target.current(allow_none=True) or tvm().target.Target(target_config(f"llvm-{host_cpu()}"))
+    has = tvm().target.codegen.llvm_cpu_has_features
+    return next((size for feature, size in (("avx512f", 64), ("avx2", 32)) if has(feature, target)), 16)
+
+
+#: Columns of one parallel task (positions x KH*KW*C) stay under this many bytes by default (half an
+#: L2 of 512 KiB), so that a task's columns and the weight panel they meet share the L2.
+TASK_COLUMN_BYTES = 256 * 1024
+#: Positions per task, register-tile rows (positions) and vectors of output channels when tuning.
+CL_TASK_CANDIDATES, CL_ROW_CANDIDATES, CL_VECTOR_CANDIDATES = (8, 16, 32, 64, 96), (2, 4, 8), (1, 2, 3, 4)
+
+
 def forward(sch) -> None:
-    """Tables at root; the gather of one position task (all channels) computed inside the GEMM's
-    parallel loop, so the columns never exist beyond one L2-sized task."""
-    _sampling_tables(sch, corner_major=True)
-    gemm = sch.get_sblock("deform_gemm")
-    b, oc, p, rc, rkh, rkw = sch.get_loops(gemm)
-    tile_loop = _microkernel(sch, gemm, [b], oc, p, [rc, rkh, rkw])
-    columns = sch.get_sblock("deform_columns")
-    sch.compute_at(columns, tile_loop)
-    gather = sch.get_loops(columns)[1:]  # under the parallel loop; unit loops are left out
-    if choose("gather_order", GATHER_ORDERS, "channels_outer") == "points_outer" and len(gather) == 4:
-        c, kh, kw, p = gather
-        sch.reorder(kh, kw, c, p)
+    """The channels-last forward: position tasks in parallel, each gathering its columns [P_task, KH,
+    KW, C] (contiguous channel vectors, no hardware gathers) and multiplying them by the packed weight
+    [KH, KW, C, O] in a register tile of `rows` positions x `vectors` vectors of output channels
+    (a broadcast column value times weight vectors); the output stage transposes [N, P, O] to NCHW."""
+    _sampling_tables(sch)
+    parallel_outer(sch, "input_channels_last", inner=2)
+    parallel_outer(sch, "weight_packed", inner=2)
+    gemm = sch.get_sblock("deform_gemm_channels_last")
+    b, p, g, oc, rkh, rkw, rc = sch.get_loops(gemm)
+    vector_bytes = _target_vector_bytes()
+    width = vector_bytes * 8 // sch.get(gemm).writes[0].source.dtype.bits
+    o_size, p_size, k_size = _extent(sch, oc), _extent(sch, p), _extent(sch, rc) * _extent(sch, rkh) * _extent(sch, rkw)
+    lanes = next(v for v in (width, width // 2, width // 4, 2, 1) if o_size % v == 0)
+    # Accumulators + weight vectors + one broadcast fit the register file (16 vector registers
+    # without AVX-512, 32 with it).
+    registers = 32 if vector_bytes == 64 else 16
+    vectors = _divisor(o_size // lanes, (3, 2, 1) if registers == 16 else (4, 3, 2, 1))
+    rows = _divisor(POSITION_TILE, (8,) if registers == 32 and vectors <= 2 else (4,))
+    rows = decide(sch, divisors(POSITION_TILE, CL_ROW_CANDIDATES), rows)
+    vectors = decide(sch, divisors(o_size // lanes, CL_VECTOR_CANDIDATES), vectors)
+    fitting = [t for t in (32, 16, 8) if t * k_size * 4 <= TASK_COLUMN_BYTES] or [8]
+    tasks = divisors(p_size or POSITION_TILE, CL_TASK_CANDIDATES)  # a symbolic P is a multiple of POSITION_TILE
+    task = decide(sch, tasks, fitting[0])
+    p_task, p_in = sch.split(p, [None, task])
+    p_tile, p_row = sch.split(p_in, [None, rows])
+    o_outer, o_vector, o_lane = sch.split(oc, [None, vectors, lanes])
+    sch.reorder(b, p_task, g, o_outer, p_tile, rkh, rkw, rc, p_row, o_vector, o_lane)
+    fused = sch.fuse(b, p_task)
+    sch.parallel(fused)
+    accumulator = sch.cache_write(gemm, 0, "local")
+    sch.reverse_compute_at(accumulator, p_tile)
+    sch.unroll(p_row)
+    sch.unroll(o_vector)
+    sch.vectorize(o_lane)
+    sch.decompose_reduction(gemm, rkh)
+    columns = sch.get_sblock("deform_columns_channels_last")
+    sch.compute_at(columns, fused)
+    c = sch.get_loops(columns)[-1]
+    c_lanes = next(v for v in (width, width // 2, width // 4, 2, 1) if _extent(sch, c) % v == 0)
+    if c_lanes > 1:
+        sch.vectorize(sch.split(c, [None, c_lanes])[1])
     parallel_outer(sch, "output", inner=2)
 
 
