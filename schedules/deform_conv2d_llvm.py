@@ -97,8 +97,12 @@ def _target_vector_bytes() -> int:
 #: Columns of one parallel task (positions x KH*KW*C) stay under this many bytes by default (half an
 #: L2 of 512 KiB), so that a task's columns and the weight panel they meet share the L2.
 TASK_COLUMN_BYTES = 256 * 1024
-#: Positions per task, register-tile rows (positions) and vectors of output channels when tuning.
-CL_TASK_CANDIDATES, CL_ROW_CANDIDATES, CL_VECTOR_CANDIDATES = (8, 16, 32, 64, 96), (2, 4, 8), (1, 2, 3, 4)
+#: Positions per task and register-tile rows (positions) when tuning; the vectors of output channels
+#: per tile are fixed, the weight's packed layout follows them.
+CL_TASK_CANDIDATES, CL_ROW_CANDIDATES = (8, 16, 32, 64, 96, 128), (2, 4, 8)
+#: How the forward GEMM reduces (`choose`): the whole KH*KW*C in registers per task, or kernel point
+#: by kernel point into memory (for many channels, where a whole-K task holds too few positions).
+GEMM_REDUCTIONS = ("whole", "per_point")
 
 
 def forward(sch) -> None:
@@ -108,7 +112,6 @@ def forward(sch) -> None:
     (a broadcast column value times weight vectors); the output stage transposes [N, P, O] to NCHW."""
     _sampling_tables(sch)
     parallel_outer(sch, "input_channels_last", inner=2)
-    parallel_outer(sch, "weight_packed", inner=2)
     gemm = sch.get_sblock("deform_gemm_channels_last")
     b, p, g, oc, rkh, rkw, rc = sch.get_loops(gemm)
     vector_bytes = _target_vector_bytes()
@@ -121,24 +124,43 @@ def forward(sch) -> None:
     vectors = _divisor(o_size // lanes, (3, 2, 1) if registers == 16 else (4, 3, 2, 1))
     rows = _divisor(POSITION_TILE, (8,) if registers == 32 and vectors <= 2 else (4,))
     rows = decide(sch, divisors(POSITION_TILE, CL_ROW_CANDIDATES), rows)
-    vectors = decide(sch, divisors(o_size // lanes, CL_VECTOR_CANDIDATES), vectors)
-    fitting = [t for t in (32, 16, 8) if t * k_size * 4 <= TASK_COLUMN_BYTES] or [8]
+    # The weight in panels [G, O / block, KH, KW, C/G, block]: a register tile streams one contiguous
+    # panel (rows of O floats would put every k of a panel in the same few cache sets).
+    block = vectors * lanes
+    packed = sch.get_sblock("weight_packed")
+    sch.transform_layout(packed, ("write", 0), lambda g, i, j, c, o: (g, o // block, i, j, c, o % block))
+    parallel_outer(sch, "weight_packed", inner=2)
     tasks = divisors(p_size or POSITION_TILE, CL_TASK_CANDIDATES)  # a symbolic P is a multiple of POSITION_TILE
-    task = decide(sch, tasks, fitting[0])
-    p_task, p_in = sch.split(p, [None, task])
-    p_tile, p_row = sch.split(p_in, [None, rows])
-    o_outer, o_vector, o_lane = sch.split(oc, [None, vectors, lanes])
-    sch.reorder(b, p_task, g, o_outer, p_tile, rkh, rkw, rc, p_row, o_vector, o_lane)
-    fused = sch.fuse(b, p_task)
+    whole = [t for t in tasks if t <= POSITION_TILE and t * k_size * 4 <= TASK_COLUMN_BYTES]
+    if choose("gemm_reduction", GEMM_REDUCTIONS, "whole" if POSITION_TILE in whole else "per_point") == "whole":
+        # A task's columns [task, KH, KW, C] gathered at once, the whole reduction in registers.
+        task = decide(sch, tasks, (whole or [min(tasks)])[-1])
+        p_task, p_in = sch.split(p, [None, task])
+        p_tile, p_row = sch.split(p_in, [None, rows])
+        o_outer, o_vector, o_lane = sch.split(oc, [None, vectors, lanes])
+        sch.reorder(b, p_task, g, o_outer, p_tile, rkh, rkw, rc, p_row, o_vector, o_lane)
+        fused = sch.fuse(b, p_task)
+        accumulator = sch.cache_write(gemm, 0, "local")
+        sch.reverse_compute_at(accumulator, p_tile)
+        gather_at = fused
+    else:
+        # Many channels: a task gathers one kernel point [task, C] at a time and the tiles accumulate
+        # in memory over the kernel points, so that many positions share each weight panel.
+        slab = [t for t in tasks if t * k_size // (_extent(sch, rkh) * _extent(sch, rkw)) * 4 <= TASK_COLUMN_BYTES]
+        task = decide(sch, tasks, (slab or [min(tasks)])[-1])
+        p_task, p_in = sch.split(p, [None, task])
+        p_tile, p_row = sch.split(p_in, [None, rows])
+        o_outer, o_vector, o_lane = sch.split(oc, [None, vectors, lanes])
+        sch.reorder(b, p_task, rkh, rkw, g, o_outer, p_tile, rc, p_row, o_vector, o_lane)
+        fused = sch.fuse(b, p_task)
+        gather_at = rkw
     sch.parallel(fused)
-    accumulator = sch.cache_write(gemm, 0, "local")
-    sch.reverse_compute_at(accumulator, p_tile)
     sch.unroll(p_row)
     sch.unroll(o_vector)
     sch.vectorize(o_lane)
     sch.decompose_reduction(gemm, rkh)
     columns = sch.get_sblock("deform_columns_channels_last")
-    sch.compute_at(columns, fused)
+    sch.compute_at(columns, gather_at)
     c = sch.get_loops(columns)[-1]
     c_lanes = next(v for v in (width, width // 2, width // 4, 2, 1) if _extent(sch, c) % v == 0)
     if c_lanes > 1:
