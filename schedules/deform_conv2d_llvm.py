@@ -1,8 +1,9 @@
-"""Default `llvm` schedules: parallel over cores, vectorised over output positions, no tuning needed.
+"""Default `llvm` schedules: parallel over cores, vectorised, no tuning needed.
 
 Each rule takes an `s_tir.Schedule` of the PrimFunc built by `dcn_tvm.compute` and finds the stages
-by name. The GEMM-like stages use a register-blocked micro-kernel: a block of output channels times
-a register tile of positions accumulates in registers while the reduction streams through L1/L2.
+by name. The GEMM-like stages use register-blocked micro-kernels that accumulate in registers while
+the reduction streams through L1/L2: the forward (channels-last graph) a tile of positions x vectors
+of output channels, the backward a block of channels x vectors of positions.
 Tuning samples (`common.decide`) the channel block, the register tile and the positions per
 parallel task; the defaults below are one point of that space.
 """
@@ -106,10 +107,11 @@ GEMM_REDUCTIONS = ("whole", "per_point")
 
 
 def forward(sch) -> None:
-    """The channels-last forward: position tasks in parallel, each gathering its columns [P_task, KH,
-    KW, C] (contiguous channel vectors, no hardware gathers) and multiplying them by the packed weight
-    [KH, KW, C, O] in a register tile of `rows` positions x `vectors` vectors of output channels
-    (a broadcast column value times weight vectors); the output stage transposes [N, P, O] to NCHW."""
+    """The channels-last forward: position tasks in parallel, each gathering its columns (contiguous
+    channel vectors, no hardware gathers) and multiplying them by the weight, packed in panels of the
+    register tile's width, in register tiles of `rows` positions x `vectors` vectors of output
+    channels (a broadcast column value times weight vectors); the output stage transposes [N, P, O]
+    to NCHW. Tile sizes follow the target's vector registers (see _target_vector_bytes)."""
     _sampling_tables(sch)
     parallel_outer(sch, "input_channels_last", inner=2)
     gemm = sch.get_sblock("deform_gemm_channels_last")
@@ -131,36 +133,32 @@ def forward(sch) -> None:
     sch.transform_layout(packed, ("write", 0), lambda g, i, j, c, o: (g, o // block, i, j, c, o % block))
     parallel_outer(sch, "weight_packed", inner=2)
     tasks = divisors(p_size or POSITION_TILE, CL_TASK_CANDIDATES)  # a symbolic P is a multiple of POSITION_TILE
-    whole = [t for t in tasks if t <= POSITION_TILE and t * k_size * 4 <= TASK_COLUMN_BYTES]
-    if choose("gemm_reduction", GEMM_REDUCTIONS, "whole" if POSITION_TILE in whole else "per_point") == "whole":
-        # A task's columns [task, KH, KW, C] gathered at once, the whole reduction in registers.
-        task = decide(sch, tasks, (whole or [min(tasks)])[-1])
-        p_task, p_in = sch.split(p, [None, task])
-        p_tile, p_row = sch.split(p_in, [None, rows])
-        o_outer, o_vector, o_lane = sch.split(oc, [None, vectors, lanes])
+    item = sch.get(gemm).writes[0].source.dtype.bits // 8
+    points = _extent(sch, rkh) * _extent(sch, rkw)
+    whole = [t for t in tasks if t <= POSITION_TILE and t * k_size * item <= TASK_COLUMN_BYTES]
+    whole_k = choose("gemm_reduction", GEMM_REDUCTIONS, "whole" if POSITION_TILE in whole else "per_point") == "whole"
+    # "whole": a task gathers its columns [task, KH, KW, C] at once and each register tile holds its
+    # sums over the whole reduction. "per_point" (many channels): a task gathers one kernel point
+    # [task, C] at a time and the tiles accumulate in memory over the points, so that many more
+    # positions share each weight panel.
+    fitting = whole if whole_k else [t for t in tasks if t * k_size // points * item <= TASK_COLUMN_BYTES]
+    p_task, p_in = sch.split(p, [None, decide(sch, tasks, (fitting or [min(tasks)])[-1])])
+    p_tile, p_row = sch.split(p_in, [None, rows])
+    o_outer, o_vector, o_lane = sch.split(oc, [None, vectors, lanes])
+    if whole_k:
         sch.reorder(b, p_task, g, o_outer, p_tile, rkh, rkw, rc, p_row, o_vector, o_lane)
-        fused = sch.fuse(b, p_task)
-        accumulator = sch.cache_write(gemm, 0, "local")
-        sch.reverse_compute_at(accumulator, p_tile)
-        gather_at = fused
     else:
-        # Many channels: a task gathers one kernel point [task, C] at a time and the tiles accumulate
-        # in memory over the kernel points, so that many positions share each weight panel.
-        slab = [t for t in tasks if t * k_size // (_extent(sch, rkh) * _extent(sch, rkw)) * 4 <= TASK_COLUMN_BYTES]
-        task = decide(sch, tasks, (slab or [min(tasks)])[-1])
-        p_task, p_in = sch.split(p, [None, task])
-        p_tile, p_row = sch.split(p_in, [None, rows])
-        o_outer, o_vector, o_lane = sch.split(oc, [None, vectors, lanes])
         sch.reorder(b, p_task, rkh, rkw, g, o_outer, p_tile, rc, p_row, o_vector, o_lane)
-        fused = sch.fuse(b, p_task)
-        gather_at = rkw
+    fused = sch.fuse(b, p_task)
+    if whole_k:
+        sch.reverse_compute_at(sch.cache_write(gemm, 0, "local"), p_tile)
     sch.parallel(fused)
     sch.unroll(p_row)
     sch.unroll(o_vector)
     sch.vectorize(o_lane)
     sch.decompose_reduction(gemm, rkh)
     columns = sch.get_sblock("deform_columns_channels_last")
-    sch.compute_at(columns, gather_at)
+    sch.compute_at(columns, fused if whole_k else rkw)
     c = sch.get_loops(columns)[-1]
     c_lanes = next(v for v in (width, width // 2, width // 4, 2, 1) if _extent(sch, c) % v == 0)
     if c_lanes > 1:
