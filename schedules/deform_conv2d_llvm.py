@@ -14,8 +14,9 @@ from .common import choose, decide, divisors, parallel_outer
 
 #: Positions per tile; the compute pads P to a multiple of this, so tiles never have tails.
 POSITION_TILE = 32
-#: The forward graph these rules schedule: channels-last stages (see dcn_tvm.compute.deform_conv2d).
-COMPUTE_OPTIONS = {"forward_layout": "channels_last"}
+#: The forward graph: channels-last stages where every input pixel is sampled about once per kernel
+#: point (dcn_tvm.compute.deform_conv2d.resolve_forward_layout); the rules schedule either graph.
+COMPUTE_OPTIONS = {"forward_layout": "auto"}
 #: Bytes per vector register (AVX-512); narrower ISAs split the vectors, which LLVM does well.
 VECTOR_BYTES = 64
 #: Register-block heights: the default is the first dividing the channels, tuning tries every divisor.
@@ -68,6 +69,27 @@ def _split_positions(sch, loop, lanes):
     return (p_task, *sch.split(p_in, [None, chunks, lanes]))
 
 
+def _microkernel(sch, block, parallel_loops, channel_loop, position_loop, reduction_loops, unrolled=()):
+    """Tile `channel_loop` x `position_loop` into a register block and put the reduction inside it.
+
+    Loop order: parallel(parallel_loops, position task) / channel block / position tile / reduction /
+    unrolled / channel in block / position vector chunks (unrolled) / vector lanes.
+    Returns the fused parallel loop (where callers compute the gather).
+    """
+    p_task, p_tile, p_chunk, p_lane = _split_positions(sch, position_loop, _lanes(sch, block))
+    c_outer, c_inner = sch.split(channel_loop, [None, _channel_block(sch, channel_loop)])
+    sch.reorder(*parallel_loops, p_task, c_outer, p_tile, *reduction_loops, *unrolled, c_inner, p_chunk, p_lane)
+    fused = sch.fuse(*parallel_loops, p_task)
+    sch.parallel(fused)
+    accumulator = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(accumulator, p_tile)
+    for loop in (*unrolled, c_inner, p_chunk):
+        sch.unroll(loop)
+    sch.vectorize(p_lane)
+    sch.decompose_reduction(block, reduction_loops[0])
+    return fused
+
+
 def _corner_major(b, g, kh, kw, p, t):
     """Layout of a per-corner table [.., P, corner] stored as [.., corner, P] (contiguous vectors of P)."""
     return b, g, kh, kw, t, p
@@ -77,10 +99,22 @@ def _stage_names(sch) -> set[str]:
     return {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
 
 
-def _sampling_tables(sch) -> None:
-    """Every sampling table present (the unmasked one exists only with a mask) in parallel."""
+def _sampling_tables(sch, corner_major: bool = False) -> None:
+    """Every sampling table present (the unmasked one exists only with a mask) in parallel.
+
+    `corner_major` stores the internal tables [.., corner, P] instead of [.., P, corner], so that the
+    gather reads them with contiguous vector loads (tables the kernel returns keep their layout).
+    """
     for name in _stage_names(sch):
-        if name.startswith("sample_"):
+        if not name.startswith("sample_"):
+            continue
+        if corner_major and name != "sample_coords":
+            block = sch.get_sblock(name)
+            sch.transform_layout(block, ("write", 0), _corner_major)
+            b, g, kh, kw, p, t = sch.get_loops(block)
+            sch.reorder(t, p)
+            sch.parallel(sch.fuse(b, g, kh, kw))
+        else:
             parallel_outer(sch, name, inner=2)
 
 
@@ -106,7 +140,7 @@ CL_TASK_CANDIDATES, CL_ROW_CANDIDATES = (8, 16, 32, 64, 96, 128), (2, 4, 8)
 GEMM_REDUCTIONS = ("whole", "per_point")
 
 
-def forward(sch) -> None:
+def _forward_channels_last(sch) -> None:
     """The channels-last forward: position tasks in parallel, each gathering its columns (contiguous
     channel vectors, no hardware gathers) and multiplying them by the weight, packed in panels of the
     register tile's width, in register tiles of `rows` positions x `vectors` vectors of output
@@ -164,6 +198,27 @@ def forward(sch) -> None:
     if c_lanes > 1:
         sch.vectorize(sch.split(c, [None, c_lanes])[1])
     parallel_outer(sch, "output", inner=2)
+
+
+def _forward_channels_first(sch) -> None:
+    """Tables at root; the gather of one position task (all channels) computed inside the GEMM's
+    parallel loop, so the columns never exist beyond one L2-sized task."""
+    _sampling_tables(sch, corner_major=True)
+    gemm = sch.get_sblock("deform_gemm")
+    b, oc, p, rc, rkh, rkw = sch.get_loops(gemm)
+    tile_loop = _microkernel(sch, gemm, [b], oc, p, [rc, rkh, rkw])
+    columns = sch.get_sblock("deform_columns")
+    sch.compute_at(columns, tile_loop)
+    gather = sch.get_loops(columns)[1:]  # under the parallel loop; unit loops are left out
+    if choose("gather_order", GATHER_ORDERS, "channels_outer") == "points_outer" and len(gather) == 4:
+        c, kh, kw, p = gather
+        sch.reorder(kh, kw, c, p)
+    parallel_outer(sch, "output", inner=2)
+
+
+def forward(sch) -> None:
+    """Whichever forward graph the compute built (dcn_tvm.compute.deform_conv2d.resolve_forward_layout)."""
+    (_forward_channels_last if "deform_gemm_channels_last" in _stage_names(sch) else _forward_channels_first)(sch)
 
 
 def _grad_corner_weights(sch) -> None:

@@ -22,6 +22,7 @@ CASES = [
     (3, 8, 6, 6, 8, (1, 3), (1, 2), (2, 1), (2, 1), 4, 2, False),
     (1, 3, 9, 7, 5, (2, 2), (1, 1), (0, 0), (1, 1), 1, 1, True),
     (2, 16, 5, 5, 16, (3, 3), (1, 1), (2, 2), (2, 2), 1, 4, True),
+    (2, 5, 9, 8, 4, (1, 1), (2, 2), (0, 0), (1, 1), 1, 1, True),  # few pixels sampled: channels-first on CPU
 ]
 
 
@@ -58,6 +59,17 @@ def test_forward_matches_loop_reference(case):
     expected = deform_conv2d_loops(x, offset, weight, bias, mask=mask, **conv)
     assert out.shape == expected.shape
     assert relative_error(out, expected) <= 1e-4
+
+
+def test_cases_cover_both_cpu_forward_graphs():
+    """The CPU forward builds a channels-last graph where the kernel covers every pixel, else the
+    channels-first one: CASES must run both (through the llvm rules' "auto" layout)."""
+    from dcn_tvm.compute.deform_conv2d import resolve_forward_layout
+    from dcn_tvm.schedules import compute_options
+
+    layout = compute_options("deform_conv2d", "llvm")["forward_layout"]
+    geometries = [ConvGeometry(c, o, k, s, p, d, g, og, m, "float32") for _, c, _, _, o, k, s, p, d, g, og, m in CASES]
+    assert {resolve_forward_layout(geo, layout) for geo in geometries} == {"channels_first", "channels_last"}
 
 
 def test_samples_in_minus_one_to_zero_blend_with_zero():

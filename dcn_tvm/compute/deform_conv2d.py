@@ -10,9 +10,9 @@ No torch, no schedules. Every stage has a fixed name that schedules look up:
     deform_gemm    [N, O, P]               weight x columns, grouped, accumulated in acc_dtype
     output         [N, O, OH, OW]          gemm + bias, cast to dtype
 
-The channels-last forward (`forward(..., layout="channels_last")`, the CPU's) computes the same output
-through other stages, so that the four corners of a sample are contiguous channel vectors and the
-GEMM vectorises over output channels:
+The channels-last forward (`forward_channels_last`, which the CPU rules ask for where the kernel
+covers every input pixel) computes the same output through other stages, so that the four corners of
+a sample are contiguous channel vectors and the GEMM vectorises over output channels:
 
     input_channels_last          [N, H, W, C]           the input transposed
     weight_packed                [G, KH, KW, C/G, O/G]  the weight transposed (G = groups)
@@ -455,20 +455,31 @@ def scatter_grad_input(acc_dtype: str, atomic: bool):
     return scatter
 
 
-#: Forward graphs by the layout of their internal stages (a schedule module's FORWARD_LAYOUT).
+#: Forward graphs by the layout of their internal stages (`prim_func`'s forward_layout).
 FORWARD_LAYOUTS = {"channels_first": forward, "channels_last": forward_channels_last}
+
+
+def resolve_forward_layout(geo: ConvGeometry, layout: str) -> str:
+    """The forward graph of `layout`, "auto" resolved: channels-last where the kernel points cover
+    every input pixel (KH*KW >= stride_h*stride_w), so that transposing the whole input costs less
+    than the gather it speeds up; channels-first where a large stride samples few of its pixels."""
+    if layout != "auto":
+        return layout
+    (kh, kw), (sh, sw) = geo.kernel, geo.stride
+    return "channels_last" if kh * kw >= sh * sw else "channels_first"
 
 
 def prim_func(stage: str, geo: ConvGeometry | None, sizes, *, acc_dtype: str, position_align: int, atomic: bool,
               forward_layout: str = "channels_first"):
-    """The PrimFunc of one stage: forward (its internal stages in `forward_layout`, see
-    FORWARD_LAYOUTS), backward_data, backward_weight (sizes = batch, height, width) or scatter
-    (generic; `atomic` for GPUs)."""
+    """The PrimFunc of one stage: forward (its internal stages in `forward_layout`: a key of
+    FORWARD_LAYOUTS or "auto", see resolve_forward_layout), backward_data, backward_weight (sizes = batch,
+    height, width) or scatter (generic; `atomic` for GPUs)."""
     if stage == "scatter":
         return scatter_grad_input(acc_dtype, atomic)
-    if forward_layout not in FORWARD_LAYOUTS:
-        raise ValueError(f"unknown forward layout {forward_layout!r}; expected one of {sorted(FORWARD_LAYOUTS)}")
-    stages = {"forward": FORWARD_LAYOUTS[forward_layout], "backward_data": backward_data,
+    if forward_layout not in (*FORWARD_LAYOUTS, "auto"):
+        raise ValueError(f"unknown forward layout {forward_layout!r}; expected 'auto' or one of "
+                         f"{sorted(FORWARD_LAYOUTS)}")
+    stages = {"forward": FORWARD_LAYOUTS[resolve_forward_layout(geo, forward_layout)], "backward_data": backward_data,
               "backward_weight": backward_weight}
     if stage not in stages:
         raise ValueError(f"unknown deform_conv2d stage {stage!r}")
