@@ -72,6 +72,27 @@ def test_cases_cover_both_cpu_forward_graphs():
     assert {resolve_forward_layout(geo, layout) for geo in geometries} == {"channels_first", "channels_last"}
 
 
+def test_cpu_forward_tiles_follow_the_target_vectors():
+    """The llvm forward vectorises output channels by the target's vector width: 8 float32 lanes with
+    AVX2 (znver3), 16 with AVX-512 (znver4); 16-lane tiles on AVX2 spill its 16 registers."""
+    import tvm
+
+    from dcn_tvm import schedules
+    from dcn_tvm.kernels.build import prim_func
+
+    geo = ConvGeometry(16, 64, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, False, "float32")
+    lanes = {}
+    for mcpu in ("znver3", "znver4"):
+        spec = KernelSpec("deform_conv2d", "forward", geo, (("n", 1), ("h", 8), ("w", 8)), f"llvm-{mcpu}")
+        sch = tvm.s_tir.Schedule(prim_func(spec))
+        with tvm.target.Target({"kind": "llvm", "mcpu": mcpu}):
+            schedules.apply("deform_conv2d", "llvm", "forward", sch)
+        loop = sch.get(sch.get_loops(sch.get_sblock("deform_gemm_channels_last_update"))[-1])
+        assert loop.kind == tvm.tirx.ForKind.VECTORIZED
+        lanes[mcpu] = loop.extent.value
+    assert lanes == {"znver3": 8, "znver4": 16}
+
+
 def test_samples_in_minus_one_to_zero_blend_with_zero():
     """A sample at y = -0.5 is half the first row (torchvision's rule; topi's would drop it)."""
     x = torch.arange(1.0, 10.0).view(1, 1, 3, 3)
