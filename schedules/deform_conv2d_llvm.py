@@ -1,8 +1,9 @@
-"""Default `llvm` schedules: parallel over cores, vectorised over output positions, no tuning needed.
+"""Default `llvm` schedules: parallel over cores, vectorised, no tuning needed.
 
 Each rule takes an `s_tir.Schedule` of the PrimFunc built by `dcn_tvm.compute` and finds the stages
-by name. The GEMM-like stages use a register-blocked micro-kernel: a block of output channels times
-a register tile of positions accumulates in registers while the reduction streams through L1/L2.
+by name. The GEMM-like stages use register-blocked micro-kernels that accumulate in registers while
+the reduction streams through L1/L2: the forward (channels-last graph) a tile of positions x vectors
+of output channels, the backward a block of channels x vectors of positions.
 Tuning samples (`common.decide`) the channel block, the register tile and the positions per
 parallel task; the defaults below are one point of that space.
 """
@@ -13,6 +14,9 @@ from .common import choose, decide, divisors, parallel_outer
 
 #: Positions per tile; the compute pads P to a multiple of this, so tiles never have tails.
 POSITION_TILE = 32
+#: The forward graph: channels-last stages where every input pixel is sampled about once per kernel
+#: point (dcn_tvm.compute.deform_conv2d.resolve_forward_layout); the rules schedule either graph.
+COMPUTE_OPTIONS = {"forward_layout": "auto"}
 #: Bytes per vector register (AVX-512); narrower ISAs split the vectors, which LLVM does well.
 VECTOR_BYTES = 64
 #: Register-block heights: the default is the first dividing the channels, tuning tries every divisor.
@@ -114,7 +118,89 @@ def _sampling_tables(sch, corner_major: bool = False) -> None:
             parallel_outer(sch, name, inner=2)
 
 
-def forward(sch) -> None:
+def _target_vector_bytes() -> int:
+    """Bytes per vector register of the current target (the host's when none is current): 64 with
+    AVX-512, 32 with AVX2, else 16."""
+    from dcn_tvm._tvm import tvm
+    from dcn_tvm.kernels.targets import host_cpu, target_config
+
+    target = tvm().target.Target.current(allow_none=True) or tvm().target.Target(target_config(f"llvm-{host_cpu()}"))
+    has = tvm().target.codegen.llvm_cpu_has_features
+    return next((size for feature, size in (("avx512f", 64), ("avx2", 32)) if has(feature, target)), 16)
+
+
+#: Columns of one parallel task (positions x KH*KW*C) stay under this many bytes by default (half an
+#: L2 of 512 KiB), so that a task's columns and the weight panel they meet share the L2.
+TASK_COLUMN_BYTES = 256 * 1024
+#: Positions per task and register-tile rows (positions) when tuning; the vectors of output channels
+#: per tile are fixed, the weight's packed layout follows them.
+CL_TASK_CANDIDATES, CL_ROW_CANDIDATES = (8, 16, 32, 64, 96, 128), (2, 4, 8)
+#: How the forward GEMM reduces (`choose`): the whole KH*KW*C in registers per task, or kernel point
+#: by kernel point into memory (for many channels, where a whole-K task holds too few positions).
+GEMM_REDUCTIONS = ("whole", "per_point")
+
+
+def _forward_channels_last(sch) -> None:
+    """The channels-last forward: position tasks in parallel, each gathering its columns (contiguous
+    channel vectors, no hardware gathers) and multiplying them by the weight, packed in panels of the
+    register tile's width, in register tiles of `rows` positions x `vectors` vectors of output
+    channels (a broadcast column value times weight vectors); the output stage transposes [N, P, O]
+    to NCHW. Tile sizes follow the target's vector registers (see _target_vector_bytes)."""
+    _sampling_tables(sch)
+    parallel_outer(sch, "input_channels_last", inner=2)
+    gemm = sch.get_sblock("deform_gemm_channels_last")
+    b, p, g, oc, rkh, rkw, rc = sch.get_loops(gemm)
+    vector_bytes = _target_vector_bytes()
+    width = vector_bytes * 8 // sch.get(gemm).writes[0].source.dtype.bits
+    o_size, p_size, k_size = _extent(sch, oc), _extent(sch, p), _extent(sch, rc) * _extent(sch, rkh) * _extent(sch, rkw)
+    lanes = next(v for v in (width, width // 2, width // 4, 2, 1) if o_size % v == 0)
+    # Accumulators + weight vectors + one broadcast fit the register file (16 vector registers
+    # without AVX-512, 32 with it).
+    registers = 32 if vector_bytes == 64 else 16
+    vectors = _divisor(o_size // lanes, (3, 2, 1) if registers == 16 else (4, 3, 2, 1))
+    rows = _divisor(POSITION_TILE, (8,) if registers == 32 and vectors <= 2 else (4,))
+    rows = decide(sch, divisors(POSITION_TILE, CL_ROW_CANDIDATES), rows)
+    # The weight in panels [G, O / block, KH, KW, C/G, block]: a register tile streams one contiguous
+    # panel (rows of O floats would put every k of a panel in the same few cache sets).
+    block = vectors * lanes
+    packed = sch.get_sblock("weight_packed")
+    sch.transform_layout(packed, ("write", 0), lambda g, i, j, c, o: (g, o // block, i, j, c, o % block))
+    parallel_outer(sch, "weight_packed", inner=2)
+    tasks = divisors(p_size or POSITION_TILE, CL_TASK_CANDIDATES)  # a symbolic P is a multiple of POSITION_TILE
+    item = sch.get(gemm).writes[0].source.dtype.bits // 8
+    points = _extent(sch, rkh) * _extent(sch, rkw)
+    whole = [t for t in tasks if t <= POSITION_TILE and t * k_size * item <= TASK_COLUMN_BYTES]
+    whole_k = choose("gemm_reduction", GEMM_REDUCTIONS, "whole" if POSITION_TILE in whole else "per_point") == "whole"
+    # "whole": a task gathers its columns [task, KH, KW, C] at once and each register tile holds its
+    # sums over the whole reduction. "per_point" (many channels): a task gathers one kernel point
+    # [task, C] at a time and the tiles accumulate in memory over the points, so that many more
+    # positions share each weight panel.
+    fitting = whole if whole_k else [t for t in tasks if t * k_size // points * item <= TASK_COLUMN_BYTES]
+    p_task, p_in = sch.split(p, [None, decide(sch, tasks, (fitting or [min(tasks)])[-1])])
+    p_tile, p_row = sch.split(p_in, [None, rows])
+    o_outer, o_vector, o_lane = sch.split(oc, [None, vectors, lanes])
+    if whole_k:
+        sch.reorder(b, p_task, g, o_outer, p_tile, rkh, rkw, rc, p_row, o_vector, o_lane)
+    else:
+        sch.reorder(b, p_task, rkh, rkw, g, o_outer, p_tile, rc, p_row, o_vector, o_lane)
+    fused = sch.fuse(b, p_task)
+    if whole_k:
+        sch.reverse_compute_at(sch.cache_write(gemm, 0, "local"), p_tile)
+    sch.parallel(fused)
+    sch.unroll(p_row)
+    sch.unroll(o_vector)
+    sch.vectorize(o_lane)
+    sch.decompose_reduction(gemm, rkh)
+    columns = sch.get_sblock("deform_columns_channels_last")
+    sch.compute_at(columns, fused if whole_k else rkw)
+    c = sch.get_loops(columns)[-1]
+    c_lanes = next(v for v in (width, width // 2, width // 4, 2, 1) if _extent(sch, c) % v == 0)
+    if c_lanes > 1:
+        sch.vectorize(sch.split(c, [None, c_lanes])[1])
+    parallel_outer(sch, "output", inner=2)
+
+
+def _forward_channels_first(sch) -> None:
     """Tables at root; the gather of one position task (all channels) computed inside the GEMM's
     parallel loop, so the columns never exist beyond one L2-sized task."""
     _sampling_tables(sch, corner_major=True)
@@ -128,6 +214,11 @@ def forward(sch) -> None:
         c, kh, kw, p = gather
         sch.reorder(kh, kw, c, p)
     parallel_outer(sch, "output", inner=2)
+
+
+def forward(sch) -> None:
+    """Whichever forward graph the compute built (dcn_tvm.compute.deform_conv2d.resolve_forward_layout)."""
+    (_forward_channels_last if "deform_gemm_channels_last" in _stage_names(sch) else _forward_channels_first)(sch)
 
 
 def _grad_corner_weights(sch) -> None:

@@ -22,6 +22,7 @@ CASES = [
     (3, 8, 6, 6, 8, (1, 3), (1, 2), (2, 1), (2, 1), 4, 2, False),
     (1, 3, 9, 7, 5, (2, 2), (1, 1), (0, 0), (1, 1), 1, 1, True),
     (2, 16, 5, 5, 16, (3, 3), (1, 1), (2, 2), (2, 2), 1, 4, True),
+    (2, 5, 9, 8, 4, (1, 1), (2, 2), (0, 0), (1, 1), 1, 1, True),  # few pixels sampled: channels-first on CPU
 ]
 
 
@@ -58,6 +59,38 @@ def test_forward_matches_loop_reference(case):
     expected = deform_conv2d_loops(x, offset, weight, bias, mask=mask, **conv)
     assert out.shape == expected.shape
     assert relative_error(out, expected) <= 1e-4
+
+
+def test_cases_cover_both_cpu_forward_graphs():
+    """The CPU forward builds a channels-last graph where the kernel covers every pixel, else the
+    channels-first one: CASES must run both (through the llvm rules' "auto" layout)."""
+    from dcn_tvm.compute.deform_conv2d import resolve_forward_layout
+    from dcn_tvm.schedules import compute_options
+
+    layout = compute_options("deform_conv2d", "llvm")["forward_layout"]
+    geometries = [ConvGeometry(c, o, k, s, p, d, g, og, m, "float32") for _, c, _, _, o, k, s, p, d, g, og, m in CASES]
+    assert {resolve_forward_layout(geo, layout) for geo in geometries} == {"channels_first", "channels_last"}
+
+
+def test_cpu_forward_tiles_follow_the_target_vectors():
+    """The llvm forward vectorises output channels by the target's vector width: 8 float32 lanes with
+    AVX2 (znver3), 16 with AVX-512 (znver4); 16-lane tiles on AVX2 spill its 16 registers."""
+    import tvm
+
+    from dcn_tvm import schedules
+    from dcn_tvm.kernels.build import prim_func
+
+    geo = ConvGeometry(16, 64, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, False, "float32")
+    lanes = {}
+    for mcpu in ("znver3", "znver4"):
+        spec = KernelSpec("deform_conv2d", "forward", geo, (("n", 1), ("h", 8), ("w", 8)), f"llvm-{mcpu}")
+        sch = tvm.s_tir.Schedule(prim_func(spec))
+        with tvm.target.Target({"kind": "llvm", "mcpu": mcpu}):
+            schedules.apply("deform_conv2d", "llvm", "forward", sch)
+        loop = sch.get(sch.get_loops(sch.get_sblock("deform_gemm_channels_last_update"))[-1])
+        assert loop.kind == tvm.tirx.ForKind.VECTORIZED
+        lanes[mcpu] = loop.extent.value
+    assert lanes == {"znver3": 8, "znver4": 16}
 
 
 def test_samples_in_minus_one_to_zero_blend_with_zero():

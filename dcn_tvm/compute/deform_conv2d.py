@@ -10,6 +10,16 @@ No torch, no schedules. Every stage has a fixed name that schedules look up:
     deform_gemm    [N, O, P]               weight x columns, grouped, accumulated in acc_dtype
     output         [N, O, OH, OW]          gemm + bias, cast to dtype
 
+The channels-last forward (`forward_channels_last`, which the CPU rules ask for where the kernel
+covers every input pixel) computes the same output through other stages, so that the four corners of
+a sample are contiguous channel vectors and the GEMM vectorises over output channels:
+
+    input_channels_last          [N, H, W, C]           the input transposed
+    weight_packed                [G, KH, KW, C/G, O/G]  the weight transposed (G = groups)
+    deform_columns_channels_last [N, P, KH, KW, C]      the sampled input, channels innermost
+    deform_gemm_channels_last    [N, P, G, O/G]         columns x weight per group, in acc_dtype
+    output                       [N, O, OH, OW]         gemm + bias, cast to dtype
+
 and in the backward:
 
     grad_columns        [N, C, KH, KW, P]      weight^T x grad_output
@@ -171,6 +181,24 @@ def deform_columns(geo: ConvGeometry, data: te.Tensor, tables):
     )
 
 
+def deform_columns_channels_last(geo: ConvGeometry, data_cl: te.Tensor, tables):
+    """[N, P, KH, KW, C]: deform_columns from the channels-last input [N, H, W, C], channels innermost."""
+    rows, cols, weights = tables[:3]
+    n, _, _, c_size = data_cl.shape
+    _, _, kh_size, kw_size, positions, _ = weights.shape
+    per_group, acc = geo.in_channels // geo.offset_groups, geo.acc_dtype
+
+    def value(b, p, kh, kw, c):
+        # One offset group: no c // per_group, whose vector form would be a hardware gather.
+        g, total = (c // per_group if geo.offset_groups > 1 else 0), tirx.const(0, acc)
+        for t in range(4):
+            pixel = data_cl[b, rows[b, g, kh, kw, p, t // 2], cols[b, g, kh, kw, p, t % 2], c].astype(acc)
+            total = total + weights[b, g, kh, kw, p, t] * pixel
+        return total.astype(geo.dtype)
+
+    return te.compute((n, positions, kh_size, kw_size, c_size), value, name="deform_columns_channels_last")
+
+
 def _operands(geo: ConvGeometry, batch, height, width):
     """Placeholders input, offset, mask (or None), weight in the layout of the public API."""
     c, o, (kh, kw), og = geo.in_channels, geo.out_channels, geo.kernel, geo.offset_groups
@@ -222,6 +250,41 @@ def forward(geo: ConvGeometry, batch, height, width, position_align: int = 1):
     output = te.compute(
         (batch, geo.out_channels, oh, ow),
         lambda b, oc, y, x: (gemm[b, oc, y * ow + x] + bias[oc].astype(acc)).astype(geo.dtype),
+        name="output",
+    )
+    return [a for a in (data, offset, mask, weight, bias) if a is not None], [output]
+
+
+def forward_channels_last(geo: ConvGeometry, batch, height, width, position_align: int = 1):
+    """The forward graph of `forward` (same arguments and output) through channels-last stages (see the
+    module docstring): the gather reads contiguous channel vectors, the GEMM vectorises over O."""
+    data, offset, mask, weight = _operands(geo, batch, height, width)
+    bias = te.placeholder((geo.out_channels,), geo.dtype, name="bias")
+    oh, ow = geo.output_size(height, width)
+    acc, (kh, kw) = geo.acc_dtype, geo.kernel
+    positions = padded_positions(oh, ow, position_align)
+    data_cl = te.compute((batch, height, width, geo.in_channels), lambda b, y, x, c: data[b, c, y, x],
+                         name="input_channels_last")
+    columns = deform_columns_channels_last(geo, data_cl, sampling_tables(geo, offset, mask, height, width, positions))
+    c_per_group, o_per_group = geo.in_channels // geo.groups, geo.out_channels // geo.groups
+    # Groups are an axis of their own, so that the vectorised output-channel axis never divides.
+    packed = te.compute((geo.groups, kh, kw, c_per_group, o_per_group),
+                        lambda g, i, j, c, o: weight[g * o_per_group + o, c, i, j], name="weight_packed")
+    rkh = te.reduce_axis((0, kh), name="rkh")
+    rkw = te.reduce_axis((0, kw), name="rkw")
+    rc = te.reduce_axis((0, c_per_group), name="rc")
+    gemm = te.compute(
+        (batch, positions, geo.groups, o_per_group),
+        lambda b, p, g, o: te.sum(
+            columns[b, p, rkh, rkw, g * c_per_group + rc].astype(acc) * packed[g, rkh, rkw, rc, o].astype(acc),
+            axis=[rkh, rkw, rc],
+        ),
+        name="deform_gemm_channels_last",
+    )
+    output = te.compute(
+        (batch, geo.out_channels, oh, ow),
+        lambda b, oc, y, x: (gemm[b, y * ow + x, oc // o_per_group, oc % o_per_group]
+                             + bias[oc].astype(acc)).astype(geo.dtype),
         name="output",
     )
     return [a for a in (data, offset, mask, weight, bias) if a is not None], [output]
@@ -392,12 +455,32 @@ def scatter_grad_input(acc_dtype: str, atomic: bool):
     return scatter
 
 
-def prim_func(stage: str, geo: ConvGeometry | None, sizes, *, acc_dtype: str, position_align: int, atomic: bool):
-    """The PrimFunc of one stage: forward, backward_data, backward_weight (sizes = batch, height,
-    width) or scatter (generic; `atomic` for GPUs)."""
+#: Forward graphs by the layout of their internal stages (`prim_func`'s forward_layout).
+FORWARD_LAYOUTS = {"channels_first": forward, "channels_last": forward_channels_last}
+
+
+def resolve_forward_layout(geo: ConvGeometry, layout: str) -> str:
+    """The forward graph of `layout`, "auto" resolved: channels-last where the kernel points cover
+    every input pixel (KH*KW >= stride_h*stride_w), so that transposing the whole input costs less
+    than the gather it speeds up; channels-first where a large stride samples few of its pixels."""
+    if layout != "auto":
+        return layout
+    (kh, kw), (sh, sw) = geo.kernel, geo.stride
+    return "channels_last" if kh * kw >= sh * sw else "channels_first"
+
+
+def prim_func(stage: str, geo: ConvGeometry | None, sizes, *, acc_dtype: str, position_align: int, atomic: bool,
+              forward_layout: str = "channels_first"):
+    """The PrimFunc of one stage: forward (its internal stages in `forward_layout`: a key of
+    FORWARD_LAYOUTS or "auto", see resolve_forward_layout), backward_data, backward_weight (sizes = batch,
+    height, width) or scatter (generic; `atomic` for GPUs)."""
     if stage == "scatter":
         return scatter_grad_input(acc_dtype, atomic)
-    stages = {"forward": forward, "backward_data": backward_data, "backward_weight": backward_weight}
+    if forward_layout not in (*FORWARD_LAYOUTS, "auto"):
+        raise ValueError(f"unknown forward layout {forward_layout!r}; expected 'auto' or one of "
+                         f"{sorted(FORWARD_LAYOUTS)}")
+    stages = {"forward": FORWARD_LAYOUTS[resolve_forward_layout(geo, forward_layout)], "backward_data": backward_data,
+              "backward_weight": backward_weight}
     if stage not in stages:
         raise ValueError(f"unknown deform_conv2d stage {stage!r}")
     arguments, outputs = stages[stage](geo, *sizes, position_align=position_align)

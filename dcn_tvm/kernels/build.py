@@ -20,7 +20,8 @@ def prim_func(spec: KernelSpec):
     # int64: a kernel for every size must index past 2^31 elements (see dcn_tvm.compute.indexing).
     sizes = [te.var(name, "int64") if value is None else value for name, value in spec.sizes]
     return compute.prim_func(spec.stage, spec.geometry, sizes, acc_dtype=spec.acc_dtype,
-                             position_align=schedules.position_tile(spec.op, kind), atomic=kind == "cuda")
+                             position_align=schedules.position_tile(spec.op, kind), atomic=kind == "cuda",
+                             **schedules.compute_options(spec.op, kind))
 
 
 def scheduled(spec: KernelSpec):
@@ -33,7 +34,8 @@ def scheduled(spec: KernelSpec):
     sch = tuned_schedule(spec, func)
     if sch is None:
         sch = tvm().s_tir.Schedule(func)
-        schedules.apply(spec.op, target_kind(spec.target), spec.stage, sch)
+        with tvm().target.Target(target_config(spec.target)):  # rules may size tiles to the target's vectors
+            schedules.apply(spec.op, target_kind(spec.target), spec.stage, sch)
     return sch.mod["main"]
 
 

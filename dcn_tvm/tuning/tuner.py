@@ -31,7 +31,7 @@ import torch
 from dcn_tvm import env
 from dcn_tvm._tvm import tvm
 from dcn_tvm.kernels.build import prim_func
-from dcn_tvm.kernels.targets import target_kind
+from dcn_tvm.kernels.targets import target_config, target_kind
 from dcn_tvm.tuning.records import FAILED_SECS, Store, median, plain
 from dcn_tvm.tuning.target import local_device, tuning_target
 from dcn_tvm.tuning.workloads import STAGES, Task, Workload
@@ -75,22 +75,27 @@ def _module(func):
 
 def _scheduled(task: Task, trace=None):
     """The measured kernel of `task` as an IRModule, scheduled by `trace`, else by its default rule."""
-    from dcn_tvm import schedules
-
     sch = tvm().s_tir.Schedule(_module(prim_func(task.measured)))
     if trace is None:
-        schedules.apply(task.spec.op, target_kind(task.spec.target), task.spec.stage, sch)
+        _default_rule(task, sch)
     else:
         tvm().s_tir.Trace.apply_json_to_schedule(trace, sch)
     return sch.mod
 
 
+def _default_rule(task: Task, sch) -> None:
+    """Schedule `sch` in place by the kernel's default rule, for (the vectors of) the kernel's target."""
+    from dcn_tvm import schedules
+
+    with tvm().target.Target(target_config(task.spec.target)):
+        schedules.apply(task.spec.op, target_kind(task.spec.target), task.spec.stage, sch)
+
+
 def design_spaces(task: Task, sch) -> list:
     """The design spaces of a kernel on `sch` (see the module docstring), default structure first."""
-    from dcn_tvm import schedules
     from dcn_tvm.schedules.common import design_spaces as spaces
 
-    return spaces(lambda s: schedules.apply(task.spec.op, target_kind(task.spec.target), task.spec.stage, s), sch)
+    return spaces(lambda s: _default_rule(task, s), sch)
 
 
 def space(task: Task):
