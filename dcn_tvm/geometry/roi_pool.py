@@ -1,4 +1,5 @@
-"""The static geometry of one deformable (PS) RoI pooling layer, the `geometry` of its KernelSpecs.
+"""The static geometry of one deformable (PS) RoI pooling layer, the `geometry` of its KernelSpecs,
+and the checks of a deform_roi_pool call's shapes and arguments that build it.
 
 A key reads e.g. `float32_o21_k7_g7_p7_sr4_nc21_scale0p0625_gamma0p1` (floats with "p" for the point).
 """
@@ -7,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dcn_tvm.kernels.spec import accumulation_dtype
+from dcn_tvm.geometry.arguments import finite, positive_int
+from dcn_tvm.geometry.dtypes import accumulation_dtype
 
 
 def _number(value: float) -> str:
@@ -61,3 +63,27 @@ class RoIPoolGeometry:
             f"_sr{self.sampling_ratio}_nc{self.num_classes}_scale{_number(self.spatial_scale)}"
             f"_gamma{_number(self.gamma)}"
         )
+
+
+def roi_pool_geometry(input_shape: tuple, rois: int, offset_shape: tuple | None, output_size, spatial_scale,
+                      group_size, part_size, sampling_ratio, gamma, dtype: str) -> RoIPoolGeometry:
+    """Check the shapes (input [N, C, H, W], `rois` RoIs, offset [R, 2*num_classes, part_size,
+    part_size] or None) and the arguments of a deform_roi_pool call in `dtype`, and return its geometry."""
+    k, g = positive_int("output_size", output_size), positive_int("group_size", group_size)
+    p = k if part_size is None else positive_int("part_size", part_size)
+    s = positive_int("sampling_ratio", sampling_ratio)
+    scale, gamma = finite("spatial_scale", spatial_scale, positive=True), finite("gamma", gamma)
+    channels = input_shape[1]
+    if channels == 0 or channels % (g * g) != 0:
+        raise ValueError(f"input channels ({channels}) must be a positive multiple of group_size² ({g * g})")
+    out_channels = channels // (g * g)
+    if offset_shape is None:
+        return RoIPoolGeometry(out_channels, k, g, 0, s, 0, scale, 0.0, dtype)
+    classes, odd = divmod(offset_shape[1], 2)
+    if odd or not classes or (offset_shape[0], offset_shape[2], offset_shape[3]) != (rois, p, p):
+        raise ValueError(f"offset must have shape ({rois}, 2*num_classes, {p}, {p}) "
+                         f"(R, 2*num_classes, part_size, part_size), got {tuple(offset_shape)}")
+    if out_channels % classes != 0:
+        raise ValueError(f"out channels ({out_channels} = {channels} // group_size²) must be a multiple of "
+                         f"the offset classes ({classes} = offset.shape[1] // 2)")
+    return RoIPoolGeometry(out_channels, k, g, p, s, classes, scale, gamma, dtype)
