@@ -17,11 +17,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dcn_tvm import env
+from dcn_tvm.kernels.build import which_schedule
+from dcn_tvm.kernels.workloads import Workload, from_geometry, resolve
 from dcn_tvm.ops import deform_conv2d as conv_op
 from dcn_tvm.ops import deform_roi_pool as roi_op
-from dcn_tvm.tuning import which_schedule
 from dcn_tvm.tuning.tuner import Result
-from dcn_tvm.tuning.workloads import Workload, from_geometry, resolve
 
 __all__ = ["Result", "from_model", "record", "run", "which_schedule"]
 

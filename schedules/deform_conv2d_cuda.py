@@ -17,7 +17,7 @@ channels per reduction step and the threads per block (`common.decide`).
 
 from __future__ import annotations
 
-from dcn_tvm.kernels.resources import SHARED_MEMORY_BYTES
+from dcn_tvm.cuda_limits import SHARED_MEMORY_BYTES
 
 from .common import bind_remaining, bind_threads, decide, divisors
 

@@ -12,10 +12,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
+from dcn_tvm.geometry.dtypes import DTYPES
 from dcn_tvm.kernels import build, resources
 from dcn_tvm.kernels.resources import KernelResourceError
-from dcn_tvm.kernels.spec import DTYPES, KernelSpec
-from dcn_tvm.tuning.workloads import Workload
+from dcn_tvm.kernels.spec import KernelSpec
+from dcn_tvm.kernels.workloads import Workload
 
 TARGET = "cuda-sm_90"
 needs_ptxas = pytest.mark.skipif(shutil.which("nvcc") is None, reason="ptxas (nvcc) is not on PATH")

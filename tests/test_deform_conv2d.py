@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from reference import deform_conv2d_loops, deform_conv2d_torch
 
 import dcn_tvm
+from dcn_tvm.geometry.conv import ConvGeometry
 from dcn_tvm.kernels import cache
-from dcn_tvm.kernels.spec import ConvGeometry, KernelSpec
+from dcn_tvm.kernels.spec import KernelSpec
 
 # (N, C, H, W, O, kernel, stride, padding, dilation, groups, offset_groups, mask)
 CASES = [

@@ -9,8 +9,8 @@ import torch
 from reference_roi_pool import deform_roi_pool_loops, deform_roi_pool_torch
 
 import dcn_tvm
+from dcn_tvm.geometry.roi_pool import RoIPoolGeometry
 from dcn_tvm.kernels import cache
-from dcn_tvm.kernels.roi_spec import RoIPoolGeometry
 from dcn_tvm.kernels.spec import KernelSpec
 
 # (N, out_channels, H, W, output_size, group_size, offset classes (0: none), part_size, sampling_ratio, scale)

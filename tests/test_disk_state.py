@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 

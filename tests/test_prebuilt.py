@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from dcn_tvm.geometry.conv import ConvGeometry
 from dcn_tvm.kernels import cache
-from dcn_tvm.kernels.spec import ConvGeometry, KernelSpec
+from dcn_tvm.kernels import manifest as mf
+from dcn_tvm.kernels import prebuilt as loader
+from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key
-from dcn_tvm.prebuilt import loader
-from dcn_tvm.prebuilt import manifest as mf
 from dcn_tvm.prebuilt.build import build_package
 
 GEOMETRY = ConvGeometry(4, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2, 1, True, "float32")
@@ -230,7 +231,7 @@ def test_pip_installs_and_is_found_by_entry_point(package, tmp_path):
                     "--target", str(target), str(package)], check=True, timeout=300)
     result = run_without_compiler(
         """
-        from dcn_tvm.prebuilt import loader
+        from dcn_tvm.kernels import prebuilt as loader
         print([p.root.name for p in loader.packages()])
         """,
         PYTHONPATH=f"{target}{os.pathsep}{TESTS}",

@@ -21,16 +21,17 @@ from reference import deform_conv2d_torch
 import dcn_tvm
 import dcn_tvm.tune
 from dcn_tvm.__main__ import main
-from dcn_tvm.kernels import build
+from dcn_tvm.kernels import build, records
+from dcn_tvm.kernels.build import which_schedule
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key
+from dcn_tvm.kernels.workloads import PRESETS, Workload, of_spec, resolve
 from dcn_tvm.ops import deform_conv2d as conv_op
 from dcn_tvm.ops import deform_roi_pool as roi_op
 from dcn_tvm.schedules.common import sampling
-from dcn_tvm.tuning import records, report, tuner, which_schedule
-from dcn_tvm.tuning.records import RecordsVersionError, Store
+from dcn_tvm.tuning import report, tuner
+from dcn_tvm.tuning.store import KEEP, RecordsVersionError, Store, plain
 from dcn_tvm.tuning.target import resolve as resolve_target
-from dcn_tvm.tuning.workloads import PRESETS, Workload, of_spec, resolve
 
 CPU = target_key(torch.device("cpu"))
 TINY = "deform_conv2d:n=1,c=8,h=10,w=10,o=8,k=3,stride=1,pad=1,dil=1,groups=1,offset_groups=1,mask=0,dtype=float32"
@@ -179,7 +180,7 @@ def _other_trace(task):
     trace = sch.trace
     inst = next(i for i in trace.insts if i.kind.name == "SampleCategorical" and len(i.attrs[0]) > 1)
     index = (int(trace.decisions[inst]) + 1) % len(inst.attrs[0])
-    return records.plain(trace.with_decision(inst, index, True).as_json(True))
+    return plain(trace.with_decision(inst, index, True).as_json(True))
 
 
 def test_failed_measurements_never_become_records(tmp_path):
@@ -228,7 +229,7 @@ def test_a_real_tuning_run_records_what_it_measured(tuned):
     assert entry["workload"] == TINY and entry["stage"] == "forward" and entry["trials"] == 6
     assert [trials for trials, _ in entry["history"]][-1] == 6
     kept = store.records(result.key)
-    assert 1 <= len(kept) <= records.KEEP
+    assert 1 <= len(kept) <= KEEP
     assert all(max(r["run_ms"]) < 1e6 for r in kept)
     # tuned_ms is the time of the schedule builds use: the fastest record, or the default itself.
     fastest = records.median(kept[0]["run_ms"])
@@ -333,7 +334,7 @@ def test_a_killed_run_resumes_and_loses_nothing(tmp_path):
     after = [json.loads(line) for line in _records_lines(tmp_path)]
     kept = {repr(r["trace"]) for r in after}
     # Every schedule measured before the kill is still recorded, unless KEEP faster ones displaced it.
-    assert measured <= kept or len(after) == records.KEEP
+    assert measured <= kept or len(after) == KEEP
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from dcn_tvm.compute.indexing import create_prim_func
-from dcn_tvm.kernels.spec import ConvGeometry
+from dcn_tvm.geometry.conv import ConvGeometry
 
 
 def _cast(value, dtype):

@@ -41,7 +41,7 @@ from typing import NamedTuple
 from tvm import te, tirx
 
 from dcn_tvm.compute.indexing import create_prim_func
-from dcn_tvm.kernels.roi_spec import RoIPoolGeometry
+from dcn_tvm.geometry.roi_pool import RoIPoolGeometry
 
 
 def _const(value, dtype):

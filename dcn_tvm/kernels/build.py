@@ -26,9 +26,9 @@ def prim_func(spec: KernelSpec):
 
 def scheduled(spec: KernelSpec):
     """The PrimFunc of `spec` scheduled by its tuned record for exactly this kernel and target
-    (dcn_tvm.tuning.records) if there is one, else by the default schedule from schedules/."""
+    (dcn_tvm.kernels.records) if there is one, else by the default schedule from schedules/."""
     from dcn_tvm import schedules
-    from dcn_tvm.tuning.records import tuned_schedule
+    from dcn_tvm.kernels.records import tuned_schedule
 
     func = prim_func(spec)
     sch = tuned_schedule(spec, func)
@@ -37,6 +37,13 @@ def scheduled(spec: KernelSpec):
         with tvm().target.Target(target_config(spec.target)):  # rules may size tiles to the target's vectors
             schedules.apply(spec.op, target_kind(spec.target), spec.stage, sch)
     return sch.mod["main"]
+
+
+def which_schedule(spec: KernelSpec) -> str:
+    """"tuned" if building `spec` now would use a tuned record (from env.tuning_logs_dir()), else "default"."""
+    from dcn_tvm.kernels.records import tuned_schedule
+
+    return "default" if tuned_schedule(spec, prim_func(spec)) is None else "tuned"
 
 
 def compile_functions(functions: dict, target_key: str):

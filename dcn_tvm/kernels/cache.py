@@ -25,10 +25,10 @@ from pathlib import Path
 
 from dcn_tvm import env
 from dcn_tvm._tvm import CompilerUnavailable
+from dcn_tvm.kernels import prebuilt
 from dcn_tvm.kernels.runtime import digest, load_tvm_runtime, load_verified
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_kind
-from dcn_tvm.prebuilt import loader as prebuilt
 
 log = logging.getLogger("dcn_tvm")
 _kernels: dict[str, object] = {}
@@ -56,7 +56,7 @@ def _code_fingerprint() -> str:
 def cache_path(spec: KernelSpec) -> Path:
     """Where the compiled library of `spec` lives on disk; the path carries the versions, the target
     and which schedule it was compiled with (default, or a tuned record), so tuning invalidates it."""
-    from dcn_tvm.tuning.records import schedule_tag
+    from dcn_tvm.kernels.records import schedule_tag
 
     versions = f"dcn_tvm-{_version('dcn_tvm')}_tvm-{_version('apache-tvm')}_{_code_fingerprint()}"
     return env.cache_dir() / versions / spec.target / f"{spec.key}_{schedule_tag(spec)}.so"
@@ -153,7 +153,7 @@ class KernelUnavailable(RuntimeError):
 
 
 def _unavailable(spec: KernelSpec) -> KernelUnavailable:
-    from dcn_tvm.tuning.workloads import of_spec
+    from dcn_tvm.kernels.workloads import of_spec
 
     kind = target_kind(spec.target)
     workload = of_spec(spec) if spec.geometry is not None else spec.op

@@ -1,4 +1,5 @@
-"""CUDA launch limits, checked on every CUDA build: a kernel that could not launch is never built.
+"""CUDA launch limits (dcn_tvm.cuda_limits), checked on every CUDA build: a kernel that could not
+launch is never built.
 
 TVM compiles a kernel with any tile size; the GPU refuses it only at launch. Two checks close the gap:
 
@@ -16,11 +17,8 @@ import tempfile
 from pathlib import Path
 
 from dcn_tvm._tvm import tvm
+from dcn_tvm.cuda_limits import MAX_REGISTERS, MAX_THREADS, MAX_THREADS_Z, SHARED_MEMORY_BYTES
 
-#: Per thread block on every CUDA GPU since sm_70. Shared memory beyond 48 KiB needs dynamic shared
-#: memory and an opt-in at launch, which dcn_tvm's kernels do not use: 48 KiB is their limit.
-SHARED_MEMORY_BYTES = 48 * 1024
-MAX_THREADS, MAX_THREADS_Z, MAX_REGISTERS = 1024, 64, 65536
 #: What MetaSchedule's VerifyGPUCode checks while tuning (dcn_tvm.tuning.target): the same limits.
 TUNING_LIMITS = {"max_shared_memory_per_block": SHARED_MEMORY_BYTES, "registers_per_block": MAX_REGISTERS,
                  "max_threads_per_block": MAX_THREADS}

@@ -12,29 +12,18 @@ import torch
 from torch import Tensor, nn
 
 from dcn_tvm import env, schedules
+from dcn_tvm.geometry.arguments import expect_shape as _expect_shape
+from dcn_tvm.geometry.arguments import pair as _pair
+from dcn_tvm.geometry.arguments import positive_int as _positive
+from dcn_tvm.geometry.conv import ConvGeometry, conv_geometry
+from dcn_tvm.geometry.dtypes import DTYPES
 from dcn_tvm.kernels.cache import get_kernel
-from dcn_tvm.kernels.spec import DTYPES, ConvGeometry, KernelSpec
+from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key, target_kind
 from dcn_tvm.ops import dispatch
 
 OP = "deform_conv2d"
 _TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}
-
-
-def _pair(value, name: str, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return pair
-
-
-def _positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _check_tensor(name: str, value, rank: int, optional: bool = False) -> None:
@@ -46,19 +35,14 @@ def _check_tensor(name: str, value, rank: int, optional: bool = False) -> None:
         raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(value.shape)}")
 
 
-def _expect_shape(name: str, value: Tensor | None, expected: tuple[int, ...], layout: str) -> None:
-    if value is not None and tuple(value.shape) != expected:
-        raise ValueError(f"{name} must have shape {expected} ({layout}), got {tuple(value.shape)}")
-
-
 def geometry(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None, stride, padding,
              dilation) -> ConvGeometry:
-    """Check every argument of deform_conv2d and return the layer's static geometry."""
+    """Check the tensors of deform_conv2d (kind, rank, dtype, device), then their shapes and the other
+    arguments (dcn_tvm.geometry.conv), and return the layer's static geometry."""
     _check_tensor("input", input, 4)
     _check_tensor("offset", offset, 4)
     _check_tensor("weight", weight, 4)
     _check_tensor("mask", mask, 4, optional=True)
-    stride, padding, dilation = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
     if input.dtype not in _TORCH_DTYPES:
         raise TypeError(f"input must have a floating dtype among {DTYPES}, got {input.dtype}")
     dtype = dispatch.compute_dtype(input)
@@ -69,30 +53,8 @@ def geometry(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None,
             raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
     if input.device.type not in ("cpu", "cuda"):
         raise ValueError(f"dcn_tvm runs on cpu and cuda devices, got {input.device}")
-    n, c, h, w = input.shape
-    o, c_per_group, kh, kw = weight.shape
-    if c == 0:
-        raise ValueError(f"input must have at least one channel, got shape {tuple(input.shape)}")
-    if c_per_group == 0 or c % c_per_group != 0:
-        raise ValueError(f"input channels ({c}) must be a multiple of weight.shape[1] ({c_per_group})")
-    groups = c // c_per_group
-    if o % groups != 0:
-        raise ValueError(f"out channels ({o}) must be a multiple of groups ({groups} = {c} // {c_per_group})")
-    if offset.shape[1] == 0 or offset.shape[1] % (2 * kh * kw) != 0:
-        raise ValueError(f"offset.shape[1] must be a positive multiple of 2*KH*KW = {2 * kh * kw}, "
-                         f"got {offset.shape[1]}")
-    offset_groups = offset.shape[1] // (2 * kh * kw)
-    if c % offset_groups != 0:
-        raise ValueError(f"input channels ({c}) must be a multiple of offset groups ({offset_groups})")
-    geo = ConvGeometry(c, o, (kh, kw), stride, padding, dilation, groups, offset_groups, mask is not None,
-                       _TORCH_DTYPES[dtype])
-    oh, ow = geo.output_size(h, w)
-    if oh <= 0 or ow <= 0:
-        raise ValueError(f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding} "
-                         f"and dilation {dilation}: the output would be {oh}x{ow}")
-    _expect_shape("offset", offset, (n, 2 * offset_groups * kh * kw, oh, ow), "N, 2*offset_groups*KH*KW, OH, OW")
-    _expect_shape("mask", mask, (n, offset_groups * kh * kw, oh, ow), "N, offset_groups*KH*KW, OH, OW")
-    return geo
+    return conv_geometry(input.shape, offset.shape, weight.shape, None if mask is None else mask.shape, stride,
+                         padding, dilation, _TORCH_DTYPES[dtype])
 
 
 def _spec(stage: str, geo: ConvGeometry, input: Tensor) -> KernelSpec:
@@ -219,7 +181,7 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | 
     elif dispatch.compute_dtype(bias) != dispatch.compute_dtype(input) or bias.device != input.device:
         raise TypeError(f"bias must have the input's dtype {input.dtype} on {input.device}, "
                         f"got {bias.dtype} on {bias.device}")
-    _expect_shape("bias", bias, (geo.out_channels,), "O")
+    _expect_shape("bias", bias.shape, (geo.out_channels,), "O")
     return _forward_op(input, offset, mask, weight, bias, list(geo.stride), list(geo.padding), list(geo.dilation))
 
 

@@ -9,38 +9,22 @@ every RoI count at once (R is symbolic), so a changing number of proposals never
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 from torch import Tensor, nn
 
 from dcn_tvm import env
+from dcn_tvm.geometry.arguments import finite as _finite
+from dcn_tvm.geometry.arguments import positive_int as _positive_int
+from dcn_tvm.geometry.dtypes import DTYPES
+from dcn_tvm.geometry.roi_pool import RoIPoolGeometry, roi_pool_geometry
 from dcn_tvm.kernels.cache import get_kernel
-from dcn_tvm.ops.deform_conv2d import init_offset_layer
-from dcn_tvm.kernels.roi_spec import RoIPoolGeometry
-from dcn_tvm.kernels.spec import DTYPES, KernelSpec
+from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key
 from dcn_tvm.ops import dispatch
+from dcn_tvm.ops.deform_conv2d import init_offset_layer
 
 OP = "deform_roi_pool"
 _TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
-def _finite(name: str, value, positive: bool = False) -> float:
-    if not isinstance(value, Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be {'positive and ' if positive else ''}finite, got {value!r}")
-    return float(value)
 
 
 def _check_tensor(name: str, value, rank: int, input: Tensor) -> None:
@@ -77,7 +61,8 @@ def roi_rows(rois, input: Tensor) -> Tensor:
 
 def geometry(input: Tensor, rois: Tensor, offset: Tensor | None, output_size, spatial_scale, group_size,
              part_size, sampling_ratio, gamma) -> RoIPoolGeometry:
-    """Check every argument of deform_roi_pool (rois as [R, 5]) and return the call's geometry."""
+    """Check the tensors of deform_roi_pool (rois as [R, 5]; kind, rank, dtype, device), then their
+    shapes and the other arguments (dcn_tvm.geometry.roi_pool), and return the call's geometry."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() != 4:
@@ -91,28 +76,13 @@ def geometry(input: Tensor, rois: Tensor, offset: Tensor | None, output_size, sp
         raise ValueError(f"rois must have shape [R, 5] (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}")
     if not rois.dtype.is_floating_point:
         raise TypeError(f"rois must have a floating dtype, got {rois.dtype}")
-    k, g = _positive_int("output_size", output_size), _positive_int("group_size", group_size)
-    p = k if part_size is None else _positive_int("part_size", part_size)
-    s = _positive_int("sampling_ratio", sampling_ratio)
-    scale, gamma = _finite("spatial_scale", spatial_scale, positive=True), _finite("gamma", gamma)
-    channels = input.shape[1]
-    if channels == 0 or channels % (g * g) != 0:
-        raise ValueError(f"input channels ({channels}) must be a positive multiple of group_size² ({g * g})")
-    out_channels = channels // (g * g)
-    dtype = _TORCH_DTYPES[dispatch.compute_dtype(input)]
-    if offset is None:
-        return RoIPoolGeometry(out_channels, k, g, 0, s, 0, scale, 0.0, dtype)
-    _check_tensor("offset", offset, 4, input)
-    if dispatch.compute_dtype(offset) != dispatch.compute_dtype(input):
-        raise TypeError(f"offset must have the input's dtype {input.dtype}, got {offset.dtype}")
-    classes, odd = divmod(offset.shape[1], 2)
-    if odd or not classes or (offset.shape[0], offset.shape[2], offset.shape[3]) != (rois.shape[0], p, p):
-        raise ValueError(f"offset must have shape ({rois.shape[0]}, 2*num_classes, {p}, {p}) "
-                         f"(R, 2*num_classes, part_size, part_size), got {tuple(offset.shape)}")
-    if out_channels % classes != 0:
-        raise ValueError(f"out channels ({out_channels} = {channels} // group_size²) must be a multiple of "
-                         f"the offset classes ({classes} = offset.shape[1] // 2)")
-    return RoIPoolGeometry(out_channels, k, g, p, s, classes, scale, gamma, dtype)
+    if offset is not None:
+        _check_tensor("offset", offset, 4, input)
+        if dispatch.compute_dtype(offset) != dispatch.compute_dtype(input):
+            raise TypeError(f"offset must have the input's dtype {input.dtype}, got {offset.dtype}")
+    return roi_pool_geometry(input.shape, rois.shape[0], None if offset is None else offset.shape, output_size,
+                             spatial_scale, group_size, part_size, sampling_ratio, gamma,
+                             _TORCH_DTYPES[dispatch.compute_dtype(input)])
 
 
 def _kernel_rois(rois: Tensor, geo: RoIPoolGeometry, batch: int) -> Tensor:

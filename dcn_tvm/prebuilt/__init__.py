@@ -2,6 +2,6 @@
 
 A package holds one shared library per target variant (CPU ISA level or CUDA arch), TVM's small
 runtime library, a manifest (kernel -> function, versions, target, sha256 of every file) and a tiny
-loader module. `loader` (runtime side, no compiler) finds and verifies packages; `build` (compiler
-side) makes them.
+loader module. `build` and `cli` (compiler side, tools) make them; kernel resolution finds, verifies
+and loads them (runtime side, no compiler: dcn_tvm.kernels.prebuilt and dcn_tvm.kernels.manifest).
 """

@@ -11,10 +11,10 @@ import tempfile
 from pathlib import Path
 
 from dcn_tvm._tvm import tvm
+from dcn_tvm.kernels import manifest as mf
 from dcn_tvm.kernels.build import compile_functions, scheduled
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_config, target_kind
-from dcn_tvm.prebuilt import manifest as mf
 from dcn_tvm.render import render
 
 #: Stages with a per-dtype symbolic scatter kernel beside them, by operator.

@@ -21,9 +21,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dcn_tvm.kernels.targets import target_kind
+    from dcn_tvm.kernels.workloads import resolve
     from dcn_tvm.prebuilt.build import build_package
     from dcn_tvm.tuning.target import resolve as resolve_target
-    from dcn_tvm.tuning.workloads import resolve
 
     if not args.preset and not args.workload:
         print("dcn-tvm build: error: give at least one --preset or --workload", file=sys.stderr)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dcn_tvm.tuning.workloads import PRESETS, STAGES, Workload
+from dcn_tvm.kernels.workloads import PRESETS, STAGES, Workload
 
 
 def _workload(text: str) -> Workload:
@@ -46,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dcn_tvm import tune
-    from dcn_tvm.tuning.records import RecordsVersionError
+    from dcn_tvm.tuning.store import RecordsVersionError
     from dcn_tvm.tuning.report import table
     from dcn_tvm.tuning.tuner import MeasurementError
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dcn_tvm.kernels.records import Records
+from dcn_tvm.kernels.workloads import STAGES
 from dcn_tvm.render import render
-from dcn_tvm.tuning.records import Store
 from dcn_tvm.tuning.tuner import MIN_REPEAT_MS, REPEAT, ROUNDS, Result, result_of
-from dcn_tvm.tuning.workloads import STAGES
 
 
 def _ms(value: float | None) -> str:
@@ -49,7 +49,7 @@ def recorded(folder: Path) -> list[Result]:
     """Every finished kernel recorded for one target (`folder` = <logs>/<target-key>)."""
     results = []
     for op_folder in sorted(path for path in folder.iterdir() if (path / "metadata.json").is_file()):
-        store = Store(folder.name, op_folder.name, folder.parent)
+        store = Records(folder.name, op_folder.name, folder.parent)
         results += [result_of(store, key) for key, entry in store.metadata()["kernels"].items()
                     if "default_ms" in entry]
     order = {stage: index for stages in STAGES.values() for index, stage in enumerate(stages)}
@@ -88,7 +88,7 @@ def _plot(results: list[Result], path: Path) -> bool:
 def write(folder: Path) -> Path:
     """Write `folder`/report.md (and report.png) for every kernel recorded for that target."""
     results = recorded(folder)
-    metadata = next(Store(folder.name, p.name, folder.parent).metadata()
+    metadata = next(Records(folder.name, p.name, folder.parent).metadata()
                     for p in sorted(folder.iterdir()) if (p / "metadata.json").is_file())
     plot = folder / "report.png"
     has_plot = _plot(results, plot)

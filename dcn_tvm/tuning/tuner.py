@@ -31,10 +31,11 @@ import torch
 from dcn_tvm import env
 from dcn_tvm._tvm import tvm
 from dcn_tvm.kernels.build import prim_func
+from dcn_tvm.kernels.records import Records, median
 from dcn_tvm.kernels.targets import target_config, target_kind
-from dcn_tvm.tuning.records import FAILED_SECS, Store, median, plain
+from dcn_tvm.kernels.workloads import STAGES, Task, Workload
+from dcn_tvm.tuning.store import FAILED_SECS, Store, plain
 from dcn_tvm.tuning.target import local_device, tuning_target
-from dcn_tvm.tuning.workloads import STAGES, Task, Workload
 
 #: Candidates per MetaSchedule batch: records reach the disk at least this often.
 BATCH = 8
@@ -418,7 +419,7 @@ def _ending_new_workers():
         psutil.wait_procs(started, timeout=10)
 
 
-def result_of(store: Store, key: str) -> Result:
+def result_of(store: Records, key: str) -> Result:
     """The table line of a recorded kernel."""
     entry = store.kernel(key)
     return Result(store.folder, entry["workload"], entry["stage"], key, entry.get("default_ms"), entry.get("tuned_ms"),

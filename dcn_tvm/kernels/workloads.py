@@ -18,12 +18,10 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-import torch
-
-from dcn_tvm.kernels.roi_spec import RoIPoolGeometry
-from dcn_tvm.kernels.spec import DTYPES, ConvGeometry, KernelSpec
-from dcn_tvm.ops import deform_conv2d as conv_op
-from dcn_tvm.ops import deform_roi_pool as roi_op
+from dcn_tvm.geometry.conv import ConvGeometry, conv_geometry
+from dcn_tvm.geometry.dtypes import DTYPES
+from dcn_tvm.geometry.roi_pool import RoIPoolGeometry, roi_pool_geometry
+from dcn_tvm.kernels.spec import KernelSpec
 
 
 def _int(minimum: int, maximum: int | None = None):
@@ -103,11 +101,6 @@ PRESETS = {
 }
 
 
-def _tensor(*shape, dtype="float32") -> torch.Tensor:
-    """A CPU tensor of `shape` backed by one element: enough for the ops' argument checks."""
-    return torch.empty(1, dtype=getattr(torch, dtype)).as_strided(shape, (0,) * len(shape))
-
-
 @dataclass(frozen=True)
 class Task:
     """One tunable kernel: `spec` is what the library asks for (and names the record), `measured`
@@ -148,7 +141,7 @@ class Workload:
         workload = cls(op, tuple(values))
         if dict(values)["dtype"] not in DTYPES:
             raise ValueError(f"workload {text!r}: dtype must be one of {DTYPES}")
-        workload.geometry()  # the ops' own argument checks
+        workload.geometry()  # the ops' own shape checks
         return workload
 
     def __str__(self) -> str:
@@ -156,7 +149,8 @@ class Workload:
         return f"{self.op}:" + ",".join(f"{k}={text.get(type(v), str)(v)}" for k, v in self.values if v is not None)
 
     def geometry(self) -> ConvGeometry | RoIPoolGeometry:
-        """The layer's geometry, built by the op's own argument checks (ValueError/TypeError on bad shapes)."""
+        """The layer's geometry, built by the ops' own shape checks (dcn_tvm.geometry; ValueError/TypeError
+        on bad shapes)."""
         v = dict(self.values)
         n, c, h, w, dtype = v["n"], v["c"], v["h"], v["w"], v["dtype"]
         if self.op == "deform_conv2d":
@@ -168,14 +162,13 @@ class Workload:
             # output is left to the op's check, which names the sizes).
             window = ConvGeometry(c, v["o"], (kh, kw), v["stride"], v["pad"], v["dil"], groups, og, False, dtype)
             oh, ow = (max(size, 1) for size in window.output_size(h, w))
-            mask = _tensor(n, og * kh * kw, oh, ow, dtype=dtype) if v["mask"] else None
-            return conv_op.geometry(_tensor(n, c, h, w, dtype=dtype), _tensor(n, 2 * og * kh * kw, oh, ow, dtype=dtype),
-                                    _tensor(v["o"], c // groups, kh, kw, dtype=dtype), mask,
-                                    v["stride"], v["pad"], v["dil"])
+            mask = (n, og * kh * kw, oh, ow) if v["mask"] else None
+            return conv_geometry((n, c, h, w), (n, 2 * og * kh * kw, oh, ow), (v["o"], c // groups, kh, kw), mask,
+                                 v["stride"], v["pad"], v["dil"], dtype)
         k, r, parts = v["k"], v["r"], v["part_size"] or v["k"]
-        offset = _tensor(r, 2 * v["classes"], parts, parts, dtype=dtype) if v["classes"] else None
-        return roi_op.geometry(_tensor(n, c, h, w, dtype=dtype), _tensor(r, 5), offset, k, v["spatial_scale"],
-                               v["group_size"], v["part_size"], v["sampling_ratio"], v["gamma"])
+        offset = (r, 2 * v["classes"], parts, parts) if v["classes"] else None
+        return roi_pool_geometry((n, c, h, w), r, offset, k, v["spatial_scale"], v["group_size"], v["part_size"],
+                                 v["sampling_ratio"], v["gamma"], dtype)
 
     def tasks(self, target: str) -> list[Task]:
         """The tunable kernels of this workload for a target key."""

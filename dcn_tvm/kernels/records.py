@@ -1,35 +1,31 @@
-"""Tuning records: `<logs>/<target-key>/<op>/`, one folder per target and operator.
+"""Reading tuning records: `<logs>/<target-key>/<op>/`, one folder per target and operator.
 
     metadata.json   TVM and dcn_tvm versions, target JSON, device, date; per kernel key: workload,
                     stage, structural hash of the kernel's PrimFunc, trials, whether the space ran
                     out, default and tuned times (ms, measured side by side), the schedule to use
                     ("tuned" or "default") and the best time after each batch of trials
-    records.jsonl   the best KEEP (3) measured schedules per kernel key, one line each, sorted:
+    records.jsonl   the best 3 (tuning.store.KEEP) measured schedules per kernel key, one line each, sorted:
                     {"key", "run_ms", "trace"}, the trace being MetaSchedule's JSON with its decisions
 
 Targets never share a folder (MetaSchedule matches records by PrimFunc, ignoring the target). Only
 text is stored, no TVM object blobs; a trace replays with `Trace.apply_json_to_schedule`, whose
 instruction names may change between TVM releases, so readers check the recorded TVM version and a
-record only applies to a PrimFunc with the recorded structural hash. Files are replaced atomically,
-by one writer at a time (`Store.locked`: an fcntl lock on the folder's .lock file, which a tuning
-run holds from start to end). A damaged file never fails an operator call: an unreadable line of
-records.jsonl is skipped, an unreadable metadata.json means the default schedules, each with one
-warning naming the file.
+record only applies to a PrimFunc with the recorded structural hash. A damaged file never fails an
+operator call: an unreadable line of records.jsonl is skipped, an unreadable metadata.json means the
+default schedules, each with one warning naming the file.
+
+This module only reads them, for kernel resolution: the tuned schedule of a spec, and the tag its
+cache entry is keyed by. The tuner writes them (dcn_tvm.tuning.store: each file replaced atomically,
+by one writer at a time).
 """
 
 from __future__ import annotations
 
-import datetime
-import fcntl
 import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import statistics
-import tempfile
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 from dcn_tvm import env
@@ -37,18 +33,7 @@ from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_config, target_kind
 
 log = logging.getLogger("dcn_tvm")
-#: Measured schedules kept per kernel.
-KEEP = 3
-#: run_secs at or above this mark a failed measurement (MetaSchedule stores failures as 1e10 s).
-FAILED_SECS = 1e9
 _warned: set[str] = set()
-#: Per folder: a lock for this process's threads, and [the open .lock file, how deeply it is held].
-_folder_locks: dict[str, tuple[threading.RLock, list]] = {}
-_folder_locks_guard = threading.Lock()
-
-
-class RecordsVersionError(RuntimeError):
-    """The records were written by another TVM version than the one installed."""
 
 
 def version(package: str) -> str:
@@ -62,30 +47,14 @@ def median(times) -> float:
     return statistics.median(times)
 
 
-def _write(path: Path, text: str) -> None:
-    """Replace `path` by `text` atomically (a temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def _warn_once(key: str, message: str, *args) -> None:
     if key not in _warned:
         _warned.add(key)
         log.warning(message, *args)
 
 
-class Store:
-    """The records of one target and operator under `root` (default: env.tuning_logs_dir())."""
+class Records:
+    """The records of one target and operator under `root` (default: env.tuning_logs_dir()), read-only."""
 
     def __init__(self, target: str, op: str, root: Path | None = None):
         self.target, self.op = target, op
@@ -94,30 +63,6 @@ class Store:
 
     def exists(self) -> bool:
         return self.metadata_path.is_file()
-
-    @contextmanager
-    def locked(self):
-        """Be the folder's only writer while inside: other processes and threads wait (reentrant)."""
-        with _folder_locks_guard:
-            thread_lock, held = _folder_locks.setdefault(str(self.folder), (threading.RLock(), [None, 0]))
-        with thread_lock:
-            if held[1] == 0:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                handle = open(self.folder / ".lock", "a")
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    log.warning("dcn_tvm: waiting for another writer of %s (another dcn-tvm tune run?)", self.folder)
-                    fcntl.flock(handle, fcntl.LOCK_EX)
-                held[0] = handle
-            held[1] += 1
-            try:
-                yield
-            finally:
-                held[1] -= 1
-                if held[1] == 0:
-                    held[0].close()
-                    held[0] = None
 
     def metadata(self) -> dict:
         """The folder's metadata; a fresh one where there is none or it cannot be read (warned once)."""
@@ -143,27 +88,9 @@ class Store:
         return (f"{self.folder} was tuned with TVM {recorded} but TVM {installed} is installed; schedule traces "
                 f"are TVM-version specific: re-tune into another --logs folder, or delete this one")
 
-    def check_version(self) -> None:
-        error = self.version_error() if self.exists() else None
-        if error:
-            raise RecordsVersionError(error)
-
     def kernel(self, key: str) -> dict | None:
         entry = self.metadata()["kernels"].get(key)
         return entry if isinstance(entry, dict) else None
-
-    def update_kernel(self, key: str, device: str, **fields) -> dict:
-        """Merge `fields` into the kernel's entry and stamp the folder's device and date."""
-        with self.locked():
-            metadata = self.metadata()
-            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            metadata.update(device=device, date=now, dcn_tvm=version("dcn_tvm"))
-            entry = metadata["kernels"].get(key)
-            entry = metadata["kernels"][key] = entry if isinstance(entry, dict) else {}
-            entry.update(fields, date=now)
-            metadata["kernels"] = dict(sorted(metadata["kernels"].items()))
-            _write(self.metadata_path, json.dumps(metadata, indent=1) + "\n")
-            return entry
 
     def _all_records(self) -> list[dict]:
         """Every record of the file; a line that is not one is skipped, with one warning."""
@@ -191,24 +118,6 @@ class Store:
         """The kernel's records, fastest (median) first."""
         return sorted((r for r in self._all_records() if r["key"] == key), key=lambda r: median(r["run_ms"]))
 
-    def _save(self, records: list[dict]) -> None:
-        records = sorted(records, key=lambda r: (r["key"], median(r["run_ms"])))
-        _write(self.records_path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
-
-    def remove(self, key: str, trace: list) -> None:
-        """Forget a recorded schedule (one that no longer builds or runs)."""
-        with self.locked():
-            self._save([r for r in self._all_records() if not (r["key"] == key and r["trace"] == trace)])
-
-    def commit(self, key: str, run_ms: list[float], trace: list) -> None:
-        """Record a measured schedule (replacing an earlier measurement of the same trace), keeping
-        the KEEP fastest per kernel."""
-        with self.locked():
-            others = [r for r in self._all_records() if not (r["key"] == key and r["trace"] == trace)]
-            mine = sorted([r for r in others if r["key"] == key] + [{"key": key, "run_ms": run_ms, "trace": trace}],
-                          key=lambda r: median(r["run_ms"]))[:KEEP]
-            self._save([r for r in others if r["key"] != key] + mine)
-
 
 def _is_record(record) -> bool:
     """Whether a parsed line of records.jsonl has the shape of a record."""
@@ -217,21 +126,12 @@ def _is_record(record) -> bool:
             and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in record["run_ms"]))
 
 
-def plain(value):
-    """A trace's JSON (TVM containers, IntImm, FloatImm) as plain Python lists and numbers."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return str(value) if isinstance(value, str) else value
-    if hasattr(value, "value"):
-        return value.value
-    return [plain(item) for item in value]
-
-
-def _usable_entry(spec: KernelSpec, root: Path | None) -> tuple[Store, dict] | None:
+def _usable_entry(spec: KernelSpec, root: Path | None) -> tuple[Records, dict] | None:
     """The store and metadata entry of a tuned schedule for `spec`, without the hash check."""
-    store = Store(spec.target, spec.op, root)
+    store = Records(spec.target, spec.op, root)
     entry = store.kernel(spec.key) if store.exists() else None
     if entry is None:
-        from dcn_tvm.tuning.workloads import of_spec, tunable
+        from dcn_tvm.kernels.workloads import of_spec, tunable
 
         if target_kind(spec.target) == "cuda" and tunable(spec):
             workload = of_spec(spec)

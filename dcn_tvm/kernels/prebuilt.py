@@ -21,9 +21,9 @@ import warnings
 from pathlib import Path
 
 from dcn_tvm import env
+from dcn_tvm.kernels import manifest as mf
 from dcn_tvm.kernels.runtime import load_tvm_runtime, load_verified
 from dcn_tvm.kernels.spec import KernelSpec
-from dcn_tvm.prebuilt import manifest as mf
 
 log = logging.getLogger("dcn_tvm")
 ENTRY_POINT_GROUP = "dcn_tvm.prebuilt"

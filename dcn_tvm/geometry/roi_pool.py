@@ -1,0 +1,89 @@
+"""The static geometry of one deformable (PS) RoI pooling layer, the `geometry` of its KernelSpecs,
+and the checks of a deform_roi_pool call's shapes and arguments that build it.
+
+A key reads e.g. `float32_o21_k7_g7_p7_sr4_nc21_scale0p0625_gamma0p1` (floats with "p" for the point).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dcn_tvm.geometry.arguments import finite, positive_int
+from dcn_tvm.geometry.dtypes import accumulation_dtype
+
+
+def _number(value: float) -> str:
+    """A float as a file-name-friendly token that round-trips (0.0625 -> "0p0625")."""
+    return repr(float(value)).replace(".", "p")
+
+
+@dataclass(frozen=True)
+class RoIPoolGeometry:
+    """Static hyper-parameters of one deform_roi_pool call.
+
+    num_classes is the number of offset classes (offset has 2*num_classes channels), 0 without
+    offsets; then part_size and gamma are unused and set to 0.
+    """
+
+    out_channels: int
+    output_size: int
+    group_size: int
+    part_size: int
+    sampling_ratio: int
+    num_classes: int
+    spatial_scale: float
+    gamma: float
+    dtype: str
+
+    @property
+    def acc_dtype(self) -> str:
+        return accumulation_dtype(self.dtype)
+
+    @property
+    def in_channels(self) -> int:
+        return self.out_channels * self.group_size**2
+
+    @property
+    def with_offset(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def sample_classes(self) -> int:
+        """Classes with their own sample positions: the offset classes, or 1 without offsets."""
+        return max(self.num_classes, 1)
+
+    @property
+    def channels_per_class(self) -> int:
+        return self.out_channels // self.sample_classes
+
+    @property
+    def key(self) -> str:
+        return (
+            f"{self.dtype}_o{self.out_channels}_k{self.output_size}_g{self.group_size}_p{self.part_size}"
+            f"_sr{self.sampling_ratio}_nc{self.num_classes}_scale{_number(self.spatial_scale)}"
+            f"_gamma{_number(self.gamma)}"
+        )
+
+
+def roi_pool_geometry(input_shape: tuple, rois: int, offset_shape: tuple | None, output_size, spatial_scale,
+                      group_size, part_size, sampling_ratio, gamma, dtype: str) -> RoIPoolGeometry:
+    """Check the shapes (input [N, C, H, W], `rois` RoIs, offset [R, 2*num_classes, part_size,
+    part_size] or None) and the arguments of a deform_roi_pool call in `dtype`, and return its geometry."""
+    k, g = positive_int("output_size", output_size), positive_int("group_size", group_size)
+    p = k if part_size is None else positive_int("part_size", part_size)
+    s = positive_int("sampling_ratio", sampling_ratio)
+    scale, gamma = finite("spatial_scale", spatial_scale, positive=True), finite("gamma", gamma)
+    channels = input_shape[1]
+    if channels == 0 or channels % (g * g) != 0:
+        raise ValueError(f"input channels ({channels}) must be a positive multiple of group_size² ({g * g})")
+    out_channels = channels // (g * g)
+    if offset_shape is None:
+        return RoIPoolGeometry(out_channels, k, g, 0, s, 0, scale, 0.0, dtype)
+    classes, odd = divmod(offset_shape[1], 2)
+    if odd or not classes or (offset_shape[0], offset_shape[2], offset_shape[3]) != (rois, p, p):
+        raise ValueError(f"offset must have shape ({rois}, 2*num_classes, {p}, {p}) "
+                         f"(R, 2*num_classes, part_size, part_size), got {tuple(offset_shape)}")
+    if out_channels % classes != 0:
+        raise ValueError(f"out channels ({out_channels} = {channels} // group_size²) must be a multiple of "
+                         f"the offset classes ({classes} = offset.shape[1] // 2)")
+    return RoIPoolGeometry(out_channels, k, g, p, s, classes, scale, gamma, dtype)
