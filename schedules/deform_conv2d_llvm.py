@@ -122,9 +122,8 @@ def _target_vector_bytes() -> int:
     """Bytes per vector register of the current target (the host's when none is current): 64 with
     AVX-512, 32 with AVX2, else 16."""
     from dcn_tvm._tvm import tvm
-    from dcn_tvm.kernels.targets import host_cpu, target_config
 
-    target = tvm().target.Target.current(allow_none=True) or tvm().target.Target(target_config(f"llvm-{host_cpu()}"))
+    target = tvm().target.Target.current(allow_none=True) or tvm().target.Target.from_device(tvm().cpu())
     has = tvm().target.codegen.llvm_cpu_has_features
     return next((size for feature, size in (("avx512f", 64), ("avx2", 32)) if has(feature, target)), 16)
 

@@ -23,7 +23,9 @@ _AUTOCAST_TO_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
 def compute_dtype(tensor: Tensor) -> torch.dtype:
     """The dtype `tensor` is computed in: float32 under autocast on its device for float16, bfloat16
     and float32, its own dtype otherwise."""
-    if tensor.dtype in _AUTOCAST_TO_FLOAT32 and torch.is_autocast_enabled(tensor.device.type):
+    device_type = tensor.device.type
+    if (tensor.dtype in _AUTOCAST_TO_FLOAT32 and torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
         return torch.float32
     return tensor.dtype
 
