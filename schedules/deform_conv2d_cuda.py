@@ -26,9 +26,9 @@ both (`choose("forward_gemm", ...)`) and samples the K step.
 
 from __future__ import annotations
 
-from dcn_tvm._tvm import submodule, tvm
 from dcn_tvm.kernels.resources import SHARED_MEMORY_BYTES
 
+from . import wmma
 from .common import bind_remaining, bind_threads, choose, decide, divisors
 
 #: The compute pads the positions to a multiple of this, so position tiles have no tails.
@@ -81,38 +81,13 @@ def _reduction_step(sch, rc, rkh, rkw, element_bytes: int):
 
 
 #: Fragment edge of the WMMA intrinsics (m16n16k16), threads per warp, and the tensor-core dtypes.
-FRAGMENT, WARP = 16, 32
-TENSOR_CORE_DTYPES = ("float16", "bfloat16")
+FRAGMENT, WARP, TENSOR_CORE_DTYPES = wmma.SIZE, 32, wmma.DTYPES
 #: Output channels per block at most (in fragments of 16; 2 x 2 fragments per warp where they fit),
 #: and the K step candidates of a reduction step, in fragments (16 reduction elements each).
 MAX_TENSOR_CORE_CHANNELS, K_STEP, K_STEP_CANDIDATES = 64, 4, (1, 2, 3, 4, 6, 8)
 
 
-def _intrinsic(kind: str, dtype: str) -> str:
-    return f"dcn_tvm_wmma_{kind}_{dtype}"
-
-
-def _register_intrinsics() -> None:
-    """WMMA 16x16x16 intrinsics for float16 and bfloat16 inputs with a float32 accumulator, from TVM's
-    generators (TVM 0.27 registers float16 ones only): A and B loaded row-major from shared memory,
-    the accumulator filled with zero and stored to global memory. Registered when this module is
-    imported, which `build.prim_func` does before any tuning record is replayed."""
-    intrin = submodule("s_tir.tensor_intrin.cuda")
-    register = tvm().s_tir.TensorIntrin.register
-    m = n = k = FRAGMENT
-    for dtype in TENSOR_CORE_DTYPES:
-        register(_intrinsic("load_a", dtype), *intrin.get_wmma_load_intrin(m, n, k, dtype, "shared", False, False),
-                 override=True)
-        register(_intrinsic("load_b", dtype), *intrin.get_wmma_load_intrin(m, n, k, dtype, "shared", True, False),
-                 override=True)
-        register(_intrinsic("mma", dtype), *intrin.get_wmma_sync_intrin(m, n, k, dtype, "float32", False),
-                 override=True)
-    register(_intrinsic("fill", "float32"), *intrin.get_wmma_fill_intrin(m, n, k, "float32"), override=True)
-    register(_intrinsic("store", "float32"), *intrin.get_wmma_store_intrin(m, n, k, "float32", "global"),
-             override=True)
-
-
-_register_intrinsics()
+wmma.register()
 
 
 def _tensor_core_fits(sch, dtype: str, o_per_group: int, k_per_group: int) -> bool:
@@ -177,11 +152,11 @@ def _tensor_core_forward(sch, groups: int) -> None:
         i_outer, i_inner = sch.split(i, [None, FRAGMENT])
         j_outer, j_inner = sch.split(j, [None, FRAGMENT])
         sch.reorder(i_outer, j_outer, i_inner, j_inner)
-    sch.tensorize(sch.get_loops(a_fragment)[-2], _intrinsic("load_a", dtype))
-    sch.tensorize(sch.get_loops(b_fragment)[-2], _intrinsic("load_b", dtype))
-    sch.tensorize(sch.get_loops(accumulator)[-2], _intrinsic("store", "float32"))
-    sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], _intrinsic("fill", "float32"))
-    sch.tensorize(sch.get_loops(gemm)[-3], _intrinsic("mma", dtype))
+    sch.tensorize(sch.get_loops(a_fragment)[-2], wmma.name("load_a", dtype))
+    sch.tensorize(sch.get_loops(b_fragment)[-2], wmma.name("load_b", dtype))
+    sch.tensorize(sch.get_loops(accumulator)[-2], wmma.name("store", "float32"))
+    sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], wmma.name("fill", "float32"))
+    sch.tensorize(sch.get_loops(gemm)[-3], wmma.name("mma", dtype))
     bind_remaining(sch)
 
 
