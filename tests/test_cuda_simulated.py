@@ -291,10 +291,10 @@ def test_tensor_core_forward_float16(case, simulated_gpu):
         output = run()
     assert output.dtype == torch.float16 and torch.isfinite(output).all()
     assert relative_error(output, expected) <= FLOAT16_TOLERANCE
-    source = next(kernel.source for key, kernel in gpusim._state["kernels"].items()
-                  if key[0].startswith("deform_conv2d_forward_float16") and conv_case_id(case) and
-                  "gpusim_wmma_mma" in kernel.source)
-    assert "gpusim_wmma_load" in source
+    (n, c, h, w, o, *_) = case
+    (source,) = [kernel.source for (key, _), kernel in gpusim._state["kernels"].items()
+                 if key.startswith(f"deform_conv2d_forward_float16_c{c}_o{o}_") and f"_n{n}_h{h}_w{w}_" in key]
+    assert "gpusim_wmma_mma" in source and "gpusim_wmma_load" in source  # it ran on (emulated) tensor cores
 
 
 @pytest.mark.parametrize("bug", [dict(transposed_fragments=True), dict(fragment_stride=16)],
