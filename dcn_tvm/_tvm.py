@@ -24,3 +24,10 @@ def tvm():
             "compiling a dcn_tvm kernel needs the TVM compiler: pip install 'apache-tvm==0.27.0.post1'"
         ) from error
     return module
+
+
+def submodule(name: str):
+    """A TVM submodule that `import tvm` does not load, e.g. "s_tir.tensor_intrin.cuda"."""
+    import importlib
+
+    return importlib.import_module(f"{tvm().__name__}.{name}")

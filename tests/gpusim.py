@@ -18,6 +18,16 @@ PoCL runs the work-items of a group one after the other between barriers, so a m
 work-item read a NaN another one had not yet replaced (loop bounds are made opaque to PoCL, whose
 implicit loop barriers would otherwise hide it). `Mutation` drops barriers or makes the atomic adds
 plain, to show that the tests notice.
+
+Tensor cores: the WMMA fragment operations (`tvm_fill_fragment`, `tvm_load_matrix_sync`, `tvm_mma_sync`,
+`tvm_store_matrix_sync`) have no OpenCL form. A fragment becomes per-warp storage in shared (__local)
+memory, NaN-poisoned like every array, holding each 16 x 16 fragment row-major; each operation is done
+by the warp's 32 lanes cooperatively (lane l handles elements l, l + 32, ...), between barriers (all warps
+of a block reach the same call sites, as the tensor-core schedules guarantee). A warp is 32 consecutive
+work-items of the flattened local id, as on the GPU. float16 is stored as float32 (PoCL has no fp16):
+float16 arguments travel as float32, and every conversion to float16 in a kernel rounds to the nearest
+float16 (`vstore_half_rte`), so the arithmetic is float16's. `Mutation` can load the fragments
+transposed or with a wrong leading dimension.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from tvm import tirx
 from tvm.tirx.build import split_host_device_mods
 
 from dcn_tvm.kernels.build import prim_func, scheduled
+from dcn_tvm.kernels.resources import block_threads
 from dcn_tvm.kernels.spec import KernelSpec
 
 TARGET = {"kind": "cuda", "arch": "sm_90"}
@@ -49,7 +60,7 @@ GUARD_PATTERN = b"\xff\xf7\xff\xff"
 #: Poison of unwritten memory: NaN as float32/float64, -1 as int32.
 POISON = 0xFF
 
-_DTYPES = (torch.float32, torch.float64, torch.int32)
+_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int32)
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,8 @@ class Mutation:
     drop_barriers: bool = False
     drop_barrier: int | None = None
     plain_adds: bool = False
+    transposed_fragments: bool = False
+    fragment_stride: int | None = None
 
 
 _mutation = contextvars.ContextVar("gpusim_mutation", default=Mutation())
@@ -85,6 +98,48 @@ def _lower_atomic_add(call):
 
 
 tirx.op.register_intrin_lowering("tirx.cuda.atomic_add", "opencl", f=_lower_atomic_add, level=99)
+
+#: The 16 x 16 x 16 fragment shape, the one the emulation knows.
+FRAGMENT_SHAPE = (16, 16, 16)
+
+
+def _fragment_shape(call, first: int):
+    shape = tuple(int(a.value) for a in call.args[first:first + 3])
+    if shape != FRAGMENT_SHAPE:
+        raise NotImplementedError(f"{call.op.name} on {shape} fragments")
+
+
+def _lower_matrix_sync(name):
+    """`tvm_load_matrix_sync` / `tvm_store_matrix_sync(fragment, m, n, k, index, pointer, stride,
+    layout)` as `gpusim_wmma_load/store(fragment, index, pointer, stride, transposed)`."""
+
+    def lower_call(call):
+        _fragment_shape(call, 1)
+        fragment, index, pointer, stride, layout = call.args[0], call.args[4], call.args[5], call.args[6], call.args[7]
+        if layout.value != "row_major":
+            raise NotImplementedError(f"{call.op.name} with layout {layout.value}")
+        mutation = _mutation.get()
+        if mutation.fragment_stride is not None and name == "load":
+            stride = tirx.const(mutation.fragment_stride, "int32")
+        transposed = int(mutation.transposed_fragments and name == "load")
+        return tirx.call_extern("int32", f"gpusim_wmma_{name}", fragment, index, pointer, stride, transposed)
+
+    return lower_call
+
+
+def _lower_fill(call):
+    _fragment_shape(call, 1)
+    return tirx.call_extern("int32", "gpusim_wmma_fill", call.args[0], call.args[4], call.args[5])
+
+
+def _lower_mma(call):
+    return tirx.call_extern("int32", "gpusim_wmma_mma", *call.args)
+
+
+for _op, _lowering in (("tvm_load_matrix_sync", _lower_matrix_sync("load")),
+                       ("tvm_store_matrix_sync", _lower_matrix_sync("store")),
+                       ("tvm_fill_fragment", _lower_fill), ("tvm_mma_sync", _lower_mma)):
+    tirx.op.register_intrin_lowering(f"tirx.{_op}", "opencl", f=_lowering, level=99)
 
 _PRELUDE = """\
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
@@ -113,6 +168,30 @@ inline float gpusim_plain_add_f32(__global float* address, float value) {
 inline double gpusim_plain_add_f64(__global double* address, double value) {
   double old = *address; *address = old + value; return old;
 }
+inline float gpusim_round_half(float value) {
+  ushort bits;
+  vstore_half_rte(value, 0, (half*)&bits);
+  return vload_half(0, (const half*)&bits);
+}
+#define GPUSIM_FLAT_ID ((int)(get_local_id(0) + get_local_size(0) * (get_local_id(1) + get_local_size(1) \
+                                                                     * get_local_id(2))))
+#define GPUSIM_WARP (GPUSIM_FLAT_ID / 32)
+#define GPUSIM_LANE_ELEMENTS(e) for (int e = GPUSIM_FLAT_ID % 32; e < 256; e += 32)
+#define GPUSIM_AT(e, stride, transposed) ((transposed) ? (e) % 16 * (stride) + (e) / 16 : (e) / 16 * (stride) + (e) % 16)
+#define gpusim_wmma_fill(fragment, index, value) do { barrier(CLK_LOCAL_MEM_FENCE); \
+  GPUSIM_LANE_ELEMENTS(e) (fragment)[(index) * 256 + e] = (value); barrier(CLK_LOCAL_MEM_FENCE); } while (0)
+#define gpusim_wmma_load(fragment, index, pointer, stride, transposed) do { barrier(CLK_LOCAL_MEM_FENCE); \
+  GPUSIM_LANE_ELEMENTS(e) (fragment)[(index) * 256 + e] = (pointer)[GPUSIM_AT(e, stride, transposed)]; \
+  barrier(CLK_LOCAL_MEM_FENCE); } while (0)
+#define gpusim_wmma_store(fragment, index, pointer, stride, transposed) do { barrier(CLK_LOCAL_MEM_FENCE); \
+  GPUSIM_LANE_ELEMENTS(e) (pointer)[GPUSIM_AT(e, stride, transposed)] = (fragment)[(index) * 256 + e]; \
+  barrier(CLK_LOCAL_MEM_FENCE); } while (0)
+#define gpusim_wmma_mma(d, di, a, ai, b, bi, c, ci) do { barrier(CLK_LOCAL_MEM_FENCE); \
+  GPUSIM_LANE_ELEMENTS(e) { \
+    float sum = (c)[(ci) * 256 + e]; \
+    for (int k = 0; k < 16; ++k) sum += (a)[(ai) * 256 + e / 16 * 16 + k] * (b)[(bi) * 256 + k * 16 + e % 16]; \
+    (d)[(di) * 256 + e] = sum; \
+  } barrier(CLK_LOCAL_MEM_FENCE); } while (0)
 """
 
 
@@ -144,9 +223,51 @@ def lower(func):
     return seen["host"], device
 
 
-_LOCAL_ARRAY = re.compile(r"^  (__local )?(float|double|int) (\w+)\[(\d+)\];$", re.M)
-_SIZES = {"float": 4, "double": 8, "int": 4}
+_LOCAL_ARRAY = re.compile(r"^  (__local )?(float|double|int|half) (\w+)\[(\d+)\];$", re.M)
+_SIZES = {"float": 4, "double": 8, "int": 4, "half": 2}
 _FILL = {"float": "NAN", "double": "NAN", "int": "-1"}
+#: Prefix of the emulated fragments' per-block arrays (registers on a GPU: not shared memory there).
+_FRAGMENTS = "gpusim_fragment_"
+_FRAGMENT_CALL = re.compile(r"gpusim_wmma_(?:fill|load|store)\((\w+),|gpusim_wmma_mma\((\w+), [^,]+, (\w+), [^,]+, (\w+),")
+#: The codegen's float16 preamble: enable cl_khr_fp16 or cl_amd_fp16, else #error.
+_HALF_PRAGMA = re.compile(r"^#ifdef cl_khr_fp16\n(?:(?!#endif).*\n)*#endif\n", re.M)
+
+
+def _split_kernels(source: str) -> list[str]:
+    """The source in chunks, each starting at a kernel definition (the first chunk: what precedes)."""
+    return re.split(r"(?=^__kernel void \w+\([^;]*\) \{$)", source, flags=re.M)
+
+
+def _emulate_fragments(source: str, threads: dict[str, int]) -> str:
+    """Turn each kernel's fragment arrays (what the wmma calls name; private arrays of one fragment
+    set as printed) into per-warp slices of one __local array (`threads`: per kernel, for the warps)."""
+    out = []
+    for text in _split_kernels(source):
+        names = {name for match in _FRAGMENT_CALL.finditer(text) for name in match.groups() if name}
+        kernel = re.match(r"__kernel void (\w+)\(", text)
+        if names:
+            if threads[kernel.group(1)] % 32:
+                raise NotImplementedError(f"{kernel.group(1)}: {threads[kernel.group(1)]} threads, not whole warps")
+            warps = threads[kernel.group(1)] // 32
+
+            def per_warp(match):
+                if match.group(3) not in names:
+                    return match.group(0)
+                name, size = match.group(3), int(match.group(4))
+                return (f"  __local float {_FRAGMENTS}{name}[{size * warps}];\n"
+                        f"  __local float* {name} = {_FRAGMENTS}{name} + GPUSIM_WARP * {size};")
+
+            text = _LOCAL_ARRAY.sub(per_warp, text)
+        out.append(text)
+    return "".join(out)
+
+
+def _half_as_float(source: str) -> str:
+    """float16 stored as float32, every conversion to float16 rounded to float16."""
+    source = _HALF_PRAGMA.sub("", source).replace("convert_half(", "gpusim_round_half(")
+    if re.search(r"\bhalf\d", source):
+        raise NotImplementedError("float16 vectors in the device code")
+    return re.sub(r"\bhalf\b", "float", source)
 
 
 def _poison_arrays(source: str, synchronised: bool) -> str:
@@ -158,9 +279,8 @@ def _poison_arrays(source: str, synchronised: bool) -> str:
     barriers only to kernels that have barriers), so a work-item reads NaN where another one had to
     write first.
     """
-    kernels = re.split(r"(?=^__kernel void \w+\([^;]*\) \{$)", source, flags=re.M)
     out = []
-    for text in kernels:
+    for text in _split_kernels(source):
         arrays = list(_LOCAL_ARRAY.finditer(text))
         if not arrays:
             out.append(text)
@@ -185,7 +305,8 @@ def _shared_bytes(source: str) -> dict[str, int]:
     for text in re.split(r"(?=^__kernel void )", source, flags=re.M):
         name = re.match(r"__kernel void (\w+)\(", text)
         if name:
-            used = sum(_SIZES[m.group(2)] * int(m.group(4)) for m in _LOCAL_ARRAY.finditer(text) if m.group(1))
+            used = sum(_SIZES[m.group(2)] * int(m.group(4)) for m in _LOCAL_ARRAY.finditer(text)
+                       if m.group(1) and not m.group(3).startswith(_FRAGMENTS))
             usage[name.group(1)] = max(used, usage.get(name.group(1), 0))
     return usage
 
@@ -202,9 +323,16 @@ def _opaque_trip_counts(source: str) -> str:
                                        f"++{m[1]})", source)
 
 
+def printed_source(device) -> str:
+    """The OpenCL C of the device kernels as TVM's codegen prints it."""
+    return tvm.get_global_func("target.build.opencl")(device, tvm.target.Target({"kind": "opencl"})).inspect_source()
+
+
 def opencl_source(device) -> str:
-    """The OpenCL C of the device kernels, with the atomics' helpers, poisoned arrays and the mutation."""
-    source = tvm.get_global_func("target.build.opencl")(device, tvm.target.Target({"kind": "opencl"})).inspect_source()
+    """The OpenCL C of the device kernels, with the atomics' and fragments' helpers, float16 as
+    float32, poisoned arrays and the mutation."""
+    threads = {gv.name_hint: block_threads(func) for gv, func in device.functions.items()}
+    source = _half_as_float(_emulate_fragments(printed_source(device), threads))
     mutation = _mutation.get()
     barriers = list(_BARRIER.finditer(source))
     if (mutation.drop_barriers or mutation.drop_barrier is not None) and not barriers:
@@ -289,7 +417,7 @@ class Kernel:
         self.host, device = lower(func)
         self.params = {gv.name_hint: [_param_kind(p) for p in f.params] for gv, f in device.functions.items()}
         self.source = opencl_source(device)
-        for kernel, used in _shared_bytes(self.source).items():
+        for kernel, used in _shared_bytes(printed_source(device)).items():
             if used > MAX_STATIC_SHARED_BYTES:
                 raise ResourceError(f"{name}: {kernel} declares {used} bytes of static shared memory; "
                                     f"sm_90 allows {MAX_STATIC_SHARED_BYTES}")
@@ -307,8 +435,8 @@ class Kernel:
         for index, (buffer, tensor) in enumerate(zip(params, tensors)):
             self._bind_shape(buffer, tensor, scope)
             if tensor.dtype not in _DTYPES or not tensor.is_contiguous():
-                raise TypeError(f"{self.name}: argument {index} must be a contiguous float32/float64/int32 tensor")
-            array = tensor.detach().numpy()
+                raise TypeError(f"{self.name}: argument {index} must be a contiguous float16/32/64 or int32 tensor")
+            array = tensor.detach().float().numpy() if tensor.dtype == torch.float16 else tensor.detach().numpy()
             poison = bytes([POISON]) * array.nbytes if index in self.outputs else array.tobytes()
             buffers[hash(buffer)] = memory.allocate(array.nbytes, poison)
             arrays.append(array)
@@ -397,7 +525,8 @@ def _param_kind(param) -> str:
 
 
 def _itemsize(dtype) -> int:
-    return np.dtype(str(dtype)).itemsize
+    """Bytes of an element on the device: float16 is stored as float32."""
+    return 4 if str(dtype) == "float16" else np.dtype(str(dtype)).itemsize
 
 
 # -------------------------------------------------------------------------------------- device, cache

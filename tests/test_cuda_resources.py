@@ -54,28 +54,37 @@ def _specs(op: str, fields: str, dtype: str, symbolic: bool) -> list[KernelSpec]
     return specs + [scatter]
 
 
-def _decided(task, pick: str):
-    """The measured kernel of `task` scheduled from its CUDA tuning space, every sampled tile factor
-    set to its largest, its smallest or a random option (`pick`)."""
+def _decided(task, pick: str) -> list:
+    """The measured kernel of `task` scheduled from each of its CUDA design spaces (the structural
+    choices: tensor cores or not), every sampled tile factor set to its largest, its smallest or a
+    random option (`pick`)."""
     import tvm
 
     from dcn_tvm.tuning import tuner
 
     mod = tuner._module(build.prim_func(task.measured))
-    (space,) = tuner.design_spaces(task, tvm.s_tir.Schedule(mod))  # CUDA rules have no structural choices
     rng = random.Random(task.measured.key)
     choose = {"largest": lambda count: count - 1, "smallest": lambda count: 0, "random": rng.randrange}[pick]
-    decisions = {inst: choose(len(inst.attrs[0])) for inst in space.trace.insts if inst.kind.name == "SampleCategorical"}
-    sch = tvm.s_tir.Schedule(mod)
-    tvm.s_tir.Trace(space.trace.insts, decisions).apply_to_schedule(sch, True)
-    return sch.mod["main"]
+    functions = []
+    for space in tuner.design_spaces(task, tvm.s_tir.Schedule(mod)):
+        decisions = {inst: choose(len(inst.attrs[0])) for inst in space.trace.insts
+                     if inst.kind.name == "SampleCategorical"}
+        sch = tvm.s_tir.Schedule(mod)
+        tvm.s_tir.Trace(space.trace.insts, decisions).apply_to_schedule(sch, True)
+        functions.append(sch.mod["main"])
+    return functions
 
 
 def _build_checked(kernels: list) -> list:
     """In a worker process: (spec, None) or (task, pick) pairs compiled as one module; returns what
     its ptxas check saw, [(threads per kernel from the TIR, ptxas usage per kernel)]."""
-    functions = {(f"{item.measured.workload_key}_{pick}" if pick else item.workload_key):
-                 _decided(item, pick) if pick else build.scheduled(item) for item, pick in kernels}
+    functions = {}
+    for item, pick in kernels:
+        if pick:
+            functions.update({f"{item.measured.workload_key}_{pick}_{index}": func
+                              for index, func in enumerate(_decided(item, pick))})
+        else:
+            functions[item.workload_key] = build.scheduled(item)
     seen, check = [], resources.check_assembled
 
     def recording(source, arch, threads):
@@ -130,7 +139,7 @@ def _forward_gemm_shared_bytes(fields: str, dtype: str) -> int:
 
 @pytest.mark.parametrize("fields, dtype, channels, step", [
     ("c=64,o=64", "float32", 64, 18),  # 2 input channels x 3x3 per step
-    ("c=512,o=512,pad=2,dil=2", "float16", 64, 18),
+    ("c=512,o=512,pad=2,dil=2", "float16", 64, 64),  # tensor cores: a K step of 4 fragments of 16
     ("c=64,o=72", "float32", 36, 18),  # 36 divides the 72 channels: no block straddles the tail
     ("c=128,o=18", "float64", 18, 18),
     ("c=3,o=18", "float32", 18, 9),  # 3 input channels: one per step
@@ -143,6 +152,46 @@ def test_forward_gemm_tiles_are_the_schedules(fields, dtype, channels, step):
     a block never reads another group's channels, a step never reads partial channels."""
     element = {"float64": 8, "float32": 4, "float16": 2}[dtype]
     assert _forward_gemm_shared_bytes(fields, dtype) == (channels + 64) * step * element
+
+
+def _ptx(source: str) -> str:
+    """The PTX nvcc makes of a CUDA source for sm_90, with TVM's options."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="dcn_tvm_ptx_") as scratch:
+        path = Path(scratch) / "kernels.cu"
+        path.write_text(source)
+        subprocess.run(["nvcc", "-ptx", "-arch=sm_90", *resources.NVCC_OPTIONS, "-o", str(path.with_suffix(".ptx")),
+                        str(path)], check=True, capture_output=True, timeout=600)
+        return path.with_suffix(".ptx").read_text()
+
+
+@needs_ptxas
+@pytest.mark.parametrize("fields, dtype, ptx_type", [
+    ("c=64,o=64", "float16", "f16"), ("c=64,o=64,groups=4", "bfloat16", "bf16"),
+    ("c=256,o=256,offset_groups=4,mask=1", "float16", "f16"),
+])
+def test_tensor_core_forward_is_mma_in_ptx(fields, dtype, ptx_type):
+    """float16 and bfloat16 forward GEMMs that fragments fit run on tensor cores: ptxas accepts the
+    kernels for sm_90 within the limits (the build checks), and their PTX multiplies with WMMA
+    m16n16k16 fragments, float32 accumulators; a float32 forward has no MMA."""
+    import re
+
+    import tvm
+
+    def forward_ptx(dtype: str) -> str:
+        (spec, *_) = _specs("deform_conv2d", fields, dtype, symbolic=False)
+        with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}):
+            return _ptx(build.build(spec).mod.imports[0].inspect_source("cuda"))
+
+    ptx = forward_ptx(dtype)
+    for operand in "ab":
+        assert re.search(rf"wmma\.load\.{operand}\.sync\.aligned\.row\.m16n16k16(\.shared)?\.{ptx_type}\b", ptx)
+    assert re.search(r"wmma\.mma\.sync\.aligned\.row\.row\.m16n16k16\.f32\.", ptx)
+    assert "wmma.store.d.sync.aligned.row.m16n16k16.global.f32" in ptx
+    assert "mma" not in forward_ptx("float32")
 
 
 def _oversized_copy(threads: int, shared_elements: int):

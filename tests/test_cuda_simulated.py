@@ -260,3 +260,51 @@ def test_static_shared_memory_over_the_sm_90_limit_is_refused():
     assert torch.equal(b, a.flip(0))
     with pytest.raises(gpusim.ResourceError, match="65536 bytes of static shared memory; sm_90 allows 49152"):
         gpusim.Kernel(_reversed_through_shared(16384))
+
+
+# Tensor-core forward GEMMs (float16): output channels per group and (input channels per group x
+# kernel points) multiples of 16; one or two 64-position blocks, 1 or 2 warps along the channels, a
+# 48-channel block of three fragments, groups, offset groups, masks, stride/padding/dilation.
+TENSOR_CORE_CASES = [
+    (1, 16, 6, 7, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, False),
+    (2, 32, 9, 10, 32, (3, 3), (2, 1), (1, 2), (1, 1), 1, 2, True),
+    (1, 32, 7, 6, 64, (3, 3), (1, 1), (2, 2), (2, 2), 2, 2, True),
+    (1, 16, 9, 8, 48, (1, 1), (1, 1), (0, 0), (1, 1), 1, 1, False),
+]
+#: float16 against the float64 reference: inputs, columns and output rounded to float16 (2^-11).
+FLOAT16_TOLERANCE = 3e-3
+
+
+def _tensor_core_forward(case, seed=0):
+    """(simulated float16 output, float64 reference) of a tensor-core case."""
+    tensors, conv = conv_inputs(case, dtype=torch.float16, seed=seed)
+    reference = [None if t is None else t.double() for t in tensors]
+    x, offset, weight, bias, mask = tensors
+    return (lambda: dcn_tvm.deform_conv2d(x, offset, weight, bias, mask=mask, **conv),
+            deform_conv2d_loops(*reference[:4], mask=reference[4], **conv))
+
+
+@pytest.mark.parametrize("case", TENSOR_CORE_CASES, ids=conv_case_id)
+def test_tensor_core_forward_float16(case, simulated_gpu):
+    run, expected = _tensor_core_forward(case)
+    with simulated_gpu():
+        output = run()
+    assert output.dtype == torch.float16 and torch.isfinite(output).all()
+    assert relative_error(output, expected) <= FLOAT16_TOLERANCE
+    (n, c, h, w, o, *_) = case
+    (source,) = [kernel.source for (key, _), kernel in gpusim._state["kernels"].items()
+                 if key.startswith(f"deform_conv2d_forward_float16_c{c}_o{o}_") and f"_n{n}_h{h}_w{w}_" in key]
+    assert "gpusim_wmma_mma" in source and "gpusim_wmma_load" in source  # it ran on (emulated) tensor cores
+
+
+@pytest.mark.parametrize("bug", [dict(transposed_fragments=True), dict(fragment_stride=16)],
+                         ids=["transposed-fragments", "leading-dimension-16"])
+def test_wrong_fragment_layout_is_caught(bug, simulated_gpu):
+    """Fragments loaded column-major, or with the fragment's width as leading dimension instead of
+    the tile's, give wrong outputs."""
+    run, expected = _tensor_core_forward(TENSOR_CORE_CASES[0], seed=4)
+    with simulated_gpu():
+        assert relative_error(run(), expected) <= FLOAT16_TOLERANCE
+        with gpusim.mutated(**bug):
+            broken = run()
+    assert not relative_error(broken, expected) <= 0.1
