@@ -31,13 +31,13 @@ def _channels_last_pool(sch) -> tuple[str, ...]:
     """Schedule pool_sum and output channels-last (see the module docstring) if the stage is plain
     pooling over a multiple of VECTOR static channels; returns the stages it scheduled."""
     block = sch.get_sblock("pool_sum")
-    reads = {region.source.name: index for index, region in enumerate(sch.get(block).reads)}
+    reads = sch.get(block).reads
+    input_index = [region.source.name for region in reads].index("input")
     channels = _shape(sch.get(block).writes[0].source)[1]
-    input_channels = _shape(next(r.source for r in sch.get(block).reads if r.source.name == "input"))[1]
-    if channels is None or channels != input_channels or channels % VECTOR:
+    if channels is None or channels != _shape(reads[input_index].source)[1] or channels % VECTOR:
         return ()
     chunk = divisors(channels, CHUNKS)[0]
-    copy = sch.cache_read(block, reads["input"], "global")
+    copy = sch.cache_read(block, input_index, "global")
     sch.transform_layout(copy, ("write", 0), lambda n, c, h, w: (n, h, w, c))
     parallel_outer(sch, sch.get(copy).name_hint)
     sch.transform_layout(block, ("write", 0), lambda r, c, i, j: (r, i, j, c))

@@ -358,7 +358,7 @@ def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
     from tvm.script import tirx as T
 
     acc, k, g, s = geo.acc_dtype, geo.output_size, geo.group_size, geo.sampling_ratio
-    o, c_in, nc, per_class = geo.out_channels, geo.in_channels, geo.sample_classes, geo.channels_per_class
+    o, c_in, nc = geo.out_channels, geo.in_channels, geo.sample_classes
     span = (k + g - 1) // g
 
     @T.prim_func(s_tir=True)
@@ -381,7 +381,7 @@ def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
                             row_weights[vr, 0:nc, vi, vj, vy, 0:2], cols[vr, 0:nc, vi, vj, vx, 0:2],
                             col_weights[vr, 0:nc, vi, vj, vx, 0:2])
                     T.writes(grad_input[0:n, 0:c_in, 0:h, 0:w])
-                    cls = vo // per_class
+                    cls = sample_class(geo, vo)
                     for t in range(4):
                         T.evaluate(T.cuda.atomic_add(
                             T.address_of(grad_input[roi_batch[vr], input_channel(geo, vo, vi, vj),
@@ -399,7 +399,7 @@ def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
                             col_weights[0:r, 0:nc, 0:k, 0:k, 0:s, 0:2])
                     T.writes(grad_input[0:n, vc, 0:h, 0:w])
                     oc = vc // (g * g)
-                    cls = oc // per_class
+                    cls = sample_class(geo, oc)
                     first_i, end_i = bins_of(vc // g % g, g, k)
                     first_j, end_j = bins_of(vc % g, g, k)
                     for roi, di, dj, sy, sx, t in T.grid(r, span, span, s, s, 4):
