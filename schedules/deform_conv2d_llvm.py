@@ -14,9 +14,9 @@ from .common import choose, decide, divisors, parallel_outer
 
 #: Positions per tile; the compute pads P to a multiple of this, so tiles never have tails.
 POSITION_TILE = 32
-#: The forward graph: channels-last stages where every input pixel is sampled about once per kernel
-#: point (dcn_tvm.compute.deform_conv2d.resolve_forward_layout); the rules schedule either graph.
-COMPUTE_OPTIONS = {"forward_layout": "auto"}
+#: The graphs: channels-last stages where every input pixel is sampled about once per kernel point
+#: (dcn_tvm.geometry.conv.resolve_layout); the rules schedule either graph of every stage.
+COMPUTE_OPTIONS = {"layout": "auto"}
 #: Bytes per vector register (AVX-512); narrower ISAs split the vectors, which LLVM does well.
 VECTOR_BYTES = 64
 #: Register-block heights: the default is the first dividing the channels, tuning tries every divisor.
@@ -48,10 +48,12 @@ def _divisor(value, candidates) -> int:
     return next(iter(divisors(value, candidates)), 1)
 
 
-def _channel_block(sch, loop) -> int:
-    """Output channels per register block: default the first of CHANNEL_BLOCKS dividing the loop."""
+def _channel_block(sch, loop, at_most: int = CHANNEL_BLOCKS[0]) -> int:
+    """Output channels per register block: default the first of CHANNEL_BLOCKS up to `at_most`
+    dividing the loop."""
     extent = _extent(sch, loop)
-    return decide(sch, divisors(extent, CHANNEL_BLOCK_CANDIDATES), _divisor(extent, CHANNEL_BLOCKS))
+    return decide(sch, divisors(extent, CHANNEL_BLOCK_CANDIDATES),
+                  _divisor(extent, [block for block in CHANNEL_BLOCKS if block <= at_most]))
 
 
 def _split_positions(sch, loop, lanes):
@@ -139,6 +141,49 @@ CL_TASK_CANDIDATES, CL_ROW_CANDIDATES = (8, 16, 32, 64, 96, 128), (2, 4, 8)
 GEMM_REDUCTIONS = ("whole", "per_point")
 
 
+def _vector_width(sch, block) -> int:
+    """Lanes of one vector register of the current target for the dtype `block` writes."""
+    return _target_vector_bytes() * 8 // sch.get(block).writes[0].source.dtype.bits
+
+
+def _lanes_dividing(sch, block, extent: int) -> int:
+    """The widest vector of at most a register's lanes (a power of two) that divides `extent`."""
+    width = _vector_width(sch, block)
+    return next(v for v in (width, width // 2, width // 4, 2, 1) if extent % v == 0)
+
+
+def _vector_registers() -> int:
+    """Vector registers of the current target: 32 with AVX-512, else 16."""
+    return 32 if _target_vector_bytes() == 64 else 16
+
+
+def _vector_tile(sch, block, vector_extent: int) -> tuple[int, int]:
+    """(lanes, vectors): the vectors of a register tile along an axis of `vector_extent`, as many as
+    leave room for the accumulators of a few broadcast rows."""
+    lanes = _lanes_dividing(sch, block, vector_extent)
+    return lanes, _divisor(vector_extent // lanes, (3, 2, 1) if _vector_registers() == 16 else (4, 3, 2, 1))
+
+
+def _register_tile(sch, block, vector_extent: int) -> tuple[int, int, int]:
+    """(lanes, vectors, rows) of a register tile of `rows` positions (broadcast values) x `vectors`
+    vectors (_vector_tile): accumulators, the vectors and one broadcast fit the register file.
+    `rows` is tunable."""
+    lanes, vectors = _vector_tile(sch, block, vector_extent)
+    rows = _divisor(POSITION_TILE, (8,) if _vector_registers() == 32 and vectors <= 2 else (4,))
+    return lanes, vectors, decide(sch, divisors(POSITION_TILE, CL_ROW_CANDIDATES), rows)
+
+
+def _channels_last_input(sch) -> None:
+    """input_channels_last [N, H, W, C] in parallel blocks of a channel vector: each task reads a few
+    input planes front to back (a handful of pages, not one per channel) and writes vectors."""
+    block = sch.get_sblock("input_channels_last")
+    b, y, x, c = sch.get_loops(block)
+    c_outer, c_lane = sch.split(c, [None, _lanes_dividing(sch, block, _extent(sch, c))])
+    sch.reorder(b, c_outer, y, x, c_lane)
+    sch.parallel(sch.fuse(b, c_outer))
+    sch.vectorize(c_lane)
+
+
 def _forward_channels_last(sch) -> None:
     """The channels-last forward: position tasks in parallel, each gathering its columns (contiguous
     channel vectors, no hardware gathers) and multiplying them by the weight, packed in panels of the
@@ -146,19 +191,11 @@ def _forward_channels_last(sch) -> None:
     channels (a broadcast column value times weight vectors); the output stage transposes [N, P, O]
     to NCHW. Tile sizes follow the target's vector registers (see _target_vector_bytes)."""
     _sampling_tables(sch)
-    parallel_outer(sch, "input_channels_last", inner=2)
+    _channels_last_input(sch)
     gemm = sch.get_sblock("deform_gemm_channels_last")
     b, p, g, oc, rkh, rkw, rc = sch.get_loops(gemm)
-    vector_bytes = _target_vector_bytes()
-    width = vector_bytes * 8 // sch.get(gemm).writes[0].source.dtype.bits
     o_size, p_size, k_size = _extent(sch, oc), _extent(sch, p), _extent(sch, rc) * _extent(sch, rkh) * _extent(sch, rkw)
-    lanes = next(v for v in (width, width // 2, width // 4, 2, 1) if o_size % v == 0)
-    # Accumulators + weight vectors + one broadcast fit the register file (16 vector registers
-    # without AVX-512, 32 with it).
-    registers = 32 if vector_bytes == 64 else 16
-    vectors = _divisor(o_size // lanes, (3, 2, 1) if registers == 16 else (4, 3, 2, 1))
-    rows = _divisor(POSITION_TILE, (8,) if registers == 32 and vectors <= 2 else (4,))
-    rows = decide(sch, divisors(POSITION_TILE, CL_ROW_CANDIDATES), rows)
+    lanes, vectors, rows = _register_tile(sch, gemm, o_size)
     # The weight in panels [G, O / block, KH, KW, C/G, block]: a register tile streams one contiguous
     # panel (rows of O floats would put every k of a panel in the same few cache sets).
     block = vectors * lanes
@@ -192,11 +229,16 @@ def _forward_channels_last(sch) -> None:
     sch.decompose_reduction(gemm, rkh)
     columns = sch.get_sblock("deform_columns_channels_last")
     sch.compute_at(columns, fused if whole_k else rkw)
-    c = sch.get_loops(columns)[-1]
-    c_lanes = next(v for v in (width, width // 2, width // 4, 2, 1) if _extent(sch, c) % v == 0)
-    if c_lanes > 1:
-        sch.vectorize(sch.split(c, [None, c_lanes])[1])
+    _vectorize_innermost(sch, columns)
     parallel_outer(sch, "output", inner=2)
+
+
+def _vectorize_innermost(sch, block) -> None:
+    """Vectorise the innermost loop of `block` (channels) by the widest vector dividing it."""
+    loop = sch.get_loops(block)[-1]
+    lanes = _lanes_dividing(sch, block, _extent(sch, loop))
+    if lanes > 1:
+        sch.vectorize(sch.split(loop, [None, lanes])[1])
 
 
 def _forward_channels_first(sch) -> None:
@@ -216,7 +258,7 @@ def _forward_channels_first(sch) -> None:
 
 
 def forward(sch) -> None:
-    """Whichever forward graph the compute built (dcn_tvm.compute.deform_conv2d.resolve_forward_layout)."""
+    """Whichever forward graph the compute built (dcn_tvm.geometry.conv.resolve_layout)."""
     (_forward_channels_last if "deform_gemm_channels_last" in _stage_names(sch) else _forward_channels_first)(sch)
 
 
@@ -251,16 +293,82 @@ def _grad_corner_weights(sch) -> None:
     sch.decompose_reduction(block, rc)
 
 
-def backward_data(sch) -> None:
-    """grad_columns as a register-blocked GEMM; the corner sums for the offset/mask gradients."""
+def _derivative_tables_and_grad_output(sch) -> None:
+    """The backward_data stages both graphs share: the derivative tables inlined where they are used
+    (each is read once per gradient element), the other tables in parallel, and grad_output padded."""
     names = _stage_names(sch)
-    # Read once per gradient element: computed where they are used.
     for name in ("sample_weights_unmasked", "sample_weights_dy", "sample_weights_dx"):
         if name in names:
             sch.compute_inline(sch.get_sblock(name))
     _sampling_tables(sch)
     # Materialised, not inlined: inlined, its p // OW, p % OW indexing defeats vector loads.
     parallel_outer(sch, "grad_output_padded", inner=1)
+
+
+def _offset_and_mask_gradients(sch) -> None:
+    for name in ("grad_offset", "grad_mask"):
+        if name in _stage_names(sch):
+            parallel_outer(sch, name, inner=2)
+
+
+def _backward_data_channels_last(sch) -> None:
+    """The column gradient [N, P, KH, KW, G, C/G] as a GEMM vectorised over input channels, in
+    parallel position tasks: register tiles of `rows` positions (broadcast grad_output values) x
+    `vectors` vectors of channels of the transposed weight, packed in panels of the tile's width and
+    summed over all output channels in registers. The corner sums are dot products of contiguous
+    channel vectors of the column gradient and the channels-last input, the four corners of a
+    position at once (the channel axis split into vector lanes by rfactor).
+
+    (The corner sums cannot join the GEMM's tasks, where its tile is in L2: TVM moves a consumer under
+    a loop only with all its producers, and the sampling tables they read are outputs at root.)"""
+    _derivative_tables_and_grad_output(sch)
+    _channels_last_input(sch)
+    gcol = sch.get_sblock("grad_columns_channels_last")
+    b, p, kh, kw, g, c, ro = sch.get_loops(gcol)
+    lanes, vectors, rows = _register_tile(sch, gcol, _extent(sch, c))
+    block = vectors * lanes
+    transposed = sch.get_sblock("weight_transposed")
+    sch.transform_layout(transposed, ("write", 0), lambda g_, i, j, o, c_: (g_, c_ // block, i, j, o, c_ % block))
+    parallel_outer(sch, "weight_transposed", inner=2)
+    tasks = divisors(_extent(sch, p) or POSITION_TILE, CL_TASK_CANDIDATES)
+    p_task, p_in = sch.split(p, [None, decide(sch, tasks, POSITION_TILE)])
+    p_tile, p_row = sch.split(p_in, [None, rows])
+    c_outer, c_vector, c_lane = sch.split(c, [None, vectors, lanes])
+    sch.reorder(b, p_task, kh, kw, g, c_outer, p_tile, ro, p_row, c_vector, c_lane)
+    sch.parallel(sch.fuse(b, p_task))
+    sch.reverse_compute_at(sch.cache_write(gcol, 0, "local"), p_tile)
+    sch.unroll(p_row)
+    sch.unroll(c_vector)
+    sch.vectorize(c_lane)
+    sch.decompose_reduction(gcol, ro)
+
+    corners = sch.get_sblock("grad_corner_weights")
+    b, g, kh, kw, p, t, rc = sch.get_loops(corners)
+    sch.parallel(sch.fuse(b, g, kh, kw))
+    lanes = _lanes_dividing(sch, corners, _extent(sch, rc))
+    if lanes > 1:
+        rc_outer, rc_lane = sch.split(rc, [None, lanes])
+        partial = sch.rfactor(rc_lane, factor_axis=0)
+        # Per position: the column vector is read once for the four corners, whose partial sums
+        # (a vector each) stay in registers over the channels.
+        *_, position, t, rc_outer, rc_lane = sch.get_loops(partial)
+        sch.reorder(rc_outer, t, rc_lane)
+        sch.reverse_compute_at(sch.cache_write(partial, 0, "local"), position)
+        sch.unroll(t)
+        sch.vectorize(rc_lane)
+        sch.decompose_reduction(partial, rc_outer)
+    _offset_and_mask_gradients(sch)
+
+
+def backward_data(sch) -> None:
+    """Whichever backward_data graph the compute built (dcn_tvm.geometry.conv.resolve_layout)."""
+    (_backward_data_channels_last if "grad_columns_channels_last" in _stage_names(sch) else
+     _backward_data_channels_first)(sch)
+
+
+def _backward_data_channels_first(sch) -> None:
+    """grad_columns as a register-blocked GEMM; the corner sums for the offset/mask gradients."""
+    _derivative_tables_and_grad_output(sch)
     gcol = sch.get_sblock("grad_columns")
     b, c, kh, kw, p, ro = sch.get_loops(gcol)
     # Register block: the KH*KW kernel points of one channel share each grad_output vector. Position
@@ -275,12 +383,58 @@ def backward_data(sch) -> None:
     sch.vectorize(p_lane)
     sch.decompose_reduction(gcol, ro)
     _grad_corner_weights(sch)
-    for name in ("grad_offset", "grad_mask"):
-        if name in names:
-            parallel_outer(sch, name, inner=2)
+    _offset_and_mask_gradients(sch)
+
+
+#: Positions per reduction chunk of the channels-last weight gradient when tuning (a chunk's columns
+#: strip is gathered once and shared by every output-channel block).
+CL_CHUNK_CANDIDATES = (32, 64, 128, 256, 512)
+#: A chunk's columns strip stays under this many bytes by default (in L2 beside the grad_output rows).
+CHUNK_COLUMN_BYTES = 128 * 1024
+
+
+def _backward_weight_channels_last(sch) -> None:
+    """grad_weight_sum [O, KH, KW, C/G] as a GEMM vectorised over input channels: for each chunk of
+    positions, strips (kernel point, `vectors` x `lanes` channels) in parallel, each gathering its
+    columns [chunk, strip] once (contiguous channel vectors) and multiplying them into register tiles
+    of `rows` output channels (broadcast grad_output values) x the strip, which accumulate in memory
+    over the chunks."""
+    _sampling_tables(sch)
+    _channels_last_input(sch)
+    parallel_outer(sch, "grad_output_padded", inner=1)
+    ws = sch.get_sblock("grad_weight_sum_channels_last")
+    oc, kh, kw, c, rb, rp = sch.get_loops(ws)
+    lanes, vectors = _vector_tile(sch, ws, _extent(sch, c))
+    # Rows of output channels: as many accumulators as the register file holds beside the vectors.
+    rows = _channel_block(sch, oc, at_most=(_vector_registers() - vectors - 2) // vectors)
+    strip = vectors * lanes
+    item = sch.get(ws).writes[0].source.dtype.bits // 8
+    chunks = divisors(_extent(sch, rp) or POSITION_TILE, CL_CHUNK_CANDIDATES)
+    fitting = [size for size in chunks if size * strip * item <= CHUNK_COLUMN_BYTES] or chunks[:1]
+    p_chunk, p_in = sch.split(rp, [None, decide(sch, chunks, fitting[-1])])
+    o_outer, o_row = sch.split(oc, [None, rows])
+    c_strip, c_vector, c_lane = sch.split(c, [None, vectors, lanes])
+    sch.reorder(rb, p_chunk, kh, kw, c_strip, o_outer, p_in, o_row, c_vector, c_lane)
+    strips = sch.fuse(kh, kw, c_strip)
+    sch.parallel(strips)
+    sch.unroll(o_row)
+    sch.unroll(c_vector)
+    sch.vectorize(c_lane)
+    sch.decompose_reduction(ws, rb)
+    columns = sch.get_sblock("deform_columns_channels_last")
+    sch.compute_at(columns, strips)
+    _vectorize_innermost(sch, columns)
+    parallel_outer(sch, "grad_weight", inner=1)
+    sch.parallel(sch.get_loops(sch.get_sblock("grad_bias_sum"))[0])
 
 
 def backward_weight(sch) -> None:
+    """Whichever backward_weight graph the compute built (dcn_tvm.geometry.conv.resolve_layout)."""
+    (_backward_weight_channels_last if "grad_weight_sum_channels_last" in _stage_names(sch) else
+     _backward_weight_channels_first)(sch)
+
+
+def _backward_weight_channels_first(sch) -> None:
     """grad_weight[o, (c, kh, kw)] = sum over (n, p) of grad_output[n, o, p] * columns[n, (c, kh, kw), p].
 
     The columns are materialised position-major ([N, P, C, KH, KW], by transform_layout) so that a
@@ -327,9 +481,20 @@ def scatter(sch) -> None:
     sch.parallel(sch.fuse(b, c))
 
 
+def scatter_channels_last(sch) -> None:
+    """One thread per (image, offset group, chunk of channels); each corner add a channel vector."""
+    block = sch.get_sblock("scatter_grad_input")
+    b, g, chunk, *_, lane = sch.get_loops(block)
+    sch.parallel(sch.fuse(b, g, chunk))
+    sch.vectorize(lane)
+    b, g, rest, *_ = sch.get_loops(sch.get_sblock("scatter_grad_input_tail"))
+    sch.parallel(sch.fuse(b, g, rest))
+
+
 RULES = {
     "forward": forward,
     "backward_data": backward_data,
     "backward_weight": backward_weight,
     "scatter": scatter,
+    "scatter_channels_last": scatter_channels_last,
 }

@@ -24,6 +24,8 @@ CASES = [
     (1, 3, 9, 7, 5, (2, 2), (1, 1), (0, 0), (1, 1), 1, 1, True),
     (2, 16, 5, 5, 16, (3, 3), (1, 1), (2, 2), (2, 2), 1, 4, True),
     (2, 5, 9, 8, 4, (1, 1), (2, 2), (0, 0), (1, 1), 1, 1, True),  # few pixels sampled: channels-first on CPU
+    # 20 channels per group and offset group: CPU channel vectors (16 lanes) and their remainders.
+    (1, 40, 6, 7, 24, (3, 3), (1, 1), (1, 1), (1, 1), 2, 2, True),
 ]
 
 
@@ -62,15 +64,13 @@ def test_forward_matches_loop_reference(case):
     assert relative_error(out, expected) <= 1e-4
 
 
-def test_cases_cover_both_cpu_forward_graphs():
-    """The CPU forward builds a channels-last graph where the kernel covers every pixel, else the
-    channels-first one: CASES must run both (through the llvm rules' "auto" layout)."""
-    from dcn_tvm.compute.deform_conv2d import resolve_forward_layout
-    from dcn_tvm.schedules import compute_options
+def test_cases_cover_both_cpu_graphs():
+    """The CPU kernels (forward and backward) build channels-last graphs where the kernel covers every
+    pixel, else channels-first ones: CASES must run both (through the llvm rules' "auto" layout)."""
+    from dcn_tvm.ops.deform_conv2d import layout
 
-    layout = compute_options("deform_conv2d", "llvm")["forward_layout"]
     geometries = [ConvGeometry(c, o, k, s, p, d, g, og, m, "float32") for _, c, _, _, o, k, s, p, d, g, og, m in CASES]
-    assert {resolve_forward_layout(geo, layout) for geo in geometries} == {"channels_first", "channels_last"}
+    assert {layout(geo, "llvm") for geo in geometries} == {"channels_first", "channels_last"}
 
 
 def test_cpu_forward_tiles_follow_the_target_vectors():

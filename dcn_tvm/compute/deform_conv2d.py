@@ -46,7 +46,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from dcn_tvm.compute.indexing import create_prim_func
-from dcn_tvm.geometry.conv import ConvGeometry
+from dcn_tvm.geometry.conv import ConvGeometry, resolve_layout
 
 
 def _cast(value, dtype):
@@ -199,6 +199,12 @@ def deform_columns_channels_last(geo: ConvGeometry, data_cl: te.Tensor, tables):
     return te.compute((n, positions, kh_size, kw_size, c_size), value, name="deform_columns_channels_last")
 
 
+def _channels_last(data: te.Tensor) -> te.Tensor:
+    """input_channels_last [N, H, W, C]: the input [N, C, H, W] transposed."""
+    n, c, h, w = data.shape
+    return te.compute((n, h, w, c), lambda b, y, x, ch: data[b, ch, y, x], name="input_channels_last")
+
+
 def _operands(geo: ConvGeometry, batch, height, width):
     """Placeholders input, offset, mask (or None), weight in the layout of the public API."""
     c, o, (kh, kw), og = geo.in_channels, geo.out_channels, geo.kernel, geo.offset_groups
@@ -263,9 +269,8 @@ def forward_channels_last(geo: ConvGeometry, batch, height, width, position_alig
     oh, ow = geo.output_size(height, width)
     acc, (kh, kw) = geo.acc_dtype, geo.kernel
     positions = padded_positions(oh, ow, position_align)
-    data_cl = te.compute((batch, height, width, geo.in_channels), lambda b, y, x, c: data[b, c, y, x],
-                         name="input_channels_last")
-    columns = deform_columns_channels_last(geo, data_cl, sampling_tables(geo, offset, mask, height, width, positions))
+    columns = deform_columns_channels_last(geo, _channels_last(data),
+                                           sampling_tables(geo, offset, mask, height, width, positions))
     c_per_group, o_per_group = geo.in_channels // geo.groups, geo.out_channels // geo.groups
     # Groups are an axis of their own, so that the vectorised output-channel axis never divides.
     packed = te.compute((geo.groups, kh, kw, c_per_group, o_per_group),
@@ -303,7 +308,7 @@ def backward_data(geo: ConvGeometry, batch, height, width, position_align: int =
     acc, (kh_size, kw_size), og = geo.acc_dtype, geo.kernel, geo.offset_groups
     positions = padded_positions(oh, ow, position_align)
     tables = sampling_tables(geo, offset, mask, height, width, positions, derivatives=True)
-    rows, cols, _, unmasked, d_y, d_x = tables
+    rows, cols = tables[:2]
     grad_out = _padded_grad_output(geo, grad_output, positions)
 
     c_per_group, o_per_group = geo.in_channels // geo.groups, geo.out_channels // geo.groups
@@ -318,9 +323,7 @@ def backward_data(geo: ConvGeometry, batch, height, width, position_align: int =
         name="grad_columns",
     )
 
-    # The gradient of each corner's bilinear weight, summed over the group's channels once; the
-    # offset and mask gradients are then 4-term dot products with the weight derivatives (eq. 8:
-    # d out / d dy = sum over corners of d w_t / d dy * pixel_t, and likewise for dx and the mask).
+    # The gradient of each corner's bilinear weight, summed over the group's channels once.
     per_offset_group = geo.in_channels // og
     rc = te.reduce_axis((0, per_offset_group), name="rc")
     grad_corners = te.compute(
@@ -332,6 +335,18 @@ def backward_data(geo: ConvGeometry, batch, height, width, position_align: int =
         ),
         name="grad_corner_weights",
     )
+
+    outputs = _offset_and_mask_gradients(geo, offset, mask, grad_corners, tables, ow)
+    outputs += [grad_columns, *tables[:3]]
+    return [a for a in (data, offset, mask, weight, grad_output) if a is not None], outputs
+
+
+def _offset_and_mask_gradients(geo: ConvGeometry, offset, mask, grad_corners, tables, ow) -> list:
+    """[grad_offset (, grad_mask)] from the corner-weight gradients [N, OG, KH, KW, P, 4] and the
+    weight derivative tables: 4-term dot products (eq. 8: d out / d dy = sum over corners of
+    d w_t / d dy * pixel_t, and likewise for dx and the mask)."""
+    _, _, _, unmasked, d_y, d_x = tables
+    acc, (kh_size, kw_size) = geo.acc_dtype, geo.kernel
 
     def corner_dot(weights, at):
         return sum((weights[at + (t,)] * grad_corners[at + (t,)] for t in range(1, 4)),
@@ -355,6 +370,51 @@ def backward_data(geo: ConvGeometry, batch, height, width, position_align: int =
             te.compute(mask.shape, lambda b, ch, y, x: corner_dot(unmasked, per_point(b, ch, y, x)).astype(geo.dtype),
                        name="grad_mask")
         )
+    return outputs
+
+
+def backward_data_channels_last(geo: ConvGeometry, batch, height, width, position_align: int = 1):
+    """backward_data (same arguments and outputs) through channels-last stages, but for the column
+    gradient, which comes out channels-last for the channels-last scatter:
+
+        weight_transposed            [G, KH, KW, O/G, C/G]   the weight, input channels innermost
+        grad_columns_channels_last   [N, P, KH, KW, G, C/G]  grad_output^T x weight per group, acc_dtype
+        input_channels_last          [N, H, W, C]            the corner pixels of the corner sums
+        grad_corner_weights          [N, OG, KH, KW, P, 4]   dot products of contiguous channel vectors
+
+    grad_columns_channels_last is the scatter's [N, P, KH, KW, C] (the same memory).
+    """
+    data, offset, mask, weight = _operands(geo, batch, height, width)
+    oh, ow = geo.output_size(height, width)
+    grad_output = te.placeholder((batch, geo.out_channels, oh, ow), geo.dtype, name="grad_output")
+    acc, (kh_size, kw_size), og = geo.acc_dtype, geo.kernel, geo.offset_groups
+    positions = padded_positions(oh, ow, position_align)
+    tables = sampling_tables(geo, offset, mask, height, width, positions, derivatives=True)
+    rows, cols = tables[:2]
+    grad_out = _padded_grad_output(geo, grad_output, positions)
+    groups, c_per_group, o_per_group = geo.groups, geo.in_channels // geo.groups, geo.out_channels // geo.groups
+    transposed = te.compute((groups, kh_size, kw_size, o_per_group, c_per_group),
+                            lambda g, i, j, o, c: weight[g * o_per_group + o, c, i, j], name="weight_transposed")
+    ro = te.reduce_axis((0, o_per_group), name="ro")
+    grad_columns = te.compute(
+        (batch, positions, kh_size, kw_size, groups, c_per_group),
+        lambda b, p, kh, kw, g, c: te.sum(grad_out[b, g * o_per_group + ro, p] * transposed[g, kh, kw, ro, c].astype(acc),
+                                          axis=ro),
+        name="grad_columns_channels_last",
+    )
+    data_cl = _channels_last(data)
+    per_offset_group = geo.in_channels // og
+    rc = te.reduce_axis((0, per_offset_group), name="rc")
+
+    def grad_corner(b, g, kh, kw, p, t):
+        channel = g * per_offset_group + rc
+        column = (grad_columns[b, p, kh, kw, 0, channel] if groups == 1 else
+                  grad_columns[b, p, kh, kw, channel // c_per_group, channel % c_per_group])
+        pixel = data_cl[b, rows[b, g, kh, kw, p, t // 2], cols[b, g, kh, kw, p, t % 2], channel].astype(acc)
+        return te.sum(column * pixel, axis=rc)
+
+    grad_corners = te.compute((batch, og, kh_size, kw_size, positions, 4), grad_corner, name="grad_corner_weights")
+    outputs = _offset_and_mask_gradients(geo, offset, mask, grad_corners, tables, ow)
     outputs += [grad_columns, *tables[:3]]
     return [a for a in (data, offset, mask, weight, grad_output) if a is not None], outputs
 
@@ -392,13 +452,51 @@ def backward_weight(geo: ConvGeometry, batch, height, width, position_align: int
         lambda oc, c, kh, kw: weight_sum[oc, (c * kh_size + kh) * kw_size + kw].astype(geo.dtype),
         name="grad_weight",
     )
-    rb2 = te.reduce_axis((0, batch), name="rb")
-    rp2 = te.reduce_axis((0, positions), name="rp")
-    bias_sum = te.compute(
-        (geo.out_channels,), lambda oc: te.sum(grad_out[rb2, oc, rp2], axis=[rb2, rp2]), name="grad_bias_sum"
+    return [a for a in (data, offset, mask, grad_output) if a is not None], [grad_weight, _grad_bias(geo, grad_out)]
+
+
+def _grad_bias(geo: ConvGeometry, grad_out: te.Tensor) -> te.Tensor:
+    """grad_bias [O]: the padded grad_output [N, O, P] summed over images and positions."""
+    batch, _, positions = grad_out.shape
+    rb = te.reduce_axis((0, batch), name="rb")
+    rp = te.reduce_axis((0, positions), name="rp")
+    bias_sum = te.compute((geo.out_channels,), lambda oc: te.sum(grad_out[rb, oc, rp], axis=[rb, rp]),
+                          name="grad_bias_sum")
+    return te.compute(bias_sum.shape, lambda oc: bias_sum[oc].astype(geo.dtype), name="grad_bias")
+
+
+def backward_weight_channels_last(geo: ConvGeometry, batch, height, width, position_align: int = 1):
+    """backward_weight (same arguments and outputs) from the channels-last columns of the forward
+    (deform_columns_channels_last [N, P, KH, KW, C]), so that the weight gradient is a GEMM vectorised
+    over contiguous input channels:
+
+        grad_weight_sum_channels_last [O, KH, KW, C/groups]  grad_output x columns, over batch and positions
+    """
+    data, offset, mask, _ = _operands(geo, batch, height, width)
+    oh, ow = geo.output_size(height, width)
+    grad_output = te.placeholder((batch, geo.out_channels, oh, ow), geo.dtype, name="grad_output")
+    acc, (kh_size, kw_size) = geo.acc_dtype, geo.kernel
+    positions = padded_positions(oh, ow, position_align)
+    columns = deform_columns_channels_last(geo, _channels_last(data),
+                                           sampling_tables(geo, offset, mask, height, width, positions))
+    grad_out = _padded_grad_output(geo, grad_output, positions)
+    c_per_group, o_per_group = geo.in_channels // geo.groups, geo.out_channels // geo.groups
+    rb = te.reduce_axis((0, batch), name="rb")
+    rp = te.reduce_axis((0, positions), name="rp")
+    weight_sum = te.compute(
+        (geo.out_channels, kh_size, kw_size, c_per_group),
+        lambda oc, kh, kw, c: te.sum(
+            grad_out[rb, oc, rp] * columns[rb, rp, kh, kw, oc // o_per_group * c_per_group + c].astype(acc),
+            axis=[rb, rp],
+        ),
+        name="grad_weight_sum_channels_last",
     )
-    grad_bias = te.compute(bias_sum.shape, lambda oc: bias_sum[oc].astype(geo.dtype), name="grad_bias")
-    return [a for a in (data, offset, mask, grad_output) if a is not None], [grad_weight, grad_bias]
+    grad_weight = te.compute(
+        (geo.out_channels, c_per_group, kh_size, kw_size),
+        lambda oc, c, kh, kw: weight_sum[oc, kh, kw, c].astype(geo.dtype),
+        name="grad_weight",
+    )
+    return [a for a in (data, offset, mask, grad_output) if a is not None], [grad_weight, _grad_bias(geo, grad_out)]
 
 
 def scatter_grad_input(acc_dtype: str, atomic: bool):
@@ -455,33 +553,78 @@ def scatter_grad_input(acc_dtype: str, atomic: bool):
     return scatter
 
 
-#: Forward graphs by the layout of their internal stages (`prim_func`'s forward_layout).
-FORWARD_LAYOUTS = {"channels_first": forward, "channels_last": forward_channels_last}
+def scatter_grad_input_channels_last(acc_dtype: str, lanes: int):
+    """The channels-last scatter_grad_input: (grad_columns [N, P, KH, KW, C], sample_rows, sample_cols,
+    sample_weights) -> grad_input [N, H, W, C] in acc_dtype (zero-filled by the caller), sizes symbolic.
+
+    Each corner add is a vector of channels. An offset group's channels go in chunks of `lanes`
+    (stage scatter_grad_input, the lane loop innermost for a schedule to vectorise) and the remaining
+    C/OG % lanes one by one (scatter_grad_input_tail). An (image, offset group, chunk) owns its
+    channels of every pixel, so chunks may run in parallel with plain adds.
+    """
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def scatter(gcol_h: T.handle, rows_h: T.handle, cols_h: T.handle, weights_h: T.handle, gin_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n, c, og, kh, kw = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        p, h, w = T.int64(), T.int64(), T.int64()
+        grad_columns = T.match_buffer(gcol_h, (n, p, kh, kw, c), acc_dtype)
+        rows = T.match_buffer(rows_h, (n, og, kh, kw, p, 2), "int32")
+        cols = T.match_buffer(cols_h, (n, og, kh, kw, p, 2), "int32")
+        weights = T.match_buffer(weights_h, (n, og, kh, kw, p, 4), acc_dtype)
+        grad_input = T.match_buffer(gin_h, (n, h, w, c), acc_dtype)
+        per_group = c // og
+        for b, g, chunk, i, j, q, t, lane in T.grid(n, og, per_group // lanes, kh, kw, p, 4, lanes):
+            with T.sblock("scatter_grad_input"):
+                vb, vg, vk, vi, vj, vq, vt, vl = T.axis.remap("SSSSSSSS", [b, g, chunk, i, j, q, t, lane])
+                T.reads(grad_columns[vb, vq, vi, vj, vg * per_group + vk * lanes + vl],
+                        rows[vb, vg, vi, vj, vq, vt // 2], cols[vb, vg, vi, vj, vq, vt % 2],
+                        weights[vb, vg, vi, vj, vq, vt])
+                T.writes(grad_input[vb, 0:h, 0:w, vg * per_group + vk * lanes + vl])
+                grad_input[vb, rows[vb, vg, vi, vj, vq, vt // 2], cols[vb, vg, vi, vj, vq, vt % 2],
+                           vg * per_group + vk * lanes + vl] += (
+                    weights[vb, vg, vi, vj, vq, vt] * grad_columns[vb, vq, vi, vj, vg * per_group + vk * lanes + vl])
+        for b, g, rest, i, j, q, t in T.grid(n, og, per_group % lanes, kh, kw, p, 4):
+            with T.sblock("scatter_grad_input_tail"):
+                vb, vg, vr, vi, vj, vq, vt = T.axis.remap("SSSSSSS", [b, g, rest, i, j, q, t])
+                T.reads(grad_columns[vb, vq, vi, vj, vg * per_group + per_group // lanes * lanes + vr],
+                        rows[vb, vg, vi, vj, vq, vt // 2], cols[vb, vg, vi, vj, vq, vt % 2],
+                        weights[vb, vg, vi, vj, vq, vt])
+                T.writes(grad_input[vb, 0:h, 0:w, vg * per_group + per_group // lanes * lanes + vr])
+                grad_input[vb, rows[vb, vg, vi, vj, vq, vt // 2], cols[vb, vg, vi, vj, vq, vt % 2],
+                           vg * per_group + per_group // lanes * lanes + vr] += (
+                    weights[vb, vg, vi, vj, vq, vt]
+                    * grad_columns[vb, vq, vi, vj, vg * per_group + per_group // lanes * lanes + vr])
+
+    return scatter
 
 
-def resolve_forward_layout(geo: ConvGeometry, layout: str) -> str:
-    """The forward graph of `layout`, "auto" resolved: channels-last where the kernel points cover
-    every input pixel (KH*KW >= stride_h*stride_w), so that transposing the whole input costs less
-    than the gather it speeds up; channels-first where a large stride samples few of its pixels."""
-    if layout != "auto":
-        return layout
-    (kh, kw), (sh, sw) = geo.kernel, geo.stride
-    return "channels_last" if kh * kw >= sh * sw else "channels_first"
+#: The graph of each stage by the layout of its internal stages (`prim_func`'s layout).
+GRAPHS = {
+    "forward": {"channels_first": forward, "channels_last": forward_channels_last},
+    "backward_data": {"channels_first": backward_data, "channels_last": backward_data_channels_last},
+    "backward_weight": {"channels_first": backward_weight, "channels_last": backward_weight_channels_last},
+}
+#: Channels per vector of the channels-last scatter (its remainder goes one by one).
+SCATTER_LANES = 16
+
+
+def scatter_stage(layout: str) -> str:
+    """The scatter stage that takes the column gradient of the backward_data graph in `layout`."""
+    return "scatter_channels_last" if layout == "channels_last" else "scatter"
 
 
 def prim_func(stage: str, geo: ConvGeometry | None, sizes, *, acc_dtype: str, position_align: int, atomic: bool,
-              forward_layout: str = "channels_first"):
-    """The PrimFunc of one stage: forward (its internal stages in `forward_layout`: a key of
-    FORWARD_LAYOUTS or "auto", see resolve_forward_layout), backward_data, backward_weight (sizes = batch,
-    height, width) or scatter (generic; `atomic` for GPUs)."""
+              layout: str = "channels_first"):
+    """The PrimFunc of one stage: forward, backward_data or backward_weight (sizes = batch, height, width;
+    internal stages in `layout`, one of dcn_tvm.geometry.conv.LAYOUTS or "auto", see resolve_layout), or
+    the generic scatter (`atomic` for GPUs) or scatter_channels_last."""
     if stage == "scatter":
         return scatter_grad_input(acc_dtype, atomic)
-    if forward_layout not in (*FORWARD_LAYOUTS, "auto"):
-        raise ValueError(f"unknown forward layout {forward_layout!r}; expected 'auto' or one of "
-                         f"{sorted(FORWARD_LAYOUTS)}")
-    stages = {"forward": FORWARD_LAYOUTS[resolve_forward_layout(geo, forward_layout)], "backward_data": backward_data,
-              "backward_weight": backward_weight}
-    if stage not in stages:
+    if stage == "scatter_channels_last":
+        return scatter_grad_input_channels_last(acc_dtype, SCATTER_LANES)
+    if stage not in GRAPHS:
         raise ValueError(f"unknown deform_conv2d stage {stage!r}")
-    arguments, outputs = stages[stage](geo, *sizes, position_align=position_align)
+    arguments, outputs = GRAPHS[stage][resolve_layout(geo, layout)](geo, *sizes, position_align=position_align)
     return create_prim_func(arguments + outputs)

@@ -12,6 +12,11 @@ from dcn_tvm.geometry.arguments import expect_shape, pair
 from dcn_tvm.geometry.dtypes import accumulation_dtype
 
 
+#: The layouts of the compute graphs' internal stages (dcn_tvm.compute.deform_conv2d): channels-first
+#: ([N, C, ...]) or channels-last ([N, ..., C]); "auto" picks one per layer (resolve_layout).
+LAYOUTS = ("channels_first", "channels_last")
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     """Static hyper-parameters of one deformable convolution layer."""
@@ -47,6 +52,19 @@ class ConvGeometry:
             f"_s{pair(*self.stride)}_p{pair(*self.padding)}_d{pair(*self.dilation)}"
             f"_g{self.groups}_og{self.offset_groups}_m{int(self.with_mask)}"
         )
+
+
+def resolve_layout(geo: ConvGeometry, layout: str) -> str:
+    """`layout` (one of LAYOUTS or "auto"), "auto" resolved: channels-last where the kernel points cover
+    every input pixel (KH*KW >= stride_h*stride_w), so that transposing the whole input (and, backward,
+    its gradient) costs less than the gather it speeds up; channels-first where a large stride samples
+    few of its pixels."""
+    if layout not in (*LAYOUTS, "auto"):
+        raise ValueError(f"unknown layout {layout!r}; expected 'auto' or one of {LAYOUTS}")
+    if layout != "auto":
+        return layout
+    (kh, kw), (sh, sw) = geo.kernel, geo.stride
+    return "channels_last" if kh * kw >= sh * sw else "channels_first"
 
 
 def conv_geometry(input_shape: tuple, offset_shape: tuple, weight_shape: tuple, mask_shape: tuple | None,

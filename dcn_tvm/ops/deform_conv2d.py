@@ -15,12 +15,13 @@ from dcn_tvm import env, schedules
 from dcn_tvm.geometry.arguments import expect_shape as _expect_shape
 from dcn_tvm.geometry.arguments import pair as _pair
 from dcn_tvm.geometry.arguments import positive_int as _positive
-from dcn_tvm.geometry.conv import ConvGeometry, conv_geometry
+from dcn_tvm.geometry.conv import ConvGeometry, conv_geometry, resolve_layout
 from dcn_tvm.geometry.dtypes import DTYPES
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key, target_kind
 from dcn_tvm.ops import dispatch
+from dcn_tvm.ops.scratch import scratch
 
 OP = "deform_conv2d"
 _TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}
@@ -70,6 +71,19 @@ def _positions(geo: ConvGeometry, input: Tensor) -> int:
     return (oh * ow + tile - 1) // tile * tile
 
 
+def layout(geo: ConvGeometry, target: str) -> str:
+    """The layout of the internal stages of `geo`'s kernels for a target key (the schedules' choice,
+    dcn_tvm.geometry.conv.resolve_layout): it fixes the column gradient's layout between the
+    backward kernels."""
+    return resolve_layout(geo, schedules.compute_options(OP, target_kind(target)).get("layout", "channels_first"))
+
+
+def scatter_spec(geo: ConvGeometry, target: str) -> KernelSpec:
+    """The input-gradient scatter for `geo`'s column gradient (generic in every size)."""
+    stage = "scatter_channels_last" if layout(geo, target) == "channels_last" else "scatter"
+    return KernelSpec(OP, stage, None, (), target, acc_dtype=geo.acc_dtype)
+
+
 def _contiguous(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
@@ -113,23 +127,31 @@ def _backward_op(grad_output: Tensor, input: Tensor, offset: Tensor, mask: Tenso
     grad_offset = torch.empty_like(offset)
     grad_mask = torch.empty_like(mask) if mask is not None else input.new_empty(0)
     acc = getattr(torch, geo.acc_dtype)
-    (kh, kw), og, p = geo.kernel, geo.offset_groups, _positions(geo, input)
-    grad_columns = input.new_empty(n, geo.in_channels, kh, kw, p, dtype=acc)
-    rows = input.new_empty(n, og, kh, kw, p, 2, dtype=torch.int32)
-    cols = torch.empty_like(rows)
-    weights = input.new_empty(n, og, kh, kw, p, 4, dtype=acc)
+    (kh, kw), og, p, c = geo.kernel, geo.offset_groups, _positions(geo, input), geo.in_channels
+    target = target_key(input.device)
+    channels_last = layout(geo, target) == "channels_last"
+    # Channels-last: [N, P, KH, KW, G, C/G] from backward_data, the scatter's [N, P, KH, KW, C].
+    grad_columns = scratch("grad_columns", (n, p, kh, kw, geo.groups, c // geo.groups) if channels_last else
+                           (n, c, kh, kw, p), acc, input.device)
+    rows, cols = (scratch(name, (n, og, kh, kw, p, 2), torch.int32, input.device) for name in ("rows", "cols"))
+    weights = scratch("weights", (n, og, kh, kw, p, 4), acc, input.device)
     get_kernel(_spec("backward_data", geo, input))(
         *_present(input, offset, mask, weight, grad_output), *_present(grad_offset, grad_mask if mask is not None else None),
         grad_columns, rows, cols, weights)
 
-    grad_input = torch.zeros(input.shape, dtype=acc, device=input.device)
-    scatter = KernelSpec(OP, "scatter", None, (), target_key(input.device), acc_dtype=geo.acc_dtype)
-    get_kernel(scatter)(grad_columns, rows, cols, weights, grad_input)
+    if channels_last:  # the scatter's [N, H, W, C] becomes a new NCHW tensor below
+        grad_input = scratch("grad_input", (n, input.shape[2], input.shape[3], c), acc, input.device).zero_()
+        get_kernel(scatter_spec(geo, target))(grad_columns.view(n, p, kh, kw, c), rows, cols, weights, grad_input)
+        grad_input = grad_input.permute(0, 3, 1, 2)
+    else:
+        grad_input = torch.zeros(input.shape, dtype=acc, device=input.device)
+        get_kernel(scatter_spec(geo, target))(grad_columns, rows, cols, weights, grad_input)
 
     grad_weight, grad_bias = torch.empty_like(weight), weight.new_empty(weight.shape[0])
     get_kernel(_spec("backward_weight", geo, input))(*_present(input, offset, mask, grad_output), grad_weight,
                                                     grad_bias)
-    return grad_input.to(input.dtype), grad_offset, grad_mask, grad_weight, grad_bias
+    return (grad_input.to(input.dtype, memory_format=torch.contiguous_format), grad_offset, grad_mask, grad_weight,
+            grad_bias)
 
 
 @_backward_op.register_fake
