@@ -184,6 +184,35 @@ def _channels_last_input(sch) -> None:
     sch.vectorize(c_lane)
 
 
+#: Edge of the square tiles the transposing stages copy (both sides stay within a few cache lines).
+TRANSPOSE_TILE = 16
+
+
+def _weight_panels(sch, name: str, block: int) -> None:
+    """Stage `name` [G, KH, KW, X, Y] (the weight with its vector axis Y last) stored in panels
+    [G, Y / block, KH, KW, X, block], so that a register tile streams one contiguous panel (rows of
+    Y floats would put every step of a panel in the same few cache sets). Copied panel by panel with
+    the weight's own rows in the inner loops (the plain order read and wrote a page per element)."""
+    packed = sch.get_sblock(name)
+    sch.transform_layout(packed, ("write", 0), lambda g, i, j, x, y: (g, y // block, i, j, x, y % block))
+    g, i, j, x, y = sch.get_loops(packed)
+    inner = _divisor(block, (TRANSPOSE_TILE,))
+    y_outer, y_tile, y_inner = sch.split(y, [None, block // inner, inner])
+    sch.reorder(g, y_outer, x, y_tile, i, j, y_inner)
+    sch.parallel(sch.fuse(g, y_outer))
+
+
+def _output_from_channels_last(sch) -> None:
+    """The output [N, O, OH, OW] from the GEMM's [N, P, G, O/G] in square tiles of positions x
+    channels (a gather per vector of positions was 4x slower)."""
+    block = sch.get_sblock("output")
+    b, oc, y, x = sch.get_loops(block)
+    p_outer, p_inner = sch.split(sch.fuse(y, x), [None, TRANSPOSE_TILE])
+    o_outer, o_inner = sch.split(oc, [None, TRANSPOSE_TILE])
+    sch.reorder(b, o_outer, p_outer, p_inner, o_inner)
+    sch.parallel(sch.fuse(b, o_outer))
+
+
 def _forward_channels_last(sch) -> None:
     """The channels-last forward: position tasks in parallel, each gathering its columns (contiguous
     channel vectors, no hardware gathers) and multiplying them by the weight, packed in panels of the
@@ -196,12 +225,7 @@ def _forward_channels_last(sch) -> None:
     b, p, g, oc, rkh, rkw, rc = sch.get_loops(gemm)
     o_size, p_size, k_size = _extent(sch, oc), _extent(sch, p), _extent(sch, rc) * _extent(sch, rkh) * _extent(sch, rkw)
     lanes, vectors, rows = _register_tile(sch, gemm, o_size)
-    # The weight in panels [G, O / block, KH, KW, C/G, block]: a register tile streams one contiguous
-    # panel (rows of O floats would put every k of a panel in the same few cache sets).
-    block = vectors * lanes
-    packed = sch.get_sblock("weight_packed")
-    sch.transform_layout(packed, ("write", 0), lambda g, i, j, c, o: (g, o // block, i, j, c, o % block))
-    parallel_outer(sch, "weight_packed", inner=2)
+    _weight_panels(sch, "weight_packed", vectors * lanes)
     tasks = divisors(p_size or POSITION_TILE, CL_TASK_CANDIDATES)  # a symbolic P is a multiple of POSITION_TILE
     item = sch.get(gemm).writes[0].source.dtype.bits // 8
     points = _extent(sch, rkh) * _extent(sch, rkw)
@@ -230,7 +254,7 @@ def _forward_channels_last(sch) -> None:
     columns = sch.get_sblock("deform_columns_channels_last")
     sch.compute_at(columns, fused if whole_k else rkw)
     _vectorize_innermost(sch, columns)
-    parallel_outer(sch, "output", inner=2)
+    _output_from_channels_last(sch)
 
 
 def _vectorize_innermost(sch, block) -> None:
@@ -326,10 +350,7 @@ def _backward_data_channels_last(sch) -> None:
     gcol = sch.get_sblock("grad_columns_channels_last")
     b, p, kh, kw, g, c, ro = sch.get_loops(gcol)
     lanes, vectors, rows = _register_tile(sch, gcol, _extent(sch, c))
-    block = vectors * lanes
-    transposed = sch.get_sblock("weight_transposed")
-    sch.transform_layout(transposed, ("write", 0), lambda g_, i, j, o, c_: (g_, c_ // block, i, j, o, c_ % block))
-    parallel_outer(sch, "weight_transposed", inner=2)
+    _weight_panels(sch, "weight_transposed", vectors * lanes)
     tasks = divisors(_extent(sch, p) or POSITION_TILE, CL_TASK_CANDIDATES)
     p_task, p_in = sch.split(p, [None, decide(sch, tasks, POSITION_TILE)])
     p_tile, p_row = sch.split(p_in, [None, rows])
@@ -348,12 +369,13 @@ def _backward_data_channels_last(sch) -> None:
     lanes = _lanes_dividing(sch, corners, _extent(sch, rc))
     if lanes > 1:
         rc_outer, rc_lane = sch.split(rc, [None, lanes])
-        partial = sch.rfactor(rc_lane, factor_axis=0)
+        partial = sch.rfactor(rc_lane, factor_axis=6)  # [N, OG, KH, KW, P, 4, lanes]: lanes innermost
         # Per position: the column vector is read once for the four corners, whose partial sums
         # (a vector each) stay in registers over the channels.
         *_, position, t, rc_outer, rc_lane = sch.get_loops(partial)
         sch.reorder(rc_outer, t, rc_lane)
         sch.reverse_compute_at(sch.cache_write(partial, 0, "local"), position)
+        sch.reverse_compute_at(corners, position)  # the lanes summed while they are in registers
         sch.unroll(t)
         sch.vectorize(rc_lane)
         sch.decompose_reduction(partial, rc_outer)
