@@ -335,6 +335,10 @@ def _offset_and_mask_gradients(sch) -> None:
             parallel_outer(sch, name, inner=2)
 
 
+#: Loop orders of the channels-last column-gradient GEMM within a position task (`choose`).
+CL_GEMM_ORDERS = ("points_outer", "channels_outer")
+
+
 def _backward_data_channels_last(sch) -> None:
     """The column gradient [N, P, KH, KW, G, C/G] as a GEMM vectorised over input channels, in
     parallel position tasks: register tiles of `rows` positions (broadcast grad_output values) x
@@ -355,7 +359,12 @@ def _backward_data_channels_last(sch) -> None:
     p_task, p_in = sch.split(p, [None, decide(sch, tasks, POSITION_TILE)])
     p_tile, p_row = sch.split(p_in, [None, rows])
     c_outer, c_vector, c_lane = sch.split(c, [None, vectors, lanes])
-    sch.reorder(b, p_task, kh, kw, g, c_outer, p_tile, ro, p_row, c_vector, c_lane)
+    # Within a task: kernel points outermost (a grad_output row serves every channel panel of a point
+    # while it is in L1) or channel panels outermost (a weight panel serves every point).
+    if choose("gemm_order", CL_GEMM_ORDERS, "points_outer") == "points_outer":
+        sch.reorder(b, p_task, kh, kw, g, c_outer, p_tile, ro, p_row, c_vector, c_lane)
+    else:
+        sch.reorder(b, p_task, g, c_outer, kh, kw, p_tile, ro, p_row, c_vector, c_lane)
     sch.parallel(sch.fuse(b, p_task))
     sch.reverse_compute_at(sch.cache_write(gcol, 0, "local"), p_tile)
     sch.unroll(p_row)
@@ -413,6 +422,9 @@ def _backward_data_channels_first(sch) -> None:
 CL_CHUNK_CANDIDATES = (32, 64, 128, 256, 512)
 #: A chunk's columns strip stays under this many bytes by default (in L2 beside the grad_output rows).
 CHUNK_COLUMN_BYTES = 128 * 1024
+#: Loop orders of the channels-last weight gradient (`choose`): the reduction's chunks outside the
+#: parallel strips, or inside them.
+CL_REDUCTION_ORDERS = ("chunks_outer", "strips_outer")
 
 
 def _backward_weight_channels_last(sch) -> None:
@@ -436,15 +448,23 @@ def _backward_weight_channels_last(sch) -> None:
     p_chunk, p_in = sch.split(rp, [None, decide(sch, chunks, fitting[-1])])
     o_outer, o_row = sch.split(oc, [None, rows])
     c_strip, c_vector, c_lane = sch.split(c, [None, vectors, lanes])
-    sch.reorder(rb, p_chunk, kh, kw, c_strip, o_outer, p_in, o_row, c_vector, c_lane)
-    strips = sch.fuse(kh, kw, c_strip)
-    sch.parallel(strips)
+    if choose("reduction_order", CL_REDUCTION_ORDERS, "chunks_outer") == "chunks_outer":
+        # Chunk by chunk, the strips in parallel: a chunk's input rows stay in cache for every strip.
+        sch.reorder(rb, p_chunk, kh, kw, c_strip, o_outer, p_in, o_row, c_vector, c_lane)
+        strips = sch.fuse(kh, kw, c_strip)
+        sch.parallel(strips)
+        gather_at = strips
+    else:
+        # Strips in parallel, each over every chunk: one parallel region, no barrier per chunk.
+        sch.reorder(kh, kw, c_strip, rb, p_chunk, o_outer, p_in, o_row, c_vector, c_lane)
+        sch.parallel(sch.fuse(kh, kw, c_strip))
+        gather_at = p_chunk
     sch.unroll(o_row)
     sch.unroll(c_vector)
     sch.vectorize(c_lane)
     sch.decompose_reduction(ws, rb)
     columns = sch.get_sblock("deform_columns_channels_last")
-    sch.compute_at(columns, strips)
+    sch.compute_at(columns, gather_at)
     _vectorize_innermost(sch, columns)
     parallel_outer(sch, "grad_weight", inner=1)
     sch.parallel(sch.get_loops(sch.get_sblock("grad_bias_sum"))[0])

@@ -10,9 +10,10 @@ No torch, no schedules. Every stage has a fixed name that schedules look up:
     deform_gemm    [N, O, P]               weight x columns, grouped, accumulated in acc_dtype
     output         [N, O, OH, OW]          gemm + bias, cast to dtype
 
-The channels-last forward (`forward_channels_last`, which the CPU rules ask for where the kernel
-covers every input pixel) computes the same output through other stages, so that the four corners of
-a sample are contiguous channel vectors and the GEMM vectorises over output channels:
+The channels-last graphs (`forward_channels_last`, `backward_data_channels_last`,
+`backward_weight_channels_last`; the CPU rules ask for them where the kernel covers every input
+pixel, dcn_tvm.geometry.conv.resolve_layout) compute the same results through other stages, so that
+the four corners of a sample are contiguous channel vectors and every GEMM vectorises over channels:
 
     input_channels_last          [N, H, W, C]           the input transposed
     weight_packed                [G, KH, KW, C/G, O/G]  the weight transposed (G = groups)
@@ -20,7 +21,9 @@ a sample are contiguous channel vectors and the GEMM vectorises over output chan
     deform_gemm_channels_last    [N, P, G, O/G]         columns x weight per group, in acc_dtype
     output                       [N, O, OH, OW]         gemm + bias, cast to dtype
 
-and in the backward:
+and backward weight_transposed [G, KH, KW, O/G, C/G], grad_columns_channels_last [N, P, KH, KW, G,
+C/G] and grad_weight_sum_channels_last [O, KH, KW, C/G] (see their functions). The channels-first
+backward:
 
     grad_columns        [N, C, KH, KW, P]      weight^T x grad_output
     grad_corner_weights [N, OG, KH, KW, P, 4]  gradient of each corner weight: grad_columns x corner
