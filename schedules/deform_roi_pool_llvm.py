@@ -14,6 +14,8 @@ the chunks run in parallel and each chunk's slab of the input stays in cache ove
 
 from __future__ import annotations
 
+import itertools
+
 from .common import count_iters, divisors, parallel_outer
 
 #: The stages that gather from the input, with the RoI loop first (compute order).
@@ -58,6 +60,14 @@ def _channels_last_pool(sch) -> tuple[str, ...]:
     return tuple(sch.get(b).name_hint for b in (copy, init, block, output))
 
 
+def _parallel_static(sch, loops) -> None:
+    """Run `loops` (a stage's spatial loops) in parallel over the fused leading loops of constant
+    extent, or over the first loop alone where it is symbolic (the RoI count): fusing a symbolic
+    extent in costs an integer division by it per element."""
+    static = list(itertools.takewhile(lambda loop: hasattr(sch.get(loop).extent, "value"), loops))
+    sch.parallel(sch.fuse(*static) if len(static) > 1 else (static or loops)[0])
+
+
 def stages(sch, done=()) -> None:
     """Every root stage not in `done` parallel over its fused spatial loops, its reductions serial inside."""
     for block in sch.get_child_blocks(sch.get_sblock("root")):
@@ -69,7 +79,7 @@ def stages(sch, done=()) -> None:
             sch.reorder(*others, roi)
             sch.parallel(sch.fuse(*others))
         else:
-            parallel_outer(sch, name, inner=reductions)
+            _parallel_static(sch, sch.get_loops(block)[: len(sch.get_loops(block)) - reductions])
 
 
 def forward(sch) -> None:

@@ -19,10 +19,14 @@ Stages, by the names schedules look up:
 
     roi_batch      [R]              int32 image of every RoI
     roi_boxes      [R, 4]           start_w, start_h, roi_w, roi_h
-    sample_count   [R, NC', k, k]   samples taken per bin (NC' = NC, or 1 without offsets)
+    bin_starts     [NC', k, k, R, 4]  w0, h0 (offsets applied) and the sample steps bin_w / S, bin_h / S
+    sample_count   [NC', k, k, R]   samples taken per bin (NC' = NC, or 1 without offsets)
     sample_rows, sample_row_weights, sample_cols, sample_col_weights
-                   [R, NC', k, k, S, 2]  floor/ceil pixels and weights of every sample row/col,
+                   [NC', k, k, R, S, 2]  floor/ceil pixels and weights of every sample row/col,
                                     computed once for all the channels of a class
+
+The per-bin tables keep the RoIs inside (class, bin): a kernel that walks the RoIs for one channel
+(the CPU gathers and scatter do) reads them contiguously.
     pool_sum       [R, O, k, k]     their sum, in acc_dtype
     output         [R, O, k, k]     pool_sum / sample_count (0 for empty bins), cast to dtype
 
@@ -122,15 +126,17 @@ class _Bin(NamedTuple):
 
 
 class _RoIs(NamedTuple):
-    """The per-RoI stages roi_batch and roi_boxes (see the module docstring)."""
+    """The per-RoI stages roi_batch, roi_boxes and bin_starts (see the module docstring)."""
 
     batch: te.Tensor
     boxes: te.Tensor
+    bins: te.Tensor
 
 
-def _roi_stages(geo: RoIPoolGeometry, rois, batch) -> _RoIs:
-    """The image and box of every RoI; a batch index outside [0, N) (or NaN) gives image 0."""
-    acc = geo.acc_dtype
+def _roi_stages(geo: RoIPoolGeometry, rois, batch, offset) -> _RoIs:
+    """The image and box of every RoI (a batch index outside [0, N), or NaN, gives image 0) and where
+    each bin's samples start, computed once per bin for every sample and channel that uses it."""
+    acc, k, s = geo.acc_dtype, geo.output_size, geo.sampling_ratio
 
     def image(r):
         index = rois[r, 0]
@@ -145,22 +151,28 @@ def _roi_stages(geo: RoIPoolGeometry, rois, batch) -> _RoIs:
         return tirx.Select(t < 2, _corner(t, start[0], start[1]), _corner(t - 2, size[0], size[1]))
 
     rois_count = rois.shape[0]
-    return _RoIs(te.compute((rois_count,), image, name="roi_batch"),
-                 te.compute((rois_count, 4), box, name="roi_boxes"))
+    boxes = te.compute((rois_count, 4), box, name="roi_boxes")
+
+    def start(cls, i, j, r, entry):
+        """Bin (i, j) of RoI r as offset class `cls` sees it (the module docstring's rules)."""
+        start_w, start_h, roi_w, roi_h = (boxes[r, t] for t in range(4))
+        bin_w, bin_h = roi_w / _const(k, acc), roi_h / _const(k, acc)
+        w0, h0 = j.astype(acc) * bin_w + start_w, i.astype(acc) * bin_h + start_h
+        if offset is not None:
+            part_row, part_col = i * geo.part_size // k, j * geo.part_size // k
+            gamma = _const(geo.gamma, acc)
+            w0 = w0 + offset[r, 2 * cls, part_row, part_col].astype(acc) * gamma * roi_w
+            h0 = h0 + offset[r, 2 * cls + 1, part_row, part_col].astype(acc) * gamma * roi_h
+        step_w, step_h = bin_w / _const(s, acc), bin_h / _const(s, acc)
+        return tirx.Select(entry < 2, _corner(entry, w0, h0), _corner(entry - 2, step_w, step_h))
+
+    return _RoIs(te.compute((rois_count,), image, name="roi_batch"), boxes,
+                 te.compute((geo.sample_classes, k, k, rois_count, 4), start, name="bin_starts"))
 
 
-def _bin(geo: RoIPoolGeometry, roi: _RoIs, offset, r, cls, i, j) -> _Bin:
-    """Bin (i, j) of RoI r as offset class `cls` sees it (the module docstring's rules)."""
-    acc, k, s = geo.acc_dtype, geo.output_size, geo.sampling_ratio
-    start_w, start_h, roi_w, roi_h = (roi.boxes[r, t] for t in range(4))
-    bin_w, bin_h = roi_w / _const(k, acc), roi_h / _const(k, acc)
-    w0, h0 = j.astype(acc) * bin_w + start_w, i.astype(acc) * bin_h + start_h
-    if offset is not None:
-        part_row, part_col = i * geo.part_size // k, j * geo.part_size // k
-        gamma = _const(geo.gamma, acc)
-        w0 = w0 + offset[r, 2 * cls, part_row, part_col].astype(acc) * gamma * roi_w
-        h0 = h0 + offset[r, 2 * cls + 1, part_row, part_col].astype(acc) * gamma * roi_h
-    return _Bin(roi.batch[r], w0, h0, bin_w / _const(s, acc), bin_h / _const(s, acc), acc)
+def _bin(roi: _RoIs, r, cls, i, j, acc) -> _Bin:
+    """Bin (i, j) of RoI r as offset class `cls` sees it (bin_starts)."""
+    return _Bin(roi.batch[r], *(roi.bins[cls, i, j, r, t] for t in range(4)), acc)
 
 
 def _interpolate(data, image, channel, ys: _Axis, xs: _Axis, acc, along=None):
@@ -187,21 +199,21 @@ def _operands(geo: RoIPoolGeometry, rois_count, batch, height, width):
 
 
 def _sample_count(geo: RoIPoolGeometry, roi: _RoIs, offset, height, width):
-    """[R, NC', k, k]: samples taken in every bin, in acc_dtype."""
+    """[NC', k, k, R]: samples taken in every bin, in acc_dtype."""
     k, s = geo.output_size, geo.sampling_ratio
     rb, ra = te.reduce_axis((0, s), name="rb"), te.reduce_axis((0, s), name="ra")
 
-    def count(r, cls, i, j):
-        at = _bin(geo, roi, offset, r, cls, i, j)
+    def count(cls, i, j, r):
+        at = _bin(roi, r, cls, i, j, geo.acc_dtype)
         taken = tirx.all(at.row(rb, height).taken, at.col(ra, width).taken)
         return te.sum(taken.astype(geo.acc_dtype), axis=[rb, ra])
 
-    return te.compute((roi.batch.shape[0], geo.sample_classes, k, k), count, name="sample_count")
+    return te.compute((geo.sample_classes, k, k, roi.batch.shape[0]), count, name="sample_count")
 
 
 class _Tables(NamedTuple):
     """Where every bin of every RoI and offset class samples, shared by all its channels:
-    [R, NC', k, k, S, 2] each, the floor and ceil pixel of sample row (col) b and their weights
+    [NC', k, k, R, S, 2] each, the floor and ceil pixel of sample row (col) b and their weights
     (1 - f, f), both weights zero where the sample is skipped."""
 
     rows: te.Tensor
@@ -216,14 +228,14 @@ def _sample_tables(geo: RoIPoolGeometry, roi: _RoIs, offset, height, width) -> _
     zero, one = _const(0, acc), _const(1, acc)
 
     def table(name: str, along_rows: bool, weights: bool):
-        def entry(r, cls, i, j, index, t):
-            at = _bin(geo, roi, offset, r, cls, i, j)
+        def entry(cls, i, j, r, index, t):
+            at = _bin(roi, r, cls, i, j, geo.acc_dtype)
             axis = at.row(index, height) if along_rows else at.col(index, width)
             if not weights:
                 return _corner(t, axis.low, axis.high)
             return tirx.Select(axis.taken, _corner(t, one - axis.frac, axis.frac), zero)
 
-        return te.compute((roi.batch.shape[0], geo.sample_classes, k, k, s, 2), entry, name=name)
+        return te.compute((geo.sample_classes, k, k, roi.batch.shape[0], s, 2), entry, name=name)
 
     return _Tables(table("sample_rows", True, False), table("sample_row_weights", True, True),
                    table("sample_cols", False, False), table("sample_col_weights", False, True))
@@ -233,14 +245,14 @@ def forward(geo: RoIPoolGeometry, rois_count, batch, height, width):
     """(input, rois, [offset]) -> output [R, O, k, k]; returns (arguments, outputs) in call order."""
     data, rois, offset = _operands(geo, rois_count, batch, height, width)
     acc, k, s = geo.acc_dtype, geo.output_size, geo.sampling_ratio
-    roi = _roi_stages(geo, rois, batch)
+    roi = _roi_stages(geo, rois, batch, offset)
     count = _sample_count(geo, roi, offset, height, width)
     tables = _sample_tables(geo, roi, offset, height, width)
     rb, ra = te.reduce_axis((0, s), name="rb"), te.reduce_axis((0, s), name="ra")
     zero = _const(0, acc)
 
     def pooled(r, c, i, j):
-        sample = (r, sample_class(geo, c), i, j)
+        sample = (sample_class(geo, c), i, j, r)
         row_weights = [tables.row_weights[(*sample, rb, t)] for t in (0, 1)]
         col_weights = [tables.col_weights[(*sample, ra, t)] for t in (0, 1)]
         image, channel = roi.batch[r], input_channel(geo, c, i, j)
@@ -256,7 +268,7 @@ def forward(geo: RoIPoolGeometry, rois_count, batch, height, width):
     total = te.compute((rois_count, geo.out_channels, k, k), pooled, name="pool_sum")
 
     def mean(r, c, i, j):
-        taken = count[r, sample_class(geo, c), i, j]
+        taken = count[sample_class(geo, c), i, j, r]
         return tirx.Select(taken > _const(0, acc), total[r, c, i, j] / taken, _const(0, acc)).astype(geo.dtype)
 
     output = te.compute(total.shape, mean, name="output")
@@ -271,10 +283,10 @@ def backward(geo: RoIPoolGeometry, rois_count, batch, height, width):
         grad_offset         [R, 2*NC, P, P]        dtype (only with offsets)
         grad_scale          [R, O, k, k]           grad_output / sample_count, 0 for empty bins
         roi_batch           [R]                    int32, the image of every RoI
-        sample_rows         [R, NC', k, k, S, 2]   int32, floor and ceil rows of sample row b
-        sample_row_weights  [R, NC', k, k, S, 2]   (1 - fy, fy), zero where the row is skipped
-        sample_cols         [R, NC', k, k, S, 2]   likewise for the columns
-        sample_col_weights  [R, NC', k, k, S, 2]
+        sample_rows         [NC', k, k, R, S, 2]   int32, floor and ceil rows of sample row b
+        sample_row_weights  [NC', k, k, R, S, 2]   (1 - fy, fy), zero where the row is skipped
+        sample_cols         [NC', k, k, R, S, 2]   likewise for the columns
+        sample_col_weights  [NC', k, k, R, S, 2]
 
     The offset gradient sums d(sample)/dw * gamma * roi_w (d/dh and roi_h for ty) * grad_scale
     over the samples of every bin of the part cell and every channel of the class. As in the
@@ -286,12 +298,12 @@ def backward(geo: RoIPoolGeometry, rois_count, batch, height, width):
     data, rois, offset = _operands(geo, rois_count, batch, height, width)
     acc, k, s, per_class = geo.acc_dtype, geo.output_size, geo.sampling_ratio, geo.channels_per_class
     grad_output = te.placeholder((rois_count, geo.out_channels, k, k), geo.dtype, name="grad_output")
-    roi = _roi_stages(geo, rois, batch)
+    roi = _roi_stages(geo, rois, batch, offset)
     count = _sample_count(geo, roi, offset, height, width)
     zero = _const(0, acc)
 
     def scale(r, c, i, j):
-        taken = count[r, sample_class(geo, c), i, j]
+        taken = count[sample_class(geo, c), i, j, r]
         return tirx.Select(taken > zero, grad_output[r, c, i, j].astype(acc) / taken, zero)
 
     grad_scale = te.compute(grad_output.shape, scale, name="grad_scale")
@@ -307,7 +319,7 @@ def backward(geo: RoIPoolGeometry, rois_count, batch, height, width):
 
     def bin_gradient(r, cls, i, j):
         """(d/dtx, d/dty) of bin (i, j) before the gamma * roi size factor, sharing every sample."""
-        at = _bin(geo, roi, offset, r, cls, i, j)
+        at = _bin(roi, r, cls, i, j, geo.acc_dtype)
         ys, xs = at.row(rb, height), at.col(ra, width)
         c = cls * per_class + rc
         channel, taken = input_channel(geo, c, i, j), tirx.all(ys.taken, xs.taken)
@@ -368,35 +380,35 @@ def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
         r, n, h, w = T.int64(), T.int64(), T.int64(), T.int64()
         grad_scale = T.match_buffer(scale_h, (r, o, k, k), acc)
         roi_batch = T.match_buffer(batch_h, (r,), "int32")
-        rows = T.match_buffer(rows_h, (r, nc, k, k, s, 2), "int32")
-        row_weights = T.match_buffer(row_weights_h, (r, nc, k, k, s, 2), acc)
-        cols = T.match_buffer(cols_h, (r, nc, k, k, s, 2), "int32")
-        col_weights = T.match_buffer(col_weights_h, (r, nc, k, k, s, 2), acc)
+        rows = T.match_buffer(rows_h, (nc, k, k, r, s, 2), "int32")
+        row_weights = T.match_buffer(row_weights_h, (nc, k, k, r, s, 2), acc)
+        cols = T.match_buffer(cols_h, (nc, k, k, r, s, 2), "int32")
+        col_weights = T.match_buffer(col_weights_h, (nc, k, k, r, s, 2), acc)
         grad_input = T.match_buffer(grad_input_h, (n, c_in, h, w), acc)
         if atomic:
             for roi, oc, i, j, sy, sx in T.grid(r, o, k, k, s, s):
                 with T.sblock("scatter_grad_input"):
                     vr, vo, vi, vj, vy, vx = T.axis.remap("SSSSSS", [roi, oc, i, j, sy, sx])
-                    T.reads(grad_scale[vr, vo, vi, vj], roi_batch[vr], rows[vr, 0:nc, vi, vj, vy, 0:2],
-                            row_weights[vr, 0:nc, vi, vj, vy, 0:2], cols[vr, 0:nc, vi, vj, vx, 0:2],
-                            col_weights[vr, 0:nc, vi, vj, vx, 0:2])
+                    T.reads(grad_scale[vr, vo, vi, vj], roi_batch[vr], rows[0:nc, vi, vj, vr, vy, 0:2],
+                            row_weights[0:nc, vi, vj, vr, vy, 0:2], cols[0:nc, vi, vj, vr, vx, 0:2],
+                            col_weights[0:nc, vi, vj, vr, vx, 0:2])
                     T.writes(grad_input[0:n, 0:c_in, 0:h, 0:w])
                     cls = sample_class(geo, vo)
                     for t in range(4):
                         T.evaluate(T.cuda.atomic_add(
                             T.address_of(grad_input[roi_batch[vr], input_channel(geo, vo, vi, vj),
-                                                    rows[vr, cls, vi, vj, vy, t // 2],
-                                                    cols[vr, cls, vi, vj, vx, t % 2]]),
-                            row_weights[vr, cls, vi, vj, vy, t // 2] * col_weights[vr, cls, vi, vj, vx, t % 2]
+                                                    rows[cls, vi, vj, vr, vy, t // 2],
+                                                    cols[cls, vi, vj, vr, vx, t % 2]]),
+                            row_weights[cls, vi, vj, vr, vy, t // 2] * col_weights[cls, vi, vj, vr, vx, t % 2]
                             * grad_scale[vr, vo, vi, vj],
                         ))
         else:
             for ch in T.serial(c_in):
                 with T.sblock("scatter_grad_input"):
                     vc = T.axis.remap("S", [ch])
-                    T.reads(grad_scale[0:r, 0:o, 0:k, 0:k], roi_batch[0:r], rows[0:r, 0:nc, 0:k, 0:k, 0:s, 0:2],
-                            row_weights[0:r, 0:nc, 0:k, 0:k, 0:s, 0:2], cols[0:r, 0:nc, 0:k, 0:k, 0:s, 0:2],
-                            col_weights[0:r, 0:nc, 0:k, 0:k, 0:s, 0:2])
+                    T.reads(grad_scale[0:r, 0:o, 0:k, 0:k], roi_batch[0:r], rows[0:nc, 0:k, 0:k, 0:r, 0:s, 0:2],
+                            row_weights[0:nc, 0:k, 0:k, 0:r, 0:s, 0:2], cols[0:nc, 0:k, 0:k, 0:r, 0:s, 0:2],
+                            col_weights[0:nc, 0:k, 0:k, 0:r, 0:s, 0:2])
                     T.writes(grad_input[0:n, vc, 0:h, 0:w])
                     oc = vc // (g * g)
                     cls = sample_class(geo, oc)
@@ -406,9 +418,9 @@ def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
                         i = first_i + di
                         j = first_j + dj
                         if i < end_i and j < end_j:
-                            grad_input[roi_batch[roi], vc, rows[roi, cls, i, j, sy, t // 2],
-                                       cols[roi, cls, i, j, sx, t % 2]] += (
-                                row_weights[roi, cls, i, j, sy, t // 2] * col_weights[roi, cls, i, j, sx, t % 2]
+                            grad_input[roi_batch[roi], vc, rows[cls, i, j, roi, sy, t // 2],
+                                       cols[cls, i, j, roi, sx, t % 2]] += (
+                                row_weights[cls, i, j, roi, sy, t // 2] * col_weights[cls, i, j, roi, sx, t % 2]
                                 * grad_scale[roi, oc, i, j]
                             )
 

@@ -155,8 +155,8 @@ def _backward_op(grad_output: Tensor, input: Tensor, rois: Tensor, offset: Tenso
     k, s, classes = geo.output_size, geo.sampling_ratio, geo.sample_classes
     grad_scale = input.new_empty(r, geo.out_channels, k, k, dtype=acc)
     roi_batch = input.new_empty(r, dtype=torch.int32)
-    rows, cols = (input.new_empty(r, classes, k, k, s, 2, dtype=torch.int32) for _ in range(2))
-    row_weights, col_weights = (input.new_empty(r, classes, k, k, s, 2, dtype=acc) for _ in range(2))
+    rows, cols = (input.new_empty(classes, k, k, r, s, 2, dtype=torch.int32) for _ in range(2))
+    row_weights, col_weights = (input.new_empty(classes, k, k, r, s, 2, dtype=acc) for _ in range(2))
     tables = (grad_scale, roi_batch, rows, row_weights, cols, col_weights)
     operands = [t for t in (input, rois, offset, grad_output.contiguous()) if t is not None]
     results = [grad_offset] if offset is not None else []
