@@ -82,8 +82,30 @@ def stages(sch, done=()) -> None:
             _parallel_static(sch, sch.get_loops(block)[: len(sch.get_loops(block)) - reductions])
 
 
+#: The sampling tables ([NC', k, k, R, S, 2], see dcn_tvm.compute.deform_roi_pool).
+TABLES = ("sample_rows", "sample_row_weights", "sample_cols", "sample_col_weights")
+
+
+def _tables_per_roi(sch) -> tuple[str, ...]:
+    """Where every output channel has its own offset class (class-aware deformable PS pooling), no
+    two channels share a table entry: compute each RoI's entries inside the gather, just before they
+    are used, instead of writing all the tables out and reading them back. Returns the stages moved."""
+    gather = sch.get_sblock("pool_sum")
+    classes = _shape(sch.get(sch.get_sblock(TABLES[0])).writes[0].source)[0]
+    if classes != _shape(sch.get(gather).writes[0].source)[1]:
+        return ()
+    stages(sch, done=TABLES)  # the gather's loops: (channel, bin) in parallel, RoIs inside
+    roi = sch.get_loops(gather)[1]
+    for name in TABLES:
+        sch.compute_at(sch.get_sblock(name), roi)
+    return TABLES
+
+
 def forward(sch) -> None:
-    stages(sch, done=_channels_last_pool(sch))
+    done = _channels_last_pool(sch)
+    if not done and _tables_per_roi(sch):
+        return
+    stages(sch, done=done)
 
 
 def scatter(sch) -> None:

@@ -22,6 +22,8 @@ CASES = [
     (1, 4, 7, 7, 4, 2, 1, 5, 1, 1.0),  # group_size < k, class-agnostic offsets, part_size > k
     (2, 24, 9, 11, 3, 1, 0, None, 2, 0.5),  # RoI pooling channels-last on the CPU (channels % 8 == 0)
     (2, 16, 10, 8, 3, 1, 2, 2, 2, 0.5),  # deformable RoI pooling channels-last, two offset classes
+    # one output channel per offset class, as in the R-FCN head: no table entry shared by two channels
+    (2, 3, 9, 8, 3, 3, 3, 3, 2, 0.5),
 ]
 
 

@@ -276,17 +276,14 @@ def forward(geo: RoIPoolGeometry, rois_count, batch, height, width):
 
 
 def backward(geo: RoIPoolGeometry, rois_count, batch, height, width):
-    """Gradient w.r.t. offset (eq. 10) and the tables of the input-gradient scatter.
+    """Gradient w.r.t. offset (eq. 10) and what the input-gradient scatter needs.
 
     Arguments (input, rois, [offset,] grad_output [R, O, k, k]); outputs in call order:
 
         grad_offset         [R, 2*NC, P, P]        dtype (only with offsets)
         grad_scale          [R, O, k, k]           grad_output / sample_count, 0 for empty bins
         roi_batch           [R]                    int32, the image of every RoI
-        sample_rows         [NC', k, k, R, S, 2]   int32, floor and ceil rows of sample row b
-        sample_row_weights  [NC', k, k, R, S, 2]   (1 - fy, fy), zero where the row is skipped
-        sample_cols         [NC', k, k, R, S, 2]   likewise for the columns
-        sample_col_weights  [NC', k, k, R, S, 2]
+        bin_starts          [NC', k, k, R, 4]      where every bin's samples start, and their steps
 
     The offset gradient sums d(sample)/dw * gamma * roi_w (d/dh and roi_h for ty) * grad_scale
     over the samples of every bin of the part cell and every channel of the class. As in the
@@ -308,7 +305,7 @@ def backward(geo: RoIPoolGeometry, rois_count, batch, height, width):
 
     grad_scale = te.compute(grad_output.shape, scale, name="grad_scale")
 
-    tables = [roi.batch, *_sample_tables(geo, roi, offset, height, width)]
+    tables = [roi.batch, roi.bins]
     if offset is None:
         return [data, rois, grad_output], [grad_scale, *tables]
 
@@ -358,9 +355,10 @@ def backward(geo: RoIPoolGeometry, rois_count, batch, height, width):
 def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
     """PrimFunc adding every sample's bilinear weights x grad_scale into the input gradient.
 
-    (grad_scale, roi_batch, sample_rows, sample_row_weights, sample_cols, sample_col_weights) ->
-    grad_input [N, C, H, W] in acc_dtype, which the caller zero-fills; R, N, H, W are symbolic (int64,
-    see dcn_tvm.compute.indexing).
+    (grad_scale, roi_batch, bin_starts) -> grad_input [N, C, H, W] in acc_dtype, which the caller
+    zero-fills; R, N, H, W are symbolic (int64, see dcn_tvm.compute.indexing). Each sample's pixels
+    and weights follow from its bin's start as in the forward (the same expressions), computed where
+    they are added rather than stored per sample by the backward kernel and read back.
 
     Input channel ch only ever receives from output channel ch // G² at the bins of its group
     (ch // G % G, ch % G), from every RoI. On the CPU one thread owns a channel and plain adds are
@@ -373,42 +371,42 @@ def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
     o, c_in, nc = geo.out_channels, geo.in_channels, geo.sample_classes
     span = (k + g - 1) // g
 
+    def corner(bins, roi, cls, i, j, sy, sx, t, size_h, size_w):
+        """(row, column, bilinear weight) of corner t of sample (sy, sx) of a bin, weight 0 if skipped."""
+        w0, h0, step_w, step_h = (bins[cls, i, j, roi, e] for e in range(4))
+        ys, xs = _axis(h0, step_h, sy, size_h, acc), _axis(w0, step_w, sx, size_w, acc)
+        one, zero = _const(1, acc), _const(0, acc)
+        wy = tirx.Select(ys.taken, _corner(t // 2, one - ys.frac, ys.frac), zero)
+        wx = tirx.Select(xs.taken, _corner(t % 2, one - xs.frac, xs.frac), zero)
+        return _corner(t // 2, ys.low, ys.high), _corner(t % 2, xs.low, xs.high), wy * wx
+
     @T.prim_func(s_tir=True)
-    def scatter(scale_h: T.handle, batch_h: T.handle, rows_h: T.handle, row_weights_h: T.handle,
-                cols_h: T.handle, col_weights_h: T.handle, grad_input_h: T.handle):
+    def scatter(scale_h: T.handle, batch_h: T.handle, bins_h: T.handle, grad_input_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         r, n, h, w = T.int64(), T.int64(), T.int64(), T.int64()
         grad_scale = T.match_buffer(scale_h, (r, o, k, k), acc)
         roi_batch = T.match_buffer(batch_h, (r,), "int32")
-        rows = T.match_buffer(rows_h, (nc, k, k, r, s, 2), "int32")
-        row_weights = T.match_buffer(row_weights_h, (nc, k, k, r, s, 2), acc)
-        cols = T.match_buffer(cols_h, (nc, k, k, r, s, 2), "int32")
-        col_weights = T.match_buffer(col_weights_h, (nc, k, k, r, s, 2), acc)
+        bins = T.match_buffer(bins_h, (nc, k, k, r, 4), acc)
         grad_input = T.match_buffer(grad_input_h, (n, c_in, h, w), acc)
         if atomic:
             for roi, oc, i, j, sy, sx in T.grid(r, o, k, k, s, s):
                 with T.sblock("scatter_grad_input"):
                     vr, vo, vi, vj, vy, vx = T.axis.remap("SSSSSS", [roi, oc, i, j, sy, sx])
-                    T.reads(grad_scale[vr, vo, vi, vj], roi_batch[vr], rows[0:nc, vi, vj, vr, vy, 0:2],
-                            row_weights[0:nc, vi, vj, vr, vy, 0:2], cols[0:nc, vi, vj, vr, vx, 0:2],
-                            col_weights[0:nc, vi, vj, vr, vx, 0:2])
+                    T.reads(grad_scale[vr, vo, vi, vj], roi_batch[vr], bins[0:nc, vi, vj, vr, 0:4])
                     T.writes(grad_input[0:n, 0:c_in, 0:h, 0:w])
-                    cls = sample_class(geo, vo)
                     for t in range(4):
                         T.evaluate(T.cuda.atomic_add(
                             T.address_of(grad_input[roi_batch[vr], input_channel(geo, vo, vi, vj),
-                                                    rows[cls, vi, vj, vr, vy, t // 2],
-                                                    cols[cls, vi, vj, vr, vx, t % 2]]),
-                            row_weights[cls, vi, vj, vr, vy, t // 2] * col_weights[cls, vi, vj, vr, vx, t % 2]
+                                                    corner(bins, vr, sample_class(geo, vo), vi, vj, vy, vx, t, h, w)[0],
+                                                    corner(bins, vr, sample_class(geo, vo), vi, vj, vy, vx, t, h, w)[1]]),
+                            corner(bins, vr, sample_class(geo, vo), vi, vj, vy, vx, t, h, w)[2]
                             * grad_scale[vr, vo, vi, vj],
                         ))
         else:
             for ch in T.serial(c_in):
                 with T.sblock("scatter_grad_input"):
                     vc = T.axis.remap("S", [ch])
-                    T.reads(grad_scale[0:r, 0:o, 0:k, 0:k], roi_batch[0:r], rows[0:nc, 0:k, 0:k, 0:r, 0:s, 0:2],
-                            row_weights[0:nc, 0:k, 0:k, 0:r, 0:s, 0:2], cols[0:nc, 0:k, 0:k, 0:r, 0:s, 0:2],
-                            col_weights[0:nc, 0:k, 0:k, 0:r, 0:s, 0:2])
+                    T.reads(grad_scale[0:r, 0:o, 0:k, 0:k], roi_batch[0:r], bins[0:nc, 0:k, 0:k, 0:r, 0:4])
                     T.writes(grad_input[0:n, vc, 0:h, 0:w])
                     oc = vc // (g * g)
                     cls = sample_class(geo, oc)
@@ -418,10 +416,9 @@ def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
                         i = first_i + di
                         j = first_j + dj
                         if i < end_i and j < end_j:
-                            grad_input[roi_batch[roi], vc, rows[cls, i, j, roi, sy, t // 2],
-                                       cols[cls, i, j, roi, sx, t % 2]] += (
-                                row_weights[cls, i, j, roi, sy, t // 2] * col_weights[cls, i, j, roi, sx, t % 2]
-                                * grad_scale[roi, oc, i, j]
+                            grad_input[roi_batch[roi], vc, corner(bins, roi, cls, i, j, sy, sx, t, h, w)[0],
+                                       corner(bins, roi, cls, i, j, sy, sx, t, h, w)[1]] += (
+                                corner(bins, roi, cls, i, j, sy, sx, t, h, w)[2] * grad_scale[roi, oc, i, j]
                             )
 
     return scatter

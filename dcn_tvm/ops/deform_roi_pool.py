@@ -21,6 +21,7 @@ from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key
 from dcn_tvm.ops import dispatch
+from dcn_tvm.ops.scratch import scratch
 from dcn_tvm.ops.deform_conv2d import init_offset_layer
 
 OP = "deform_roi_pool"
@@ -152,12 +153,11 @@ def _backward_op(grad_output: Tensor, input: Tensor, rois: Tensor, offset: Tenso
     if r == 0 or input.numel() == 0:
         return torch.zeros_like(input), grad_offset.zero_()
     acc = getattr(torch, geo.acc_dtype)
-    k, s, classes = geo.output_size, geo.sampling_ratio, geo.sample_classes
-    grad_scale = input.new_empty(r, geo.out_channels, k, k, dtype=acc)
-    roi_batch = input.new_empty(r, dtype=torch.int32)
-    rows, cols = (input.new_empty(classes, k, k, r, s, 2, dtype=torch.int32) for _ in range(2))
-    row_weights, col_weights = (input.new_empty(classes, k, k, r, s, 2, dtype=acc) for _ in range(2))
-    tables = (grad_scale, roi_batch, rows, row_weights, cols, col_weights)
+    k, classes = geo.output_size, geo.sample_classes
+    grad_scale = scratch("grad_scale", (r, geo.out_channels, k, k), acc, input.device)
+    roi_batch = scratch("roi_batch", (r,), torch.int32, input.device)
+    bin_starts = scratch("bin_starts", (classes, k, k, r, 4), acc, input.device)
+    tables = (grad_scale, roi_batch, bin_starts)
     operands = [t for t in (input, rois, offset, grad_output.contiguous()) if t is not None]
     results = [grad_offset] if offset is not None else []
     get_kernel(_spec("backward", geo, input))(*operands, *results, *tables)
