@@ -5,7 +5,7 @@
 300 RoIs on the 1029-channel (7·7·21) score maps of a 600x1000 image at stride 16 (38x63), k = 7,
 sampling_ratio 4: deformable PS RoI pooling with class-aware offsets, and PS RoI pooling without
 offsets, where torchvision.ops.ps_roi_align (a different sampling rule, shown for scale only) runs
-beside it if it imports; and plain RoI pooling (group_size 1) of 1024- and 256-channel features beside
+beside it if it imports; and plain RoI pooling (group_size 1) of 1029-, 1024- and 256-channel features beside
 torchvision.ops.roi_align(aligned=True), which takes the same number of bilinear samples. Medians of repeated runs after a warm-up (which also compiles dcn_tvm's
 kernels). Prints the device and a Markdown table; ratios are last.
 """
@@ -43,6 +43,7 @@ def inputs(dtype, device, channels=K * K * CLASSES):
 #: (label, input channels, group_size, with offsets)
 CASES = [("deformable PS, class-aware offsets", K * K * CLASSES, K, True),
          ("PS, no offsets", K * K * CLASSES, K, False),
+         ("RoI (group_size 1), 1029 channels", K * K * CLASSES, 1, False),
          ("RoI (group_size 1), 1024 channels", 1024, 1, False),
          ("RoI (group_size 1), 256 channels", 256, 1, False)]
 

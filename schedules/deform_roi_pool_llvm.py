@@ -6,10 +6,10 @@ over their spatial loops and keep the reductions serial inside. The gathers run 
 while it is in cache (RoI-major order sweeps the whole input once per RoI), and the parallel index
 splits by constants only (fusing the symbolic RoI count in would cost integer divisions per bin).
 
-Plain (group_size 1) forward pooling over a multiple of VECTOR channels reads the input channels-last
-instead: all channels of a sample share its pixels and weights (the sampling tables), so a copy of
-the input in [N, H, W, C] turns the four corner gathers into vector loads over a chunk of channels;
-the chunks run in parallel and each chunk's slab of the input stays in cache over every RoI.
+Plain (group_size 1) pooling runs channels-last (COMPUTE_OPTIONS, dcn_tvm.geometry.roi_pool.resolve_layout):
+all channels of a sample share its pixels and weights, so the input copied to [N, H, W, C'] (C' padded to
+a multiple of 16) turns the four corner gathers, and the scatter's four corner adds, into vector
+operations over a chunk of channels; the chunks run in parallel.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ GATHERS = ("pool_sum", "grad_offset_bins")
 #: float32 lanes of the widest vector every x86-64 target here has (AVX2), and the channel chunks
 #: tried, largest first: a chunk's input slab, H x W x chunk, should stay in L2.
 VECTOR, CHUNKS = 8, (64, 32, 16, 8)
+#: The graphs: channels-last for group_size 1 (dcn_tvm.geometry.roi_pool.resolve_layout).
+COMPUTE_OPTIONS = {"layout": "auto"}
 
 
 def _shape(buffer) -> list[int | None]:
@@ -30,34 +32,41 @@ def _shape(buffer) -> list[int | None]:
 
 
 def _channels_last_pool(sch) -> tuple[str, ...]:
-    """Schedule pool_sum and output channels-last (see the module docstring) if the stage is plain
-    pooling over a multiple of VECTOR static channels; returns the stages it scheduled."""
-    block = sch.get_sblock("pool_sum")
-    reads = sch.get(block).reads
-    input_index = [region.source.name for region in reads].index("input")
-    channels = _shape(sch.get(block).writes[0].source)[1]
-    if channels is None or channels != _shape(reads[input_index].source)[1] or channels % VECTOR:
+    """The channels-last graph (group_size 1, see dcn_tvm.compute.deform_roi_pool.forward): the input
+    copied to [N, H, W, C'] a vector of channels at a time, pool_sum [R, k, k, C'] vectorised over
+    chunks of channels that run in parallel (each chunk's slab of the input stays in cache over every
+    RoI), the output read back VECTOR channels at a time. Returns the stages it scheduled, none for
+    the channels-first graph."""
+    if "input_channels_last" not in _stage_names(sch):
         return ()
-    chunk = divisors(channels, CHUNKS)[0]
-    copy = sch.cache_read(block, input_index, "global")
-    sch.transform_layout(copy, ("write", 0), lambda n, c, h, w: (n, h, w, c))
-    parallel_outer(sch, sch.get(copy).name_hint)
-    sch.transform_layout(block, ("write", 0), lambda r, c, i, j: (r, i, j, c))
-    r, c, i, j, rb, ra = sch.get_loops(block)
+    copy = sch.get_sblock("input_channels_last")
+    n, y, x, c = sch.get_loops(copy)
+    c_outer, c_lane = sch.split(c, [None, VECTOR])
+    sch.reorder(n, c_outer, y, x, c_lane)
+    sch.parallel(sch.fuse(n, c_outer))
+    sch.vectorize(c_lane)
+    block = sch.get_sblock("pool_sum")
+    r, i, j, c, rb, ra = sch.get_loops(block)
+    chunk = divisors(_extent(sch, c), CHUNKS)[0]
     outer, middle, lanes = sch.split(c, [None, chunk // VECTOR, VECTOR])
     sch.reorder(outer, r, i, j, rb, ra, middle, lanes)
     sch.parallel(outer)
     sch.vectorize(lanes)  # before decompose_reduction: vectorize wants the block with its init
     init = sch.decompose_reduction(block, rb)
     sch.vectorize(sch.get_loops(init)[-1])
-    # output: read the channels-last sums in order, VECTOR channels at a time.
     output = sch.get_sblock("output")
     r, c, i, j = sch.get_loops(output)
-    c, lanes = sch.split(c, [None, VECTOR])
-    sch.reorder(r, i, j, c, lanes)
+    sch.reorder(r, i, j, c)
     sch.parallel(r)
-    sch.vectorize(lanes)
     return tuple(sch.get(b).name_hint for b in (copy, init, block, output))
+
+
+def _stage_names(sch) -> set[str]:
+    return {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
+
+
+def _extent(sch, loop) -> int:
+    return int(sch.get(loop).extent)
 
 
 def _parallel_static(sch, loops) -> None:
@@ -109,8 +118,15 @@ def forward(sch) -> None:
 
 
 def scatter(sch) -> None:
-    """One thread per input channel: the channels partition the writes (no atomics)."""
-    parallel_outer(sch, "scatter_grad_input", inner=0)
+    """Channels-first: one thread per input channel; channels-last: one per chunk of channels, each add
+    a vector of them. Either way the channels partition the writes (no atomics)."""
+    block = sch.get_sblock("scatter_grad_input")
+    loops = sch.get_loops(block)
+    if len(loops) == 1:
+        parallel_outer(sch, "scatter_grad_input", inner=0)
+        return
+    sch.parallel(loops[0])
+    sch.vectorize(loops[-1])
 
 
 RULES = {"forward": forward, "backward": stages, "scatter": scatter}

@@ -45,7 +45,7 @@ from typing import NamedTuple
 from tvm import te, tirx
 
 from dcn_tvm.compute.indexing import create_prim_func
-from dcn_tvm.geometry.roi_pool import RoIPoolGeometry
+from dcn_tvm.geometry.roi_pool import CHANNEL_ALIGN, RoIPoolGeometry, resolve_layout
 
 
 def _const(value, dtype):
@@ -241,8 +241,26 @@ def _sample_tables(geo: RoIPoolGeometry, roi: _RoIs, offset, height, width) -> _
                    table("sample_cols", False, False), table("sample_col_weights", False, True))
 
 
-def forward(geo: RoIPoolGeometry, rois_count, batch, height, width):
-    """(input, rois, [offset]) -> output [R, O, k, k]; returns (arguments, outputs) in call order."""
+def _channels_last(geo: RoIPoolGeometry, data) -> te.Tensor:
+    """input_channels_last [N, H, W, C']: the input transposed, zero in the padding channels (C' =
+    geo.padded_channels)."""
+    n, c_size, h, w = data.shape
+    return te.compute((n, h, w, geo.padded_channels),
+                      lambda b, y, x, c: te.if_then_else(c < c_size, data[b, tirx.min(c, c_size - 1), y, x],
+                                                         _const(0, data.dtype)),
+                      name="input_channels_last")
+
+
+def _class_of_padded(geo: RoIPoolGeometry, c):
+    """sample_class of channel c of a channels-last stage; its padding channels take the last class."""
+    return sample_class(geo, tirx.min(c, geo.out_channels - 1) if geo.padded_channels > geo.out_channels else c)
+
+
+def forward(geo: RoIPoolGeometry, rois_count, batch, height, width, layout: str = "channels_first"):
+    """(input, rois, [offset]) -> output [R, O, k, k]; returns (arguments, outputs) in call order.
+
+    Channels-last (group_size 1 only) the samples are summed over the padded channels-last input into
+    pool_sum [R, k, k, C'], so that a vector of channels shares every sample's pixels and weights."""
     data, rois, offset = _operands(geo, rois_count, batch, height, width)
     acc, k, s = geo.acc_dtype, geo.output_size, geo.sampling_ratio
     roi = _roi_stages(geo, rois, batch, offset)
@@ -250,38 +268,48 @@ def forward(geo: RoIPoolGeometry, rois_count, batch, height, width):
     tables = _sample_tables(geo, roi, offset, height, width)
     rb, ra = te.reduce_axis((0, s), name="rb"), te.reduce_axis((0, s), name="ra")
     zero = _const(0, acc)
+    channels_last = layout == "channels_last"
+    if channels_last:
+        data_cl = _channels_last(geo, data)
 
     def pooled(r, c, i, j):
-        sample = (sample_class(geo, c), i, j, r)
+        sample = (_class_of_padded(geo, c) if channels_last else sample_class(geo, c), i, j, r)
         row_weights = [tables.row_weights[(*sample, rb, t)] for t in (0, 1)]
         col_weights = [tables.col_weights[(*sample, ra, t)] for t in (0, 1)]
         image, channel = roi.batch[r], input_channel(geo, c, i, j)
         value = zero
         for ty in (0, 1):
             for tx in (0, 1):
-                pixel = data[image, channel, tables.rows[(*sample, rb, ty)], tables.cols[(*sample, ra, tx)]]
+                row, col = tables.rows[(*sample, rb, ty)], tables.cols[(*sample, ra, tx)]
+                pixel = data_cl[image, row, col, channel] if channels_last else data[image, channel, row, col]
                 value = value + row_weights[ty] * col_weights[tx] * pixel.astype(acc)
         # Skipped samples (both weights zero) are left out, not added as 0 * pixel (an inf pixel gives NaN).
         taken = tirx.all(row_weights[0] + row_weights[1] != zero, col_weights[0] + col_weights[1] != zero)
         return te.sum(tirx.Select(taken, value, zero), axis=[rb, ra])
 
-    total = te.compute((rois_count, geo.out_channels, k, k), pooled, name="pool_sum")
+    if channels_last:
+        total = te.compute((rois_count, k, k, geo.padded_channels), lambda r, i, j, c: pooled(r, c, i, j),
+                           name="pool_sum")
+    else:
+        total = te.compute((rois_count, geo.out_channels, k, k), pooled, name="pool_sum")
 
     def mean(r, c, i, j):
         taken = count[sample_class(geo, c), i, j, r]
-        return tirx.Select(taken > _const(0, acc), total[r, c, i, j] / taken, _const(0, acc)).astype(geo.dtype)
+        pool = total[r, i, j, c] if channels_last else total[r, c, i, j]
+        return tirx.Select(taken > _const(0, acc), pool / taken, _const(0, acc)).astype(geo.dtype)
 
-    output = te.compute(total.shape, mean, name="output")
+    output = te.compute((rois_count, geo.out_channels, k, k), mean, name="output")
     return [a for a in (data, rois, offset) if a is not None], [output]
 
 
-def backward(geo: RoIPoolGeometry, rois_count, batch, height, width):
+def backward(geo: RoIPoolGeometry, rois_count, batch, height, width, layout: str = "channels_first"):
     """Gradient w.r.t. offset (eq. 10) and what the input-gradient scatter needs.
 
     Arguments (input, rois, [offset,] grad_output [R, O, k, k]); outputs in call order:
 
         grad_offset         [R, 2*NC, P, P]        dtype (only with offsets)
-        grad_scale          [R, O, k, k]           grad_output / sample_count, 0 for empty bins
+        grad_scale          [R, O, k, k]           grad_output / sample_count, 0 for empty bins; channels-last
+                            [R, k, k, C']          (group_size 1), zero in the padding channels
         roi_batch           [R]                    int32, the image of every RoI
         bin_starts          [NC', k, k, R, 4]      where every bin's samples start, and their steps
 
@@ -303,7 +331,13 @@ def backward(geo: RoIPoolGeometry, rois_count, batch, height, width):
         taken = count[sample_class(geo, c), i, j, r]
         return tirx.Select(taken > zero, grad_output[r, c, i, j].astype(acc) / taken, zero)
 
-    grad_scale = te.compute(grad_output.shape, scale, name="grad_scale")
+    if layout == "channels_last":
+        grad_scale = te.compute(
+            (rois_count, k, k, geo.padded_channels),
+            lambda r, i, j, c: tirx.Select(c < geo.out_channels, scale(r, tirx.min(c, geo.out_channels - 1), i, j), zero),
+            name="grad_scale")
+    else:
+        grad_scale = te.compute(grad_output.shape, scale, name="grad_scale")
 
     tables = [roi.batch, roi.bins]
     if offset is None:
@@ -323,7 +357,8 @@ def backward(geo: RoIPoolGeometry, rois_count, batch, height, width):
 
         def slope(along):
             value = _interpolate(data, at.image, channel, ys, xs, acc, along)
-            return tirx.Select(taken, grad_scale[r, c, i, j] * value, zero)
+            scaled = grad_scale[r, i, j, c] if layout == "channels_last" else grad_scale[r, c, i, j]
+            return tirx.Select(taken, scaled * value, zero)
 
         return pair_sum((slope("x"), slope("y")), axis=[rc, rb, ra])
 
@@ -424,14 +459,61 @@ def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
     return scatter
 
 
-def prim_func(stage: str, geo: RoIPoolGeometry, sizes, *, acc_dtype: str, position_align: int, atomic: bool):
-    """The PrimFunc of one stage: forward or backward (sizes = R, N, H, W), or scatter (R, N, H, W
-    symbolic; `atomic` for GPUs). Accumulation follows `geo.acc_dtype`; there is no position axis
-    to pad, so `acc_dtype` and `position_align` are unused."""
+def scatter_grad_input_channels_last(geo: RoIPoolGeometry, lanes: int = CHANNEL_ALIGN):
+    """The scatter of group_size 1 channels-last: (grad_scale [R, k, k, C'], roi_batch, bin_starts) ->
+    grad_input [N, H, W, C'] in acc_dtype (zero-filled by the caller), R, N, H, W symbolic.
+
+    Each sample's four corner adds are vectors of `lanes` channels that share its pixels and weights
+    (stage scatter_grad_input, the lane loop innermost); a chunk of channels owns them in every pixel,
+    so chunks may run in parallel with plain adds.
+    """
+    from tvm.script import tirx as T
+
+    acc, k, s, padded = geo.acc_dtype, geo.output_size, geo.sampling_ratio, geo.padded_channels
+    nc = geo.sample_classes
+
+    def corner(bins, roi, c, i, j, sy, sx, t, size_h, size_w):
+        """(row, column, bilinear weight) of corner t of sample (sy, sx) of a bin, weight 0 if skipped."""
+        cls = _class_of_padded(geo, c)
+        w0, h0, step_w, step_h = (bins[cls, i, j, roi, e] for e in range(4))
+        ys, xs = _axis(h0, step_h, sy, size_h, acc), _axis(w0, step_w, sx, size_w, acc)
+        one, zero = _const(1, acc), _const(0, acc)
+        wy = tirx.Select(ys.taken, _corner(t // 2, one - ys.frac, ys.frac), zero)
+        wx = tirx.Select(xs.taken, _corner(t % 2, one - xs.frac, xs.frac), zero)
+        return _corner(t // 2, ys.low, ys.high), _corner(t % 2, xs.low, xs.high), wy * wx
+
+    @T.prim_func(s_tir=True)
+    def scatter(scale_h: T.handle, batch_h: T.handle, bins_h: T.handle, grad_input_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        r, n, h, w = T.int64(), T.int64(), T.int64(), T.int64()
+        grad_scale = T.match_buffer(scale_h, (r, k, k, padded), acc)
+        roi_batch = T.match_buffer(batch_h, (r,), "int32")
+        bins = T.match_buffer(bins_h, (nc, k, k, r, 4), acc)
+        grad_input = T.match_buffer(grad_input_h, (n, h, w, padded), acc)
+        for chunk, roi, i, j, sy, sx, t, lane in T.grid(padded // lanes, r, k, k, s, s, 4, lanes):
+            with T.sblock("scatter_grad_input"):
+                vk, vr, vi, vj, vy, vx, vt, vl = T.axis.remap("SSSSSSSS", [chunk, roi, i, j, sy, sx, t, lane])
+                T.reads(grad_scale[vr, vi, vj, vk * lanes + vl], roi_batch[vr], bins[0:nc, vi, vj, vr, 0:4])
+                T.writes(grad_input[0:n, 0:h, 0:w, vk * lanes + vl])
+                grad_input[roi_batch[vr], corner(bins, vr, vk * lanes + vl, vi, vj, vy, vx, vt, h, w)[0],
+                           corner(bins, vr, vk * lanes + vl, vi, vj, vy, vx, vt, h, w)[1], vk * lanes + vl] += (
+                    corner(bins, vr, vk * lanes + vl, vi, vj, vy, vx, vt, h, w)[2]
+                    * grad_scale[vr, vi, vj, vk * lanes + vl])
+
+    return scatter
+
+
+def prim_func(stage: str, geo: RoIPoolGeometry, sizes, *, acc_dtype: str, position_align: int, atomic: bool,
+              layout: str = "channels_first"):
+    """The PrimFunc of one stage: forward or backward (sizes = R, N, H, W; internal stages in `layout`,
+    one of dcn_tvm.geometry.roi_pool.LAYOUTS or "auto", see resolve_layout), or the scatter (R, N, H, W
+    symbolic; `atomic` for GPUs) of that layout. Accumulation follows `geo.acc_dtype`; there is no
+    position axis to pad, so `acc_dtype` and `position_align` are unused."""
+    layout = resolve_layout(geo, layout)
     if stage == "scatter":
-        return scatter_grad_input(geo, atomic)
+        return scatter_grad_input_channels_last(geo) if layout == "channels_last" else scatter_grad_input(geo, atomic)
     stages = {"forward": forward, "backward": backward}
     if stage not in stages:
         raise ValueError(f"unknown deform_roi_pool stage {stage!r}")
-    arguments, outputs = stages[stage](geo, *sizes)
+    arguments, outputs = stages[stage](geo, *sizes, layout=layout)
     return create_prim_func(arguments + outputs)

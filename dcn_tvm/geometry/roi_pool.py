@@ -17,6 +17,12 @@ def _number(value: float) -> str:
     return repr(float(value)).replace(".", "p")
 
 
+#: The layouts of the pooling graphs (dcn_tvm.compute.deform_roi_pool); "auto" picks per layer.
+LAYOUTS = ("channels_first", "channels_last")
+#: Channels-last graphs pad the channels to a multiple of this (a vector register of float32 lanes).
+CHANNEL_ALIGN = 16
+
+
 @dataclass(frozen=True)
 class RoIPoolGeometry:
     """Static hyper-parameters of one deform_roi_pool call.
@@ -57,12 +63,29 @@ class RoIPoolGeometry:
         return self.out_channels // self.sample_classes
 
     @property
+    def padded_channels(self) -> int:
+        """The channels rounded up to CHANNEL_ALIGN (the channel axis of the channels-last stages)."""
+        return -(-self.in_channels // CHANNEL_ALIGN) * CHANNEL_ALIGN
+
+    @property
     def key(self) -> str:
         return (
             f"{self.dtype}_o{self.out_channels}_k{self.output_size}_g{self.group_size}_p{self.part_size}"
             f"_sr{self.sampling_ratio}_nc{self.num_classes}_scale{_number(self.spatial_scale)}"
             f"_gamma{_number(self.gamma)}"
         )
+
+
+def resolve_layout(geo: RoIPoolGeometry, layout: str) -> str:
+    """`layout` (one of LAYOUTS or "auto"), "auto" resolved: channels-last for group_size 1, where every
+    channel samples a bin at the same points (its class's), so a vector of channels shares each
+    sample's pixels and weights; channels-first for position-sensitive pooling, where the channels of
+    a vector would read different bins."""
+    if layout not in (*LAYOUTS, "auto"):
+        raise ValueError(f"unknown layout {layout!r}; expected 'auto' or one of {LAYOUTS}")
+    if layout != "auto":
+        return layout
+    return "channels_last" if geo.group_size == 1 else "channels_first"
 
 
 def roi_pool_geometry(input_shape: tuple, rois: int, offset_shape: tuple | None, output_size, spatial_scale,

@@ -12,17 +12,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dcn_tvm import env
+from dcn_tvm import env, schedules
 from dcn_tvm.geometry.arguments import finite as _finite
 from dcn_tvm.geometry.arguments import positive_int as _positive_int
 from dcn_tvm.geometry.dtypes import DTYPES
-from dcn_tvm.geometry.roi_pool import RoIPoolGeometry, roi_pool_geometry
+from dcn_tvm.geometry.roi_pool import RoIPoolGeometry, resolve_layout, roi_pool_geometry
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
-from dcn_tvm.kernels.targets import target_key
+from dcn_tvm.kernels.targets import target_key, target_kind
 from dcn_tvm.ops import dispatch
-from dcn_tvm.ops.scratch import scratch
 from dcn_tvm.ops.deform_conv2d import init_offset_layer
+from dcn_tvm.ops.scratch import scratch
 
 OP = "deform_roi_pool"
 _TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}
@@ -98,11 +98,25 @@ def _kernel_rois(rois: Tensor, geo: RoIPoolGeometry, batch: int) -> Tensor:
     return rois.to(getattr(torch, geo.acc_dtype)).contiguous()
 
 
+def layout(geo: RoIPoolGeometry, target: str) -> str:
+    """The layout of the internal stages of `geo`'s kernels for a target key (the schedules' choice,
+    dcn_tvm.geometry.roi_pool.resolve_layout): it fixes grad_scale's layout between the backward kernels."""
+    return resolve_layout(geo, schedules.compute_options(OP, target_kind(target)).get("layout", "channels_first"))
+
+
+def scatter_spec(geo: RoIPoolGeometry, target: str) -> KernelSpec:
+    """The input-gradient scatter of `geo` (every size symbolic)."""
+    sizes = (("r", None), ("n", None), ("h", None), ("w", None))
+    return KernelSpec(OP, "scatter", geo, sizes, target, acc_dtype=geo.acc_dtype)
+
+
 def _spec(stage: str, geo: RoIPoolGeometry, input: Tensor) -> KernelSpec:
     """R is always symbolic; N, H, W too under DCN_TVM_SHAPES=dynamic, and for the scatter, which gains
     nothing from static sizes."""
+    if stage == "scatter":
+        return scatter_spec(geo, target_key(input.device))
     n, _, h, w = input.shape
-    if env.dynamic_shapes() or stage == "scatter":
+    if env.dynamic_shapes():
         n = h = w = None
     return KernelSpec(OP, stage, geo, (("r", None), ("n", n), ("h", h), ("w", w)), target_key(input.device),
                       acc_dtype=geo.acc_dtype)
@@ -154,16 +168,25 @@ def _backward_op(grad_output: Tensor, input: Tensor, rois: Tensor, offset: Tenso
         return torch.zeros_like(input), grad_offset.zero_()
     acc = getattr(torch, geo.acc_dtype)
     k, classes = geo.output_size, geo.sample_classes
-    grad_scale = scratch("grad_scale", (r, geo.out_channels, k, k), acc, input.device)
+    n, c, h, w = input.shape
+    channels_last = layout(geo, target_key(input.device)) == "channels_last"
+    # Channels-last (group_size 1): grad_scale and the input gradient over the padded channels.
+    grad_scale = scratch("grad_scale", (r, k, k, geo.padded_channels) if channels_last else (r, geo.out_channels, k, k),
+                         acc, input.device)
     roi_batch = scratch("roi_batch", (r,), torch.int32, input.device)
     bin_starts = scratch("bin_starts", (classes, k, k, r, 4), acc, input.device)
     tables = (grad_scale, roi_batch, bin_starts)
     operands = [t for t in (input, rois, offset, grad_output.contiguous()) if t is not None]
     results = [grad_offset] if offset is not None else []
     get_kernel(_spec("backward", geo, input))(*operands, *results, *tables)
-    grad_input = torch.zeros(input.shape, dtype=acc, device=input.device)
-    get_kernel(_spec("scatter", geo, input))(*tables, grad_input)
-    return grad_input.to(input.dtype), grad_offset
+    if channels_last:  # [N, H, W, C'] becomes a new NCHW tensor below
+        grad_input = scratch("grad_input", (n, h, w, geo.padded_channels), acc, input.device).zero_()
+        get_kernel(_spec("scatter", geo, input))(*tables, grad_input)
+        grad_input = grad_input[..., :c].permute(0, 3, 1, 2)
+    else:
+        grad_input = torch.zeros(input.shape, dtype=acc, device=input.device)
+        get_kernel(_spec("scatter", geo, input))(*tables, grad_input)
+    return grad_input.to(input.dtype, memory_format=torch.contiguous_format), grad_offset
 
 
 @_backward_op.register_fake

@@ -16,10 +16,11 @@ from dcn_tvm.kernels.build import compile_functions, scheduled
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_config, target_kind
 from dcn_tvm.ops.deform_conv2d import scatter_spec as conv_scatter_spec
+from dcn_tvm.ops.deform_roi_pool import scatter_spec as roi_scatter_spec
 from dcn_tvm.render import render
 
-#: Stages with a per-dtype symbolic scatter kernel beside them, by operator.
-SCATTER_OPS = ("deform_conv2d", "deform_roi_pool")
+#: The input-gradient scatter beside each operator's kernels (generic in its sizes).
+SCATTER_SPECS = {"deform_conv2d": conv_scatter_spec, "deform_roi_pool": roi_scatter_spec}
 
 
 def variants(target: str) -> list[dict]:
@@ -42,11 +43,8 @@ def expand(specs: list[KernelSpec]) -> dict[str, KernelSpec]:
     for spec in specs:
         for kernel in (spec, spec.symbolic()):
             kernels.setdefault(kernel.workload_key, kernel)
-        if spec.op == "deform_conv2d" and spec.geometry is not None:
-            scatter = conv_scatter_spec(spec.geometry, spec.target)  # the layout of the layer's column gradient
-            kernels.setdefault(scatter.workload_key, scatter)
-        elif spec.op in SCATTER_OPS and spec.geometry is not None:
-            scatter = KernelSpec(spec.op, "scatter", None, (), spec.target, acc_dtype=spec.geometry.acc_dtype)
+        if spec.op in SCATTER_SPECS and spec.geometry is not None:
+            scatter = SCATTER_SPECS[spec.op](spec.geometry, spec.target)  # the scatter the op asks for
             kernels.setdefault(scatter.workload_key, scatter)
     return kernels
 
