@@ -387,6 +387,18 @@ def backward(geo: RoIPoolGeometry, rois_count, batch, height, width, layout: str
     return [data, rois, offset, grad_output], [grad_offset, grad_scale, *tables]
 
 
+def _scatter_corner(bins, bin_at, sy, sx, t, height, width, acc):
+    """(row, column, bilinear weight) of corner t (row t // 2, column t % 2) of sample (sy, sx) of the
+    bin at `bin_at` (class, i, j, RoI) of bin_starts, with the forward's expressions; weight 0 where
+    the sample is skipped."""
+    w0, h0, step_w, step_h = (bins[(*bin_at, e)] for e in range(4))
+    ys, xs = _axis(h0, step_h, sy, height, acc), _axis(w0, step_w, sx, width, acc)
+    one, zero = _const(1, acc), _const(0, acc)
+    wy = tirx.Select(ys.taken, _corner(t // 2, one - ys.frac, ys.frac), zero)
+    wx = tirx.Select(xs.taken, _corner(t % 2, one - xs.frac, xs.frac), zero)
+    return _corner(t // 2, ys.low, ys.high), _corner(t % 2, xs.low, xs.high), wy * wx
+
+
 def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
     """PrimFunc adding every sample's bilinear weights x grad_scale into the input gradient.
 
@@ -407,13 +419,7 @@ def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
     span = (k + g - 1) // g
 
     def corner(bins, roi, cls, i, j, sy, sx, t, size_h, size_w):
-        """(row, column, bilinear weight) of corner t of sample (sy, sx) of a bin, weight 0 if skipped."""
-        w0, h0, step_w, step_h = (bins[cls, i, j, roi, e] for e in range(4))
-        ys, xs = _axis(h0, step_h, sy, size_h, acc), _axis(w0, step_w, sx, size_w, acc)
-        one, zero = _const(1, acc), _const(0, acc)
-        wy = tirx.Select(ys.taken, _corner(t // 2, one - ys.frac, ys.frac), zero)
-        wx = tirx.Select(xs.taken, _corner(t % 2, one - xs.frac, xs.frac), zero)
-        return _corner(t // 2, ys.low, ys.high), _corner(t % 2, xs.low, xs.high), wy * wx
+        return _scatter_corner(bins, (cls, i, j, roi), sy, sx, t, size_h, size_w, acc)
 
     @T.prim_func(s_tir=True)
     def scatter(scale_h: T.handle, batch_h: T.handle, bins_h: T.handle, grad_input_h: T.handle):
@@ -473,14 +479,7 @@ def scatter_grad_input_channels_last(geo: RoIPoolGeometry, lanes: int = CHANNEL_
     nc = geo.sample_classes
 
     def corner(bins, roi, c, i, j, sy, sx, t, size_h, size_w):
-        """(row, column, bilinear weight) of corner t of sample (sy, sx) of a bin, weight 0 if skipped."""
-        cls = _class_of_padded(geo, c)
-        w0, h0, step_w, step_h = (bins[cls, i, j, roi, e] for e in range(4))
-        ys, xs = _axis(h0, step_h, sy, size_h, acc), _axis(w0, step_w, sx, size_w, acc)
-        one, zero = _const(1, acc), _const(0, acc)
-        wy = tirx.Select(ys.taken, _corner(t // 2, one - ys.frac, ys.frac), zero)
-        wx = tirx.Select(xs.taken, _corner(t % 2, one - xs.frac, xs.frac), zero)
-        return _corner(t // 2, ys.low, ys.high), _corner(t % 2, xs.low, xs.high), wy * wx
+        return _scatter_corner(bins, (_class_of_padded(geo, c), i, j, roi), sy, sx, t, size_h, size_w, acc)
 
     @T.prim_func(s_tir=True)
     def scatter(scale_h: T.handle, batch_h: T.handle, bins_h: T.handle, grad_input_h: T.handle):
