@@ -453,6 +453,11 @@ class Kernel:
         context, _ = _device()
         self.program, self.kernels = _program(context, self.source), {}
 
+    @property
+    def fragment_operations(self) -> set[str]:
+        """The emulated WMMA operations its kernels call (fill, load, mma, store): tensor cores on a GPU."""
+        return set(re.findall(r"\bgpusim_wmma_(fill|load|mma|store)\(", self.source[len(_PRELUDE):]))
+
     def __call__(self, *tensors):
         context, queue = _device()
         params = self.host.params
