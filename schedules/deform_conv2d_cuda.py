@@ -14,14 +14,24 @@ output element, reductions serial in the thread). Never compile an unscheduled f
 `dcn_tvm.kernels.build` checks for the device module and the resource limits. Tuning samples the
 channels per reduction step and the threads per block (`common.decide`).
 
-Tensor cores: in float16 and bfloat16 the forward GEMM runs on WMMA 16x16x16 fragments with float32
-accumulators (`_tensor_core_forward`) wherever a fragment fits the shape: 16 | output channels per
-group and 16 | (input channels per group x kernel points), the reduction axis K = (c, kh, kw) fused.
-The columns stage iterates (batch, K, positions) and writes a [K, 64 positions] tile of each
-reduction step straight into shared memory, row-major with leading dimension 64, which is the B
-fragment's layout; the weight is staged as a [block channels, K step] row-major tile (A fragment).
-Other shapes and dtypes keep the CUDA-core GEMM above; for shapes that fit, the tuning space holds
-both (`choose("forward_gemm", ...)`) and samples the K step.
+Tensor cores: in float16 and bfloat16 the three GEMMs run on WMMA 16x16x16 fragments with float32
+accumulators (`_gemm_on_fragments`) wherever a fragment fits the shape: 16 | output channels per group
+and 16 | (input channels per group x kernel points), the axis K = (c, kh, kw) fused. A thread block
+computes up to 64 x 64 outputs of one group, over 1 to 4 warps of up to 2 x 2 fragments each; per K
+step its threads stage A and B in shared memory, row-major as the fragment loads want them:
+
+- forward `deform_gemm` [O, positions] = weight [O, K] x columns [K, positions]: the columns stage
+  iterates (batch, K, positions) and writes its tile straight into shared memory;
+- backward `grad_columns` [K, positions] = weight^T [K, O] x grad_output [O, positions]: the weight is
+  staged transposed; the accumulators go through a float32 tile in shared memory to the
+  [N, C, KH, KW, P] output (a fragment's 16 rows of K span several (c, kh, kw) rows of it);
+- backward `grad_weight_sum` [O, K] = grad_output [O, positions] x columns^T [positions, K], summed
+  over the images in turn: the gather writes each step's columns straight into shared memory,
+  transposed to [positions, K].
+
+Other shapes and dtypes keep the CUDA-core schedules above (the backward ones one thread per element);
+for shapes that fit, the tuning space holds both for each GEMM (`choose(..., GEMM_OPTIONS)`) and
+samples the K step.
 """
 
 from __future__ import annotations
@@ -82,81 +92,115 @@ def _reduction_step(sch, rc, rkh, rkw, element_bytes: int):
 
 #: Fragment edge of the WMMA intrinsics (m16n16k16), threads per warp, and the tensor-core dtypes.
 FRAGMENT, WARP, TENSOR_CORE_DTYPES = wmma.SIZE, 32, wmma.DTYPES
-#: Output channels per block at most (in fragments of 16; 2 x 2 fragments per warp where they fit),
+#: Fragments per thread block along M and along N at most (2 x 2 fragments per warp where they fit),
 #: and the K step candidates of a reduction step, in fragments (16 reduction elements each).
-MAX_TENSOR_CORE_CHANNELS, K_STEP, K_STEP_CANDIDATES = 64, 4, (1, 2, 3, 4, 6, 8)
+MAX_BLOCK_FRAGMENTS, K_STEP, K_STEP_CANDIDATES = 4, 4, (1, 2, 3, 4, 6, 8)
+#: The structural choice of each GEMM stage where fragments fit (`common.choose`), default first.
+GEMM_OPTIONS = ("tensor_core", "cuda_core")
 
 
 wmma.register()
 
 
-def _tensor_core_fits(sch, dtype: str, o_per_group: int, k_per_group: int) -> bool:
-    return dtype in TENSOR_CORE_DTYPES and o_per_group % FRAGMENT == 0 and k_per_group % FRAGMENT == 0
+def _on_tensor_cores(name: str, dtype: str, o_per_group: int, k_per_group: int) -> bool:
+    """Whether GEMM `name` runs on tensor cores: its dtype has fragments, 16 divides the output
+    channels per group and (input channels per group x kernel points), and the tuning space's
+    choice (`name` among GEMM_OPTIONS) is tensor cores."""
+    fits = dtype in TENSOR_CORE_DTYPES and o_per_group % FRAGMENT == 0 and k_per_group % FRAGMENT == 0
+    return fits and choose(name, GEMM_OPTIONS, GEMM_OPTIONS[0]) == "tensor_core"
 
 
-def _tensor_core_forward(sch, groups: int) -> None:
-    """The forward GEMM on WMMA fragments (module docstring): a block of (block channels x 64
-    positions) outputs, 2 warps along the positions and 1 or 2 along the channels, each warp
-    accumulating (block channels / warps along channels) x 32 outputs in 16 x 16 fragments; per
-    reduction step of K_STEP x 16 elements, the threads gather the columns tile and stage the weight
-    tile into shared memory, then every warp loads its A and B fragments and multiplies."""
-    gemm = sch.get_sblock("deform_gemm")
-    columns = sch.get_sblock("deform_columns")
-    dtype = str(sch.get(columns).writes[0].source.dtype)
-    kh_size, kw_size = (_extent(sch, loop) for loop in sch.get_loops(columns)[2:4])
+def _dtype(sch, block) -> str:
+    """The dtype of the first buffer `block` reads (a GEMM's first operand)."""
+    return str(sch.get(block).reads[0].source.dtype)
 
-    def fused_k(c, kh, kw):
-        return (c * kh_size + kh) * kw_size + kw
 
-    sch.transform_layout(columns, ("write", 0), lambda b, c, kh, kw, p: (b, fused_k(c, kh, kw), p))
-    sch.transform_block_layout(columns, lambda b, c, kh, kw, p: (b, fused_k(c, kh, kw), p))
-    sch.transform_block_layout(gemm, lambda b, oc, p, rc, rkh, rkw: (b, oc, p, fused_k(rc, rkh, rkw)))
-    weight_tile = sch.reindex(gemm, ("read", 0))  # [O, K]: the weight's own memory order
-    batch, channel, position, k = sch.get_loops(gemm)
-    block_channels = _largest_divisor(_extent(sch, channel) // groups // FRAGMENT,
-                                      MAX_TENSOR_CORE_CHANNELS // FRAGMENT) * FRAGMENT
-    channel_warps = 2 if block_channels % (2 * FRAGMENT) == 0 else 1
-    position_warps = 2
-    warps = channel_warps * position_warps
-    k_fragments = _extent(sch, k) // FRAGMENT
-    steps = divisors(k_fragments, K_STEP_CANDIDATES)
-    default_step = max(d for d in steps if d <= K_STEP)
+def _spread(sch, block, depth: int, warps: int) -> None:
+    """Spread the loops of `block` below the depth-th over the thread block's warps x WARP lanes."""
+    inner = sch.get_loops(block)[depth:]
+    _, thread_y, thread_x = sch.split(sch.fuse(*inner) if len(inner) > 1 else inner[0], [None, warps, WARP])
+    sch.bind(thread_y, "threadIdx.y")
+    sch.bind(thread_x, "threadIdx.x")
 
-    c_block, c_warp, c_frag, c_inner = sch.split(
-        channel, [None, channel_warps, block_channels // FRAGMENT // channel_warps, FRAGMENT])
-    p_block, p_warp, p_frag, p_inner = sch.split(
-        position, [None, position_warps, POSITION_TILE // FRAGMENT // position_warps, FRAGMENT])
-    k_outer, k_frag, k_inner = sch.split(k, [None, decide(sch, steps, default_step), FRAGMENT])
-    sch.reorder(batch, p_block, c_block, c_warp, p_warp, k_outer, k_frag, c_frag, p_frag, c_inner, p_inner, k_inner)
-    fragments = sch.blockize(c_inner)
-    sch.bind(sch.fuse(batch, p_block, c_block), "blockIdx.x")
-    warp = sch.fuse(c_warp, p_warp)
+
+def _gemm_on_fragments(sch, gemm, loops, fragments, k_steps, tiles, output_tile=None):
+    """Schedule the GEMM block `gemm`, C[m, n] += A[m, k] B[k, n] with A and B its reads 0 and 1, on
+    WMMA fragments. `loops` = (outer, m, n, serial, k): the spatial loops outside the GEMM (fused
+    into the thread blocks with the m and n blocks), the loops of m and n, the reduction loops
+    outside the K steps, and the loop of k. `fragments`: the fragments per thread block along m and
+    along n (each divides that of a group, so a block never straddles two), over 2 warps where even;
+    `k_steps`: the K step candidates in fragments (the first at most K_STEP is the default); `tiles`:
+    the blocks that stage A and B in shared memory, computed per K step by every thread. The
+    accumulators are stored to C in global memory, or with `output_tile` (the block that copies C
+    onward) to C in shared memory, which every thread then copies out."""
+    outer, m, n, serial, k = loops
+    (m_fragments, n_fragments), dtype = fragments, _dtype(sch, gemm)
+    m_warps, n_warps = (2 if count % 2 == 0 else 1 for count in fragments)
+    warps = m_warps * n_warps
+    default_step = max(step for step in k_steps if step <= K_STEP)
+    m_block, m_warp, m_frag, m_inner = sch.split(m, [None, m_warps, m_fragments // m_warps, FRAGMENT])
+    n_block, n_warp, n_frag, n_inner = sch.split(n, [None, n_warps, n_fragments // n_warps, FRAGMENT])
+    k_outer, k_frag, k_inner = sch.split(k, [None, decide(sch, k_steps, default_step), FRAGMENT])
+    # The m block varies fastest over the blocks (see `forward` on symbolic sizes).
+    sch.reorder(*outer, n_block, m_block, m_warp, n_warp, *serial, k_outer, k_frag, m_frag, n_frag,
+                m_inner, n_inner, k_inner)
+    fragment_gemm = sch.blockize(m_inner)
+    block = sch.fuse(*outer, n_block, m_block)
+    sch.bind(block, "blockIdx.x")
+    warp = sch.fuse(m_warp, n_warp)
     sch.bind(warp, "threadIdx.y")
-
-    for tile in (weight_tile, columns):
-        sch.set_scope(tile, 0, "shared")
+    for tile in tiles:
         sch.compute_at(tile, k_outer, preserve_unit_loops=True)
-        inner = sch.get_loops(tile)[4:]  # under blockIdx, threadIdx.y, k_outer
-        _, thread_y, thread_x = sch.split(sch.fuse(*inner) if len(inner) > 1 else inner[0], [None, warps, WARP])
-        sch.bind(thread_y, "threadIdx.y")
-        sch.bind(thread_x, "threadIdx.x")
-    a_fragment = sch.cache_read(fragments, 0, "wmma.matrix_a")
-    b_fragment = sch.cache_read(fragments, 1, "wmma.matrix_b")
+        _spread(sch, tile, 3 + len(serial), warps)  # under blockIdx, threadIdx.y, the serial loops, k_outer
+    a_fragment = sch.cache_read(fragment_gemm, 0, "wmma.matrix_a")
+    b_fragment = sch.cache_read(fragment_gemm, 1, "wmma.matrix_b")
     for fragment in (a_fragment, b_fragment):
         sch.compute_at(fragment, k_frag)
-    accumulator = sch.cache_write(fragments, 0, "wmma.accumulator")
+    accumulator = sch.cache_write(fragment_gemm, 0, "wmma.accumulator")
     sch.reverse_compute_at(accumulator, warp)
-    init = sch.decompose_reduction(fragments, k_outer)
-    for block in (a_fragment, b_fragment, accumulator):
-        i, j = sch.get_loops(block)[-2:]
+    if output_tile is not None:
+        sch.reverse_compute_at(output_tile, block, preserve_unit_loops=True)
+        _spread(sch, output_tile, 1, warps)
+    init = sch.decompose_reduction(fragment_gemm, (serial or [k_outer])[0])
+    for stage in (a_fragment, b_fragment, accumulator):
+        i, j = sch.get_loops(stage)[-2:]
         i_outer, i_inner = sch.split(i, [None, FRAGMENT])
         j_outer, j_inner = sch.split(j, [None, FRAGMENT])
         sch.reorder(i_outer, j_outer, i_inner, j_inner)
     sch.tensorize(sch.get_loops(a_fragment)[-2], wmma.name("load_a", dtype))
     sch.tensorize(sch.get_loops(b_fragment)[-2], wmma.name("load_b", dtype))
-    sch.tensorize(sch.get_loops(accumulator)[-2], wmma.name("store", "float32"))
+    store_scope = "global" if output_tile is None else "shared"
+    sch.tensorize(sch.get_loops(accumulator)[-2], wmma.name(f"store_{store_scope}", "float32"))
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], wmma.name("fill", "float32"))
     sch.tensorize(sch.get_loops(gemm)[-3], wmma.name("mma", dtype))
+
+
+def _block_fragments(per_group: int) -> int:
+    """Fragments per thread block along an axis of `per_group` elements per group (16 divides it)."""
+    return _largest_divisor(per_group // FRAGMENT, MAX_BLOCK_FRAGMENTS)
+
+
+def _fused_k(kh_size: int, kw_size: int):
+    """The fused reduction index K = (c, kh, kw) of the GEMMs, c-major as the weight stores it."""
+    return lambda c, kh, kw: (c * kh_size + kh) * kw_size + kw
+
+
+def _tensor_core_forward(sch, groups: int) -> None:
+    """The forward GEMM on WMMA fragments (module docstring): M = output channels (blocks of up to 64
+    within a group), N = 64 positions, K = (c, kh, kw) of the group."""
+    gemm = sch.get_sblock("deform_gemm")
+    columns = sch.get_sblock("deform_columns")
+    fused_k = _fused_k(*(_extent(sch, loop) for loop in sch.get_loops(columns)[2:4]))
+    sch.transform_layout(columns, ("write", 0), lambda b, c, kh, kw, p: (b, fused_k(c, kh, kw), p))
+    sch.transform_block_layout(columns, lambda b, c, kh, kw, p: (b, fused_k(c, kh, kw), p))
+    sch.transform_block_layout(gemm, lambda b, oc, p, rc, rkh, rkw: (b, oc, p, fused_k(rc, rkh, rkw)))
+    weight_tile = sch.reindex(gemm, ("read", 0))  # [O, K]: the weight's own memory order
+    for tile in (weight_tile, columns):
+        sch.set_scope(tile, 0, "shared")
+    batch, channel, position, k = sch.get_loops(gemm)
+    fragments = (_block_fragments(_extent(sch, channel) // groups), POSITION_TILE // FRAGMENT)
+    steps = divisors(_extent(sch, k) // FRAGMENT, K_STEP_CANDIDATES)
+    _gemm_on_fragments(sch, gemm, ([batch], channel, position, [], k), fragments, steps, (weight_tile, columns))
     bind_remaining(sch)
 
 
@@ -170,8 +214,7 @@ def forward(sch) -> None:
     groups = _extent(sch, sch.get_loops(columns)[1]) // _extent(sch, rc)
     dtype = str(sch.get(columns).writes[0].source.dtype)
     k_per_group = _extent(sch, rc) * _extent(sch, rkh) * _extent(sch, rkw)
-    if _tensor_core_fits(sch, dtype, _extent(sch, channel) // groups, k_per_group) and \
-            choose("forward_gemm", ("tensor_core", "cuda_core"), "tensor_core") == "tensor_core":
+    if _on_tensor_cores("forward_gemm", dtype, _extent(sch, channel) // groups, k_per_group):
         _tensor_core_forward(sch, groups)
         return
     block_channels = _largest_divisor(_extent(sch, channel) // groups, MAX_BLOCK_CHANNELS)
@@ -203,12 +246,72 @@ def forward(sch) -> None:
     bind_remaining(sch)
 
 
+def _tensor_core_backward_data(sch, groups: int) -> None:
+    """grad_columns on WMMA fragments: M = (c, kh, kw) (blocks of up to 64 within a group), N = 64
+    positions, K = the group's output channels. The weight is staged transposed ([M, K], A) and the
+    padded grad_output as it is ([K, positions], B); the accumulators go through a [M, 64] float32
+    tile in shared memory to the [N, C, KH, KW, P] output, whose rows a fragment's 16 do not fit."""
+    gemm = sch.get_sblock("grad_columns")
+    fused_k = _fused_k(*(_extent(sch, loop) for loop in sch.get_loops(gemm)[2:4]))
+    sch.transform_block_layout(gemm, lambda b, c, kh, kw, p, ro: (b, fused_k(c, kh, kw), p, ro))
+    weight_tile = sch.reindex(gemm, ("read", 0))  # [C*KH*KW, O/groups]
+    sch.set_scope(weight_tile, 0, "shared")
+    grad_tile = sch.cache_read(gemm, 1, "shared")
+    sch.compute_inline(sch.get_sblock("grad_output_padded"))
+    output_tile = sch.reindex(gemm, ("write", 0))  # [N, C*KH*KW, P] -> grad_columns
+    sch.set_scope(gemm, 0, "shared")
+    batch, ck, position, k = sch.get_loops(gemm)
+    fragments = (_block_fragments(_extent(sch, ck) // groups), POSITION_TILE // FRAGMENT)
+    steps = divisors(_extent(sch, k) // FRAGMENT, K_STEP_CANDIDATES)
+    _gemm_on_fragments(sch, gemm, ([batch], ck, position, [], k), fragments, steps, (weight_tile, grad_tile),
+                       output_tile)
+    bind_remaining(sch)
+
+
 def backward_data(sch) -> None:
+    """grad_columns on tensor cores where they apply (`_tensor_core_backward_data`), else one thread
+    per element with its reduction serial; every other stage one thread per element."""
+    gemm = sch.get_sblock("grad_columns")
+    _, c, kh, kw, _, ro = sch.get_loops(gemm)
+    c_per_group = int(sch.get(gemm).reads[0].source.shape[1])
+    k_per_group = c_per_group * _extent(sch, kh) * _extent(sch, kw)
+    if _on_tensor_cores("backward_data_gemm", _dtype(sch, gemm), _extent(sch, ro), k_per_group):
+        _tensor_core_backward_data(sch, _extent(sch, c) // c_per_group)
+        return
     sch.compute_inline(sch.get_sblock("grad_output_padded"))
     bind_remaining(sch)
 
 
+def _tensor_core_backward_weight(sch, groups: int) -> None:
+    """grad_weight_sum on WMMA fragments: M = output channels, N = (c, kh, kw) (blocks of up to 64
+    within a group each), K = the positions of every image in turn. The padded grad_output is staged
+    as it is ([M, positions], A); the gather writes the columns of each K step straight into shared
+    memory, transposed to [positions, N] (B)."""
+    gemm = sch.get_sblock("grad_weight_sum")
+    columns = sch.get_sblock("deform_columns")
+    fused_k = _fused_k(*(_extent(sch, loop) for loop in sch.get_loops(columns)[2:4]))
+    sch.transform_layout(columns, ("write", 0), lambda b, c, kh, kw, p: (b, p, fused_k(c, kh, kw)))
+    sch.transform_block_layout(columns, lambda b, c, kh, kw, p: (b, fused_k(c, kh, kw), p))
+    sch.set_scope(columns, 0, "shared")
+    grad_tile = sch.cache_read(gemm, 0, "shared", consumer_blocks=[gemm])
+    sch.compute_inline(sch.get_sblock("grad_output_padded"))
+    channel, ck, batch, position = sch.get_loops(gemm)
+    fragments = (_block_fragments(_extent(sch, channel) // groups), _block_fragments(_extent(sch, ck)))
+    steps = divisors(POSITION_TILE // FRAGMENT, K_STEP_CANDIDATES)
+    _gemm_on_fragments(sch, gemm, ([], channel, ck, [batch], position), fragments, steps, (grad_tile, columns))
+    bind_remaining(sch)
+
+
 def backward_weight(sch) -> None:
+    """grad_weight_sum on tensor cores where they apply (`_tensor_core_backward_weight`), else one
+    thread per element with its reductions serial; every other stage one thread per element."""
+    gemm = sch.get_sblock("grad_weight_sum")
+    channel, ck, _, _ = sch.get_loops(gemm)
+    _, c, kh, kw, _ = sch.get_loops(sch.get_sblock("deform_columns"))
+    groups = _extent(sch, c) // (_extent(sch, ck) // (_extent(sch, kh) * _extent(sch, kw)))
+    if _on_tensor_cores("backward_weight_gemm", _dtype(sch, gemm), _extent(sch, channel) // groups, _extent(sch, ck)):
+        _tensor_core_backward_weight(sch, groups)
+        return
     bind_remaining(sch)
 
 

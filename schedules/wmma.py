@@ -4,16 +4,25 @@
 TVM 0.27 has float16 ones in `tvm.s_tir.tensor_intrin.cuda`, but no bfloat16 ones, and importing that
 module parses about a hundred intrinsics with TVMScript (minutes on a loaded 2-core machine). These
 are the same operations, row-major only: load A [16, 16] and B [16, 16] from shared memory into
-fragments, fill the accumulator with zero, multiply-accumulate, store the accumulator to global memory.
+fragments, fill the accumulator with zero, multiply-accumulate, store the accumulator to global or
+shared memory.
+
+Two TVM 0.27 quirks decide how they address memory. The store takes `address_of(C[0, 0])`, not
+`access_ptr`: StorageRewrite may place a shared C in a freed shared array of another dtype (a float32
+output tile in a float16 input tile) and keeps an access_ptr's element type, which LowerIntrin then
+refuses. The loads keep `access_ptr`: `tvm_load_matrix_sync` is registered as only reading state, so
+RemoveNoOp deletes a load whose arguments have no effect either (access_ptr is a special call
+argument); the loads' shared tiles are allocated first, so no float32 array is free for them.
 """
 
 from __future__ import annotations
 
 import functools
 
-#: The fragment edge (m = n = k) and the input dtypes.
+#: The fragment edge (m = n = k), the input dtypes, and where accumulators can be stored.
 SIZE = 16
 DTYPES = ("float16", "bfloat16")
+STORE_SCOPES = ("global", "shared")
 
 
 def name(kind: str, dtype: str) -> str:
@@ -35,19 +44,24 @@ def register() -> None:
     n = SIZE
     shape = (n, n)
 
-    def load(dtype: str, fragment_scope: str):
+    def copy(dtype: str, source_scope: str, target_scope: str):
+        """The description of a load or a store: C = A, 16 x 16, from one scope to another."""
+
         @T.prim_func(s_tir=True)
         def desc(a: T.handle, c: T.handle) -> None:
-            A = T.match_buffer(a, shape, dtype, align=64, offset_factor=n, scope="shared")
-            C = T.match_buffer(c, shape, dtype, align=64, offset_factor=n, scope=fragment_scope)
+            A = T.match_buffer(a, shape, dtype, align=64, offset_factor=n, scope=source_scope)
+            C = T.match_buffer(c, shape, dtype, align=64, offset_factor=n, scope=target_scope)
             with T.sblock("root"):
                 T.reads(A[0:n, 0:n])
                 T.writes(C[0:n, 0:n])
                 for i, j in T.grid(n, n):
-                    with T.sblock("load"):
+                    with T.sblock("copy"):
                         vi, vj = T.axis.remap("SS", [i, j])
                         C[vi, vj] = A[vi, vj]
 
+        return desc
+
+    def load(dtype: str, fragment_scope: str):
         @T.prim_func(s_tir=True)
         def impl(a: T.handle, c: T.handle) -> None:
             s1, s0, d1, d0 = T.int32(), T.int32(), T.int32(), T.int32()
@@ -59,7 +73,7 @@ def register() -> None:
                 T.evaluate(T.tvm_load_matrix_sync(C.data, n, n, n, _index(C, d1), A.access_ptr("r", ptr_type=dtype),
                                                   s1, "row_major", dtype="void"))
 
-        return desc, impl
+        return copy(dtype, "shared", fragment_scope), impl
 
     def mma(dtype: str):
         @T.prim_func(s_tir=True)
@@ -110,32 +124,25 @@ def register() -> None:
             T.writes(C[0:n, 0:n])
             T.evaluate(T.tvm_fill_fragment(C.data, n, n, n, _index(C, d1), T.float32(0), dtype="void"))
 
-    @T.prim_func(s_tir=True)
-    def store_desc(a: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, shape, "float32", align=64, offset_factor=n, scope="wmma.accumulator")
-        C = T.match_buffer(c, shape, "float32", align=64, offset_factor=n, scope="global")
-        with T.sblock("root"):
-            T.reads(A[0:n, 0:n])
-            T.writes(C[0:n, 0:n])
-            for i, j in T.grid(n, n):
-                with T.sblock("store"):
-                    vi, vj = T.axis.remap("SS", [i, j])
-                    C[vi, vj] = A[vi, vj]
+    def store(scope: str):
+        @T.prim_func(s_tir=True)
+        def impl(a: T.handle, c: T.handle) -> None:
+            s1, s0, d1, d0 = T.int32(), T.int32(), T.int32(), T.int32()
+            A = T.match_buffer(a, shape, "float32", align=64, offset_factor=n, scope="wmma.accumulator",
+                               strides=[d1, d0])
+            C = T.match_buffer(c, shape, "float32", align=64, offset_factor=n, scope=scope, strides=[s1, s0])
+            with T.sblock("root"):
+                T.reads(A[0:n, 0:n])
+                T.writes(C[0:n, 0:n])
+                T.evaluate(T.tvm_store_matrix_sync(A.data, n, n, n, _index(A, d1), T.address_of(C[0, 0]), s1,
+                                                   "row_major", dtype="void"))
 
-    @T.prim_func(s_tir=True)
-    def store_impl(a: T.handle, c: T.handle) -> None:
-        s1, s0, d1, d0 = T.int32(), T.int32(), T.int32(), T.int32()
-        A = T.match_buffer(a, shape, "float32", align=64, offset_factor=n, scope="wmma.accumulator", strides=[d1, d0])
-        C = T.match_buffer(c, shape, "float32", align=64, offset_factor=n, scope="global", strides=[s1, s0])
-        with T.sblock("root"):
-            T.reads(A[0:n, 0:n])
-            T.writes(C[0:n, 0:n])
-            T.evaluate(T.tvm_store_matrix_sync(A.data, n, n, n, _index(A, d1), C.access_ptr("w", ptr_type="float32"),
-                                               s1, "row_major", dtype="void"))
+        return copy("float32", "wmma.accumulator", scope), impl
 
     for dtype in DTYPES:
         TensorIntrin.register(name("load_a", dtype), *load(dtype, "wmma.matrix_a"), override=True)
         TensorIntrin.register(name("load_b", dtype), *load(dtype, "wmma.matrix_b"), override=True)
         TensorIntrin.register(name("mma", dtype), *mma(dtype), override=True)
     TensorIntrin.register(name("fill", "float32"), fill_desc, fill_impl, override=True)
-    TensorIntrin.register(name("store", "float32"), store_desc, store_impl, override=True)
+    for scope in STORE_SCOPES:
+        TensorIntrin.register(name(f"store_{scope}", "float32"), *store(scope), override=True)

@@ -24,10 +24,16 @@ Tensor cores: the WMMA fragment operations (`tvm_fill_fragment`, `tvm_load_matri
 memory, NaN-poisoned like every array, holding each 16 x 16 fragment row-major; each operation is done
 by the warp's 32 lanes cooperatively (lane l handles elements l, l + 32, ...), between barriers (all warps
 of a block reach the same call sites, as the tensor-core schedules guarantee). A warp is 32 consecutive
-work-items of the flattened local id, as on the GPU. float16 is stored as float32 (PoCL has no fp16):
-float16 arguments travel as float32, and every conversion to float16 in a kernel rounds to the nearest
-float16 (`vstore_half_rte`), so the arithmetic is float16's. `Mutation` can load the fragments
-transposed or with a wrong leading dimension.
+work-items of the flattened local id, as on the GPU. `Mutation` can load the fragments transposed or
+with a wrong leading dimension.
+
+Half types: float16 and bfloat16 are stored as float32 (PoCL has no fp16, TVM's OpenCL codegen no
+bfloat16): their arguments travel as float32, and every conversion to them in a kernel rounds to the
+nearest float16 (`vstore_half_rte`) or bfloat16 (round to nearest even on the top 16 bits, as CUDA's
+`__float2bfloat16`), so the arithmetic is theirs. The sm_90 pipeline keeps bfloat16 native (CUDA's
+`nv_bfloat16`; TVM's BF16 legalize passes, which would store it as uint16, leave CUDA alone), so a
+bfloat16 kernel is lowered with float16 as a stand-in for its one 16-bit type (renamed in its
+TVMScript, checked to round-trip exactly) and printed as float16 is, with bfloat16's rounding.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import numpy as np
 import pyopencl as cl
 import torch
 import tvm
+import tvm_ffi
 from tvm import tirx
 from tvm.tirx.build import split_host_device_mods
 
@@ -60,7 +67,9 @@ GUARD_PATTERN = b"\xff\xf7\xff\xff"
 #: Poison of unwritten memory: NaN as float32/float64, -1 as int32.
 POISON = 0xFF
 
-_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int32)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32)
+#: Stored as float32 on the device.
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -173,6 +182,10 @@ inline float gpusim_round_half(float value) {
   vstore_half_rte(value, 0, (half*)&bits);
   return vload_half(0, (const half*)&bits);
 }
+inline float gpusim_round_bfloat16(float value) {
+  uint bits = as_uint(value);
+  return isnan(value) ? value : as_float((bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u);
+}
 #define GPUSIM_FLAT_ID ((int)(get_local_id(0) + get_local_size(0) * (get_local_id(1) + get_local_size(1) \
                                                                      * get_local_id(2))))
 #define GPUSIM_WARP (GPUSIM_FLAT_ID / 32)
@@ -262,9 +275,9 @@ def _emulate_fragments(source: str, threads: dict[str, int]) -> str:
     return "".join(out)
 
 
-def _half_as_float(source: str) -> str:
-    """float16 stored as float32, every conversion to float16 rounded to float16."""
-    source = _HALF_PRAGMA.sub("", source).replace("convert_half(", "gpusim_round_half(")
+def _half_as_float(source: str, rounding: str) -> str:
+    """float16 stored as float32, every conversion to float16 rounded by the function `rounding`."""
+    source = _HALF_PRAGMA.sub("", source).replace("convert_half(", f"{rounding}(")
     if re.search(r"\bhalf\d", source):
         raise NotImplementedError("float16 vectors in the device code")
     return re.sub(r"\bhalf\b", "float", source)
@@ -323,16 +336,30 @@ def _opaque_trip_counts(source: str) -> str:
                                        f"++{m[1]})", source)
 
 
+def bfloat16_as_float16(func):
+    """(`func` with bfloat16 renamed float16, True), or (`func`, False) without bfloat16. A kernel has
+    one 16-bit float type, so float16 is free to stand in for bfloat16 (see the module docstring)."""
+    text = func.script()
+    if not re.search(r"\bbfloat16\b", text):
+        return func, False
+    if re.search(r"\bfloat16\b", text):
+        raise NotImplementedError("a kernel with both float16 and bfloat16")
+    if not tvm_ffi.structural_equal(tvm.script.from_source(text), func):
+        raise NotImplementedError("the kernel does not round-trip through TVMScript")
+    return tvm.script.from_source(re.sub(r"\bbfloat16\b", "float16", text)), True
+
+
 def printed_source(device) -> str:
     """The OpenCL C of the device kernels as TVM's codegen prints it."""
     return tvm.get_global_func("target.build.opencl")(device, tvm.target.Target({"kind": "opencl"})).inspect_source()
 
 
-def opencl_source(device) -> str:
+def opencl_source(device, bfloat16: bool = False) -> str:
     """The OpenCL C of the device kernels, with the atomics' and fragments' helpers, float16 as
-    float32, poisoned arrays and the mutation."""
+    float32 (rounded as bfloat16 where it stands in for bfloat16), poisoned arrays and the mutation."""
     threads = {gv.name_hint: block_threads(func) for gv, func in device.functions.items()}
-    source = _half_as_float(_emulate_fragments(printed_source(device), threads))
+    rounding = "gpusim_round_bfloat16" if bfloat16 else "gpusim_round_half"
+    source = _half_as_float(_emulate_fragments(printed_source(device), threads), rounding)
     mutation = _mutation.get()
     barriers = list(_BARRIER.finditer(source))
     if (mutation.drop_barriers or mutation.drop_barrier is not None) and not barriers:
@@ -414,9 +441,10 @@ class Kernel:
 
     def __init__(self, func, outputs=(), name: str = "kernel"):
         self.name = name
+        func, bfloat16 = bfloat16_as_float16(func)
         self.host, device = lower(func)
         self.params = {gv.name_hint: [_param_kind(p) for p in f.params] for gv, f in device.functions.items()}
-        self.source = opencl_source(device)
+        self.source = opencl_source(device, bfloat16)
         for kernel, used in _shared_bytes(printed_source(device)).items():
             if used > MAX_STATIC_SHARED_BYTES:
                 raise ResourceError(f"{name}: {kernel} declares {used} bytes of static shared memory; "
@@ -424,6 +452,11 @@ class Kernel:
         self.outputs = set(outputs)
         context, _ = _device()
         self.program, self.kernels = _program(context, self.source), {}
+
+    @property
+    def fragment_operations(self) -> set[str]:
+        """The emulated WMMA operations its kernels call (fill, load, mma, store): tensor cores on a GPU."""
+        return set(re.findall(r"\bgpusim_wmma_(fill|load|mma|store)\(", self.source[len(_PRELUDE):]))
 
     def __call__(self, *tensors):
         context, queue = _device()
@@ -435,8 +468,9 @@ class Kernel:
         for index, (buffer, tensor) in enumerate(zip(params, tensors)):
             self._bind_shape(buffer, tensor, scope)
             if tensor.dtype not in _DTYPES or not tensor.is_contiguous():
-                raise TypeError(f"{self.name}: argument {index} must be a contiguous float16/32/64 or int32 tensor")
-            array = tensor.detach().float().numpy() if tensor.dtype == torch.float16 else tensor.detach().numpy()
+                raise TypeError(f"{self.name}: argument {index} must be a contiguous (b)float16/32/64 or int32 "
+                                f"tensor")
+            array = tensor.detach().float().numpy() if tensor.dtype in _HALF_DTYPES else tensor.detach().numpy()
             poison = bytes([POISON]) * array.nbytes if index in self.outputs else array.tobytes()
             buffers[hash(buffer)] = memory.allocate(array.nbytes, poison)
             arrays.append(array)
@@ -525,7 +559,8 @@ def _param_kind(param) -> str:
 
 
 def _itemsize(dtype) -> int:
-    """Bytes of an element on the device: float16 is stored as float32."""
+    """Bytes of an element on the device: float16 (and bfloat16, see `bfloat16_as_float16`) is stored as
+    float32."""
     return 4 if str(dtype) == "float16" else np.dtype(str(dtype)).itemsize
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import random
+import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 
@@ -77,7 +78,8 @@ def _decided(task, pick: str) -> list:
 
 def _build_checked(kernels: list) -> list:
     """In a worker process: (spec, None) or (task, pick) pairs compiled as one module; returns what
-    its ptxas check saw, [(threads per kernel from the TIR, ptxas usage per kernel)]."""
+    its ptxas check saw, [(threads per kernel from the TIR, ptxas usage per kernel, the WMMA
+    instructions of each kernel's PTX)]."""
     functions = {}
     for item, pick in kernels:
         if pick:
@@ -88,7 +90,7 @@ def _build_checked(kernels: list) -> list:
     seen, check = [], resources.check_assembled
 
     def recording(source, arch, threads):
-        seen.append((threads, check(source, arch, threads)))
+        seen.append((threads, check(source, arch, threads), _wmma_instructions(source)))
         return seen[-1][1]
 
     resources.check_assembled = recording
@@ -106,28 +108,69 @@ def _build_all(modules: list[list]) -> list:
         return [checked for seen in pool.map(_build_checked, modules) for checked in seen]
 
 
+#: The CONV geometries whose GEMMs fit WMMA fragments (16 | O/groups and 16 | C/groups x KH x KW): in
+#: float16 and bfloat16 these stages multiply on tensor cores. PTX names a float16 MMA by its
+#: accumulator types only, a bfloat16 one by all four.
+TENSOR_CORE_CONV = ("c=64,o=64", "c=64,o=64,groups=4", "c=256,o=256,offset_groups=4,mask=1", "c=512,o=512,pad=2,dil=2")
+TENSOR_CORE_STAGES = ("forward", "backward_data", "backward_weight")
+PTX_TYPES = {"float16": ("f16", "f32.f32"), "bfloat16": ("bf16", "f32.bf16.bf16.f32")}
+
+
+def _expected_wmma(op: str, fields: str, dtype: str, stage: str) -> frozenset[str]:
+    """Patterns of the WMMA instructions of a kernel's PTX (up to the operands): row-major m16n16k16
+    loads of A and B in its dtype (from shared memory, or generic addresses), multiply-accumulate
+    into float32, and the float32 store (to the shared output tile in backward_data, to global
+    memory elsewhere); none where no fragment fits, nor in other dtypes."""
+    if op != "deform_conv2d" or fields not in TENSOR_CORE_CONV or dtype not in PTX_TYPES or \
+            stage not in TENSOR_CORE_STAGES:
+        return frozenset()
+    (t, mma), store = PTX_TYPES[dtype], "shared" if stage == "backward_data" else "global"
+    return frozenset({rf"wmma\.load\.a\.sync\.aligned\.row\.m16n16k16(\.shared)?\.{t}",
+                      rf"wmma\.load\.b\.sync\.aligned\.row\.m16n16k16(\.shared)?\.{t}",
+                      rf"wmma\.mma\.sync\.aligned\.row\.row\.m16n16k16\.{re.escape(mma)}",
+                      rf"wmma\.store\.d\.sync\.aligned\.row\.m16n16k16\.{store}\.f32"})
+
+
+def _matches(instructions: set[str], patterns: frozenset[str]) -> bool:
+    """Every instruction fits one of the patterns and every pattern fits one of the instructions."""
+    return all(any(re.fullmatch(p, i) for p in patterns) for i in instructions) and \
+        all(any(re.fullmatch(p, i) for i in instructions) for p in patterns)
+
+
 @needs_ptxas
 def test_every_geometry_stage_and_dtype_fits_sm_90():
     """The matrix: every geometry and stage at static sizes in each dtype, and at symbolic sizes in
     the widest (float64) and the legalised (bfloat16) dtypes; one module per (op, dtype, sizes).
-    Each builds, and ptxas saw every kernel the lowered TIR has."""
-    modules = []
+    Each builds, ptxas saw every kernel the lowered TIR has, and the PTX multiplies on tensor cores
+    exactly where it should: the forward and backward GEMMs of TENSOR_CORE_CONV in float16 and
+    bfloat16 (`_expected_wmma`)."""
+    modules, expected = [], {}
     for op, geometries in (("deform_conv2d", CONV), ("deform_roi_pool", ROI)):
         for dtype, symbolic in [("float64", True), ("bfloat16", True)] + [(dtype, False) for dtype in DTYPES]:
-            specs = {spec.key: spec for fields in geometries for spec in _specs(op, fields, dtype, symbolic)}
+            specs = {}
+            for fields in geometries:
+                for spec in _specs(op, fields, dtype, symbolic):
+                    specs[spec.key] = spec
+                    expected[spec.workload_key] = _expected_wmma(op, fields, dtype, spec.stage)
             modules.append([(spec, None) for spec in specs.values()])
     checked = _build_all(modules)
     assert len(checked) == len(modules)
-    for threads, usage in checked:
-        assert set(usage) == set(threads)
+    for module, (threads, usage, wmma) in zip(modules, checked):
+        assert set(usage) == set(threads) == set(wmma)
         assert all(0 < used["registers"] <= 255 for used in usage.values())
+        for spec, _ in module:
+            kernels = [name for name in wmma if name.startswith(f"{spec.workload_key}_kernel")]
+            assert kernels and _matches(set().union(*(wmma[name] for name in kernels)), expected[spec.workload_key]), \
+                spec.key
+    # float16, bfloat16 and symbolic bfloat16:
+    assert sum(bool(wanted) for wanted in expected.values()) == 3 * len(TENSOR_CORE_CONV) * len(TENSOR_CORE_STAGES)
 
 
-def _forward_gemm_shared_bytes(fields: str, dtype: str) -> int:
-    """Shared memory of the forward's one kernel that has any (the GEMM), from the lowered TIR."""
+def _gemm_shared_bytes(fields: str, dtype: str, stage: str = "forward") -> int:
+    """Shared memory of a stage's one kernel that has any (its GEMM), from the lowered TIR."""
     import tvm
 
-    (spec, *_) = _specs("deform_conv2d", fields, dtype, symbolic=False)
+    (spec,) = [spec for spec in _specs("deform_conv2d", fields, dtype, symbolic=False) if spec.stage == stage]
     func = build.scheduled(spec).with_attr("global_symbol", "main")
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     with target:
@@ -151,7 +194,22 @@ def test_forward_gemm_tiles_are_the_schedules(fields, dtype, channels, step):
     """The shared tiles hold (block channels + 64 positions) x step x element bytes, nothing more:
     a block never reads another group's channels, a step never reads partial channels."""
     element = {"float64": 8, "float32": 4, "float16": 2}[dtype]
-    assert _forward_gemm_shared_bytes(fields, dtype) == (channels + 64) * step * element
+    assert _gemm_shared_bytes(fields, dtype) == (channels + 64) * step * element
+
+
+@pytest.mark.parametrize("fields, dtype, stage, tiles", [
+    # weight^T [64 of (c, kh, kw), a K step of 64 output channels] and grad_output [64, 64 positions], 2 bytes
+    # each, and the float32 [64, 64] output tile (too large to take a freed input tile's place)
+    ("c=64,o=64", "float16", "backward_data", (64 * 64 + 64 * 64) * 2 + 64 * 64 * 4),
+    # grad_output [64 output channels, a K step of 64 positions] and the columns the gather writes,
+    # [64 positions, 64 of (c, kh, kw)]: no column buffer in global memory
+    ("c=64,o=64", "bfloat16", "backward_weight", (64 * 64 + 64 * 64) * 2),
+    # one group's 16 output channels, and 48 = 3 fragments of its 144 (c, kh, kw) per block
+    ("c=64,o=64,groups=4", "float16", "backward_weight", (16 * 64 + 64 * 48) * 2),
+])
+def test_tensor_core_backward_tiles_are_the_schedules(fields, dtype, stage, tiles):
+    """The backward GEMMs' shared tiles on tensor cores: one group's blocks, whole K steps, nothing more."""
+    assert _gemm_shared_bytes(fields, dtype, stage) == tiles
 
 
 def _ptx(source: str) -> str:
@@ -168,30 +226,10 @@ def _ptx(source: str) -> str:
         return path.with_suffix(".ptx").read_text()
 
 
-@needs_ptxas
-@pytest.mark.parametrize("fields, dtype, ptx_type", [
-    ("c=64,o=64", "float16", "f16"), ("c=64,o=64,groups=4", "bfloat16", "bf16"),
-    ("c=256,o=256,offset_groups=4,mask=1", "float16", "f16"),
-])
-def test_tensor_core_forward_is_mma_in_ptx(fields, dtype, ptx_type):
-    """float16 and bfloat16 forward GEMMs that fragments fit run on tensor cores: ptxas accepts the
-    kernels for sm_90 within the limits (the build checks), and their PTX multiplies with WMMA
-    m16n16k16 fragments, float32 accumulators; a float32 forward has no MMA."""
-    import re
-
-    import tvm
-
-    def forward_ptx(dtype: str) -> str:
-        (spec, *_) = _specs("deform_conv2d", fields, dtype, symbolic=False)
-        with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}):
-            return _ptx(build.build(spec).mod.imports[0].inspect_source("cuda"))
-
-    ptx = forward_ptx(dtype)
-    for operand in "ab":
-        assert re.search(rf"wmma\.load\.{operand}\.sync\.aligned\.row\.m16n16k16(\.shared)?\.{ptx_type}\b", ptx)
-    assert re.search(r"wmma\.mma\.sync\.aligned\.row\.row\.m16n16k16\.f32\.", ptx)
-    assert "wmma.store.d.sync.aligned.row.m16n16k16.global.f32" in ptx
-    assert "mma" not in forward_ptx("float32")
+def _wmma_instructions(source: str) -> dict[str, set[str]]:
+    """{kernel: the WMMA instructions of its PTX, up to their operands} of a CUDA source for sm_90."""
+    entries = re.split(r"^\.visible \.entry ", _ptx(source), flags=re.M)[1:]
+    return {entry.split("(")[0]: set(re.findall(r"\bwmma\.[\w.]+", entry)) for entry in entries}
 
 
 def _oversized_copy(threads: int, shared_elements: int):
@@ -253,12 +291,29 @@ def test_ptxas_refusals_and_register_budgets_are_errors():
 def test_every_tuning_candidate_fits_sm_90():
     """The CUDA tuning spaces the tuner searches replay with any decision and build within the limits:
     every tile factor at its largest option (the most shared memory and threads) in float64, at its
-    smallest (unit loops) in float32, and random options in float16."""
-    modules = []
+    smallest (unit loops) in float32, and random options in float16. Where fragments fit a float16
+    GEMM, its kernel has two design spaces, tensor cores (the default, first) and CUDA cores, and
+    only the first multiplies on tensor cores in PTX; every other kernel has one space, without."""
+    modules, spaces = [], {}
     for op, geometries in (("deform_conv2d", CONV), ("deform_roi_pool", ROI)):
         for dtype, pick in (("float64", "largest"), ("float32", "smallest"), ("float16", "random")):
-            modules.append([(task, pick) for fields in geometries for task in _workload(op, fields, dtype).tasks(TARGET)])
-    assert len(_build_all(modules)) == len(modules)
+            modules.append([])
+            for fields in geometries:
+                for task in _workload(op, fields, dtype).tasks(TARGET):
+                    modules[-1].append((task, pick))
+                    wanted = _expected_wmma(op, fields, dtype, task.spec.stage)
+                    spaces[f"{task.measured.workload_key}_{pick}"] = [wanted, frozenset()] if wanted else [wanted]
+    checked = _build_all(modules)
+    assert len(checked) == len(modules)
+    wmma = {kernel: instructions for _, _, found in checked for kernel, instructions in found.items()}
+    for function, expected in spaces.items():
+        for index in range(len(expected) + 1):
+            kernels = [wmma[name] for name in wmma if name.startswith(f"{function}_{index}_kernel")]
+            if index == len(expected):
+                assert not kernels, f"{function}: more than {len(expected)} design spaces"
+            else:
+                assert kernels and _matches(set().union(*kernels), expected[index]), (function, index)
+    assert sum(len(expected) == 2 for expected in spaces.values()) == len(TENSOR_CORE_CONV) * len(TENSOR_CORE_STAGES)
 
 
 @pytest.mark.parametrize("stage", [

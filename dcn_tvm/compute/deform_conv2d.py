@@ -219,14 +219,17 @@ def _operands(geo: ConvGeometry, batch, height, width):
     return data, offset, mask, weight
 
 
-def _padded_grad_output(geo: ConvGeometry, grad_output: te.Tensor, positions):
-    """[N, O, P]: grad_output flattened over (oh, ow) and zero on the padded positions."""
+def _padded_grad_output(geo: ConvGeometry, grad_output: te.Tensor, positions, dtype: str | None = None):
+    """[N, O, P]: grad_output flattened over (oh, ow) and zero on the padded positions, in `dtype`
+    (acc_dtype by default). The channels-first GEMMs take it in the input dtype, so that tensor-core
+    fragments get float16 and bfloat16 as they are; float32 and float64 accumulate in their own dtype,
+    where that is acc_dtype and the casts at its uses are no-ops."""
     n, o, oh, ow = grad_output.shape
+    dtype = dtype or geo.acc_dtype
     return te.compute(
         (n, o, positions),
         lambda b, oc, p: te.if_then_else(
-            p < oh * ow, grad_output[b, oc, tirx.min(p // ow, oh - 1), p % ow].astype(geo.acc_dtype),
-            tirx.const(0, geo.acc_dtype),
+            p < oh * ow, grad_output[b, oc, tirx.min(p // ow, oh - 1), p % ow].astype(dtype), tirx.const(0, dtype),
         ),
         name="grad_output_padded",
     )
@@ -312,7 +315,7 @@ def backward_data(geo: ConvGeometry, batch, height, width, position_align: int =
     positions = padded_positions(oh, ow, position_align)
     tables = sampling_tables(geo, offset, mask, height, width, positions, derivatives=True)
     rows, cols = tables[:2]
-    grad_out = _padded_grad_output(geo, grad_output, positions)
+    grad_out = _padded_grad_output(geo, grad_output, positions, geo.dtype)
 
     c_per_group, o_per_group = geo.in_channels // geo.groups, geo.out_channels // geo.groups
     ro = te.reduce_axis((0, o_per_group), name="ro")
@@ -320,7 +323,7 @@ def backward_data(geo: ConvGeometry, batch, height, width, position_align: int =
         (batch, geo.in_channels, kh_size, kw_size, positions),
         lambda b, c, kh, kw, p: te.sum(
             weight[c // c_per_group * o_per_group + ro, c % c_per_group, kh, kw].astype(acc)
-            * grad_out[b, c // c_per_group * o_per_group + ro, p],
+            * grad_out[b, c // c_per_group * o_per_group + ro, p].astype(acc),
             axis=ro,
         ),
         name="grad_columns",
@@ -434,7 +437,7 @@ def backward_weight(geo: ConvGeometry, batch, height, width, position_align: int
     acc, (kh_size, kw_size) = geo.acc_dtype, geo.kernel
     positions = padded_positions(oh, ow, position_align)
     columns = deform_columns(geo, data, sampling_tables(geo, offset, mask, height, width, positions))
-    grad_out = _padded_grad_output(geo, grad_output, positions)
+    grad_out = _padded_grad_output(geo, grad_output, positions, geo.dtype)
     c_per_group, o_per_group = geo.in_channels // geo.groups, geo.out_channels // geo.groups
     rb = te.reduce_axis((0, batch), name="rb")
     rp = te.reduce_axis((0, positions), name="rp")
@@ -443,7 +446,7 @@ def backward_weight(geo: ConvGeometry, batch, height, width, position_align: int
     weight_sum = te.compute(
         (geo.out_channels, c_per_group * points),
         lambda oc, ck: te.sum(
-            grad_out[rb, oc, rp]
+            grad_out[rb, oc, rp].astype(acc)
             * columns[rb, oc // o_per_group * c_per_group + ck // points, ck % points // kw_size, ck % kw_size,
                       rp].astype(acc),
             axis=[rb, rp],
@@ -463,7 +466,8 @@ def _grad_bias(geo: ConvGeometry, grad_out: te.Tensor) -> te.Tensor:
     batch, _, positions = grad_out.shape
     rb = te.reduce_axis((0, batch), name="rb")
     rp = te.reduce_axis((0, positions), name="rp")
-    bias_sum = te.compute((geo.out_channels,), lambda oc: te.sum(grad_out[rb, oc, rp], axis=[rb, rp]),
+    bias_sum = te.compute((geo.out_channels,),
+                          lambda oc: te.sum(grad_out[rb, oc, rp].astype(geo.acc_dtype), axis=[rb, rp]),
                           name="grad_bias_sum")
     return te.compute(bias_sum.shape, lambda oc: bias_sum[oc].astype(geo.dtype), name="grad_bias")
 
