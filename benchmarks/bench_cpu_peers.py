@@ -7,7 +7,7 @@ Every library computes the same float32 layer on the same fresh random inputs (o
 some outside the image); their outputs are first checked against dcn_tvm's (max relative error printed), then
 each is timed with the methods interleaved round by round, and the medians are reported. Each thread count
 runs in a fresh process of its own (TVM's thread pool reads TVM_NUM_THREADS once), with torch, oneDNN,
-OpenVINO and onnxruntime given the same count. OpenVINO runs `opset8.deformable_convolution` with
+OpenVINO and onnxruntime given the same count and their idle workers told not to spin (PASSIVE_WAIT). OpenVINO runs `opset8.deformable_convolution` with
 `bilinear_interpolation_pad=True` (torchvision's border rule); onnxruntime runs the ONNX opset-19 `DeformConv`.
 Forward+backward has no peer but torchvision and the dense conv. Ratios are last.
 """
@@ -39,6 +39,12 @@ LAYERS = {
     "c": ("DCNv2 mask 2x256x64x64, 3x3, pad 1", 2, 256, 64, 64, 256, 3, 1, 1, True),
     "d": ("8x128x32x32, 3x3, pad 1", 8, 128, 32, 32, 128, 3, 1, 1, False),
 }
+
+
+#: Idle worker threads sleep instead of spinning, in every library's pool: interleaved, one library's
+#: spinning workers would take the cores from the next one's (measured: on 2 cores the dense conv took
+#: up to 5.7x its time alone, dcn_tvm 2x).
+PASSIVE_WAIT = {"OMP_WAIT_POLICY": "PASSIVE", "TVM_THREAD_POOL_SPIN_COUNT": "0"}
 
 
 def make_inputs(layer):
@@ -98,6 +104,7 @@ def onnxruntime_forward(layer, weight, bias, threads):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see PASSIVE_WAIT
     onnx.checker.check_model(model)
     session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in inputs]
@@ -201,7 +208,7 @@ def main(argv=None):
         return
     results = {}
     for threads in args.threads:
-        env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+        env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), **PASSIVE_WAIT)
         command = [sys.executable, __file__, "--worker", "--repeats", str(args.repeats), "--threads", str(threads),
                    "--layers", *args.layers]
         measured = json.loads(subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
