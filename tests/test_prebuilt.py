@@ -116,6 +116,19 @@ def test_runs_without_the_compiler(package, tmp_path):
     assert not (tmp_path / "cache").exists(), "nothing may be compiled or cached"
 
 
+def test_cuda_kernel_questions_need_no_compiler():
+    """The ops ask the CUDA schedules for their position tile and layout before any kernel is found (a
+    prebuilt CUDA package's host has no compiler): importing them registered the tensor intrinsics,
+    which needs TVM."""
+    result = run_without_compiler(
+        """
+        from dcn_tvm import schedules
+        print(schedules.position_tile("deform_conv2d", "cuda"), schedules.compute_options("deform_conv2d", "cuda"))
+        """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[0] == "64"
+
+
 def test_missing_kernel_without_compiler_names_the_commands(package, tmp_path):
     result = run_without_compiler(
         """
