@@ -93,6 +93,23 @@ def count_iters(sch, block, reduction: bool) -> int:
     return sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == kind)
 
 
+def stage_names(sch) -> set[str]:
+    """The names of the root stages of `sch`."""
+    return {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
+
+
+def channels_last_copy(sch, name: str, lanes: int) -> None:
+    """Stage `name`, an [N, H, W, C] copy of an [N, C, H, W] tensor, in parallel blocks of `lanes`
+    channels (dividing C): each task reads a few input planes front to back (a handful of pages, not
+    one per channel) and writes vectors."""
+    block = sch.get_sblock(name)
+    n, y, x, c = sch.get_loops(block)
+    c_outer, c_lane = sch.split(c, [None, lanes])
+    sch.reorder(n, c_outer, y, x, c_lane)
+    sch.parallel(sch.fuse(n, c_outer))
+    sch.vectorize(c_lane)
+
+
 def parallel_outer(sch, name: str, inner: int = 1) -> None:
     """Fuse every loop of stage `name` but the `inner` innermost ones and run them in parallel."""
     block = sch.get_sblock(name)

@@ -10,7 +10,7 @@ parallel task; the defaults below are one point of that space.
 
 from __future__ import annotations
 
-from .common import choose, decide, divisors, parallel_outer
+from .common import channels_last_copy, choose, decide, divisors, parallel_outer, stage_names
 
 #: Positions per tile; the compute pads P to a multiple of this, so tiles never have tails.
 POSITION_TILE = 32
@@ -97,17 +97,13 @@ def _corner_major(b, g, kh, kw, p, t):
     return b, g, kh, kw, t, p
 
 
-def _stage_names(sch) -> set[str]:
-    return {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
-
-
 def _sampling_tables(sch, corner_major: bool = False) -> None:
     """Every sampling table present (the unmasked one exists only with a mask) in parallel.
 
     `corner_major` stores the internal tables [.., corner, P] instead of [.., P, corner], so that the
     gather reads them with contiguous vector loads (tables the kernel returns keep their layout).
     """
-    for name in _stage_names(sch):
+    for name in stage_names(sch):
         if not name.startswith("sample_"):
             continue
         if corner_major and name != "sample_coords":
@@ -174,14 +170,10 @@ def _register_tile(sch, block, vector_extent: int) -> tuple[int, int, int]:
 
 
 def _channels_last_input(sch) -> None:
-    """input_channels_last [N, H, W, C] in parallel blocks of a channel vector: each task reads a few
-    input planes front to back (a handful of pages, not one per channel) and writes vectors."""
+    """input_channels_last [N, H, W, C] in blocks of the widest channel vector dividing C."""
     block = sch.get_sblock("input_channels_last")
-    b, y, x, c = sch.get_loops(block)
-    c_outer, c_lane = sch.split(c, [None, _lanes_dividing(sch, block, _extent(sch, c))])
-    sch.reorder(b, c_outer, y, x, c_lane)
-    sch.parallel(sch.fuse(b, c_outer))
-    sch.vectorize(c_lane)
+    channels = _extent(sch, sch.get_loops(block)[-1])
+    channels_last_copy(sch, "input_channels_last", _lanes_dividing(sch, block, channels))
 
 
 #: Edge of the square tiles the transposing stages copy (both sides stay within a few cache lines).
@@ -283,7 +275,7 @@ def _forward_channels_first(sch) -> None:
 
 def forward(sch) -> None:
     """Whichever forward graph the compute built (dcn_tvm.geometry.conv.resolve_layout)."""
-    (_forward_channels_last if "deform_gemm_channels_last" in _stage_names(sch) else _forward_channels_first)(sch)
+    (_forward_channels_last if "deform_gemm_channels_last" in stage_names(sch) else _forward_channels_first)(sch)
 
 
 def _grad_corner_weights(sch) -> None:
@@ -320,7 +312,7 @@ def _grad_corner_weights(sch) -> None:
 def _derivative_tables_and_grad_output(sch) -> None:
     """The backward_data stages both graphs share: the derivative tables inlined where they are used
     (each is read once per gradient element), the other tables in parallel, and grad_output padded."""
-    names = _stage_names(sch)
+    names = stage_names(sch)
     for name in ("sample_weights_unmasked", "sample_weights_dy", "sample_weights_dx"):
         if name in names:
             sch.compute_inline(sch.get_sblock(name))
@@ -331,7 +323,7 @@ def _derivative_tables_and_grad_output(sch) -> None:
 
 def _offset_and_mask_gradients(sch) -> None:
     for name in ("grad_offset", "grad_mask"):
-        if name in _stage_names(sch):
+        if name in stage_names(sch):
             parallel_outer(sch, name, inner=2)
 
 
@@ -393,7 +385,7 @@ def _backward_data_channels_last(sch) -> None:
 
 def backward_data(sch) -> None:
     """Whichever backward_data graph the compute built (dcn_tvm.geometry.conv.resolve_layout)."""
-    (_backward_data_channels_last if "grad_columns_channels_last" in _stage_names(sch) else
+    (_backward_data_channels_last if "grad_columns_channels_last" in stage_names(sch) else
      _backward_data_channels_first)(sch)
 
 
@@ -472,7 +464,7 @@ def _backward_weight_channels_last(sch) -> None:
 
 def backward_weight(sch) -> None:
     """Whichever backward_weight graph the compute built (dcn_tvm.geometry.conv.resolve_layout)."""
-    (_backward_weight_channels_last if "grad_weight_sum_channels_last" in _stage_names(sch) else
+    (_backward_weight_channels_last if "grad_weight_sum_channels_last" in stage_names(sch) else
      _backward_weight_channels_first)(sch)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 
-from .common import count_iters, divisors, parallel_outer
+from .common import channels_last_copy, count_iters, divisors, parallel_outer, stage_names
 
 #: The stages that gather from the input, with the RoI loop first (compute order).
 GATHERS = ("pool_sum", "grad_offset_bins")
@@ -37,14 +37,10 @@ def _channels_last_pool(sch) -> tuple[str, ...]:
     chunks of channels that run in parallel (each chunk's slab of the input stays in cache over every
     RoI), the output read back VECTOR channels at a time. Returns the stages it scheduled, none for
     the channels-first graph."""
-    if "input_channels_last" not in _stage_names(sch):
+    if "input_channels_last" not in stage_names(sch):
         return ()
+    channels_last_copy(sch, "input_channels_last", VECTOR)
     copy = sch.get_sblock("input_channels_last")
-    n, y, x, c = sch.get_loops(copy)
-    c_outer, c_lane = sch.split(c, [None, VECTOR])
-    sch.reorder(n, c_outer, y, x, c_lane)
-    sch.parallel(sch.fuse(n, c_outer))
-    sch.vectorize(c_lane)
     block = sch.get_sblock("pool_sum")
     r, i, j, c, rb, ra = sch.get_loops(block)
     chunk = divisors(_extent(sch, c), CHUNKS)[0]
@@ -61,10 +57,6 @@ def _channels_last_pool(sch) -> tuple[str, ...]:
     return tuple(sch.get(b).name_hint for b in (copy, init, block, output))
 
 
-def _stage_names(sch) -> set[str]:
-    return {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
-
-
 def _extent(sch, loop) -> int:
     return int(sch.get(loop).extent)
 
@@ -78,7 +70,8 @@ def _parallel_static(sch, loops) -> None:
 
 
 def stages(sch, done=()) -> None:
-    """Every root stage not in `done` parallel over its fused spatial loops, its reductions serial inside."""
+    """Every root stage not in `done` in parallel, its reductions serial inside: the gathers over
+    (channel, bin) with the RoIs inside, the others over their leading constant loops (_parallel_static)."""
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         name, reductions = sch.get(block).name_hint, count_iters(sch, block, reduction=True)
         if name in done:

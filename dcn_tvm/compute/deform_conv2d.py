@@ -617,11 +617,6 @@ GRAPHS = {
 SCATTER_LANES = 16
 
 
-def scatter_stage(layout: str) -> str:
-    """The scatter stage that takes the column gradient of the backward_data graph in `layout`."""
-    return "scatter_channels_last" if layout == "channels_last" else "scatter"
-
-
 def prim_func(stage: str, geo: ConvGeometry | None, sizes, *, acc_dtype: str, position_align: int, atomic: bool,
               layout: str = "channels_first"):
     """The PrimFunc of one stage: forward, backward_data or backward_weight (sizes = batch, height, width;

@@ -24,11 +24,11 @@ Stages, by the names schedules look up:
     sample_rows, sample_row_weights, sample_cols, sample_col_weights
                    [NC', k, k, R, S, 2]  floor/ceil pixels and weights of every sample row/col,
                                     computed once for all the channels of a class
+    pool_sum       [R, O, k, k]     their sum, in acc_dtype
+    output         [R, O, k, k]     pool_sum / sample_count (0 for empty bins), cast to dtype
 
 The per-bin tables keep the RoIs inside (class, bin): a kernel that walks the RoIs for one channel
 (the CPU gathers and scatter do) reads them contiguously.
-    pool_sum       [R, O, k, k]     their sum, in acc_dtype
-    output         [R, O, k, k]     pool_sum / sample_count (0 for empty bins), cast to dtype
 
 The backward adds grad_scale, grad_offset_bins, grad_offset and the scatter's sampling tables
 (see `backward`). NaN, inf and huge offsets or boxes fail the range test and sample nothing; an

@@ -33,8 +33,3 @@ def scratch(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch
     if buffer is None or buffer.numel() < numel:
         buffer = held[(name, dtype)] = torch.empty(numel, dtype=dtype)
     return buffer[:numel].view(shape)
-
-
-def release() -> None:
-    """Free the calling thread's scratch buffers (they are allocated again when next needed)."""
-    _buffers.held = {}
