@@ -1,11 +1,13 @@
 """Find, verify and load prebuilt kernel packages (runtime side: tvm_ffi only, never the compiler).
 
 Packages come from DCN_TVM_PREBUILT (folders, searched first) and from installed packages that
-declare a `dcn_tvm.prebuilt` entry point. Each is verified once per process: manifest format and
-keys, versions (DCN_TVM_ALLOW_VERSION_MISMATCH=1 turns a mismatch into a warning), the sha256 of every
-file (every library must be one of them, inside the package after resolving symlinks; it is
-hashed again as it is loaded), and a warning for files in world-writable places. A library built for this device kind but
-another GPU arch, or for a CPU level this CPU cannot run, is refused with an error.
+declare a `dcn_tvm.prebuilt` entry point. Each is verified once per process: manifest format, keys
+and their types, versions (DCN_TVM_ALLOW_VERSION_MISMATCH=1 turns a mismatch into a warning), the
+sha256 of every file (every library it may load, TVM's runtime included, must be one of them, inside
+the package after resolving symlinks; it is hashed again as it is loaded, and loaded from the
+descriptor it was hashed from), and a warning for any file or folder above it that anyone may replace.
+A library built for this device kind but another GPU arch, or for a CPU level this CPU cannot run, is
+refused with an error.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import importlib
 import importlib.metadata
 import json
 import logging
+import os
 import stat
 import threading
 import warnings
@@ -22,27 +25,37 @@ from pathlib import Path
 
 from dcn_tvm import env
 from dcn_tvm.kernels import manifest as mf
-from dcn_tvm.kernels.runtime import load_tvm_runtime, load_verified
+from dcn_tvm.kernels.runtime import (installed_runtime, load_runtime_verified, load_tvm_runtime, load_verified,
+                                     runtime_names)
 from dcn_tvm.kernels.spec import KernelSpec
 
 log = logging.getLogger("dcn_tvm")
 ENTRY_POINT_GROUP = "dcn_tvm.prebuilt"
-#: The keys every manifest has, and those every library entry of a kind has.
-KEYS = ("format", "versions", "files", "libraries", "kernels")
-LIBRARY_KEYS = {"llvm": ("isa",), "cuda": ("arch",)}
+#: Every manifest field and its JSON type; the type of the values of `versions` and `files`.
+FIELDS = {"format": int, "versions": dict, "files": dict, "libraries": list, "kernels": dict}
+VALUES = {"versions": str, "files": str}
+#: The fields of every library entry, and those of a kind's entries.
+LIBRARY_FIELDS = {"kind": str, "file": str}
+KIND_FIELDS = {"llvm": {"isa": str}, "cuda": {"arch": str}}
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number",
+              bool: "a boolean", type(None): "null"}
 
 
 class PrebuiltError(RuntimeError):
     """A prebuilt package that must not be loaded (tampered, wrong target, incompatible version)."""
 
 
-def _warn_if_world_writable(path: Path) -> None:
-    for place in (path, path.parent):
-        mode = place.stat().st_mode
-        if mode & stat.S_IWOTH and not (place.is_dir() and mode & stat.S_ISVTX):
-            warnings.warn(f"dcn_tvm: loading {path}, and {place} is world-writable: anyone on this machine "
-                          f"could have replaced it", stacklevel=3)
-            return
+def _open_to_anyone(path: Path) -> list[Path]:
+    """The places through which anyone on this machine could replace the file at `path`: the file if it
+    is world-writable, and each folder above it up to / (along the path as given and as resolved) that
+    is world-writable without the sticky bit, which lets anyone rename what it holds. In a sticky one
+    (/tmp) only an entry's owner may, so it is safe as long as every folder below it is."""
+    places = [path] if path.stat().st_mode & stat.S_IWOTH else []
+    for folder in dict.fromkeys([*Path(os.path.abspath(path)).parents, *path.resolve().parents]):
+        mode = folder.stat().st_mode
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            places.append(folder)
+    return places
 
 
 class PrebuiltPackage:
@@ -55,7 +68,10 @@ class PrebuiltPackage:
             self.manifest = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise PrebuiltError(f"{path}: not a readable dcn_tvm prebuilt manifest ({error})") from error
-        self._require(self.manifest, KEYS, "the manifest")
+        self._require(self.manifest, FIELDS)
+        for field, kind in VALUES.items():
+            for name, value in self.manifest[field].items():
+                self._check_type(value, kind, f"{field!r}[{name!r}]")
         if self.manifest["format"] != mf.FORMAT:
             raise PrebuiltError(f"{path}: manifest format {self.manifest['format']!r}, this dcn_tvm reads "
                                 f"{mf.FORMAT}; rebuild the package with this version (dcn-tvm build)")
@@ -68,21 +84,35 @@ class PrebuiltPackage:
     def __repr__(self) -> str:
         return f"PrebuiltPackage({self.root})"
 
-    def _require(self, mapping, keys, where: str) -> None:
-        if not isinstance(mapping, dict):
-            raise PrebuiltError(f"{self.path}: {where} is not a JSON object; rebuild the package (dcn-tvm build)")
-        for key in keys:
+    def _check_type(self, value, kind: type, where: str) -> None:
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise PrebuiltError(f"{self.path}: {where} is {JSON_TYPES.get(type(value), type(value).__name__)}, "
+                                f"expected {JSON_TYPES[kind]}; rebuild the package (dcn-tvm build)")
+
+    def _require(self, mapping, fields: dict[str, type], where: str = "") -> None:
+        """`mapping` (the manifest, or the entry `where` names, e.g. "libraries[0]") is an object with
+        each of `fields`, of its type."""
+        self._check_type(mapping, dict, where or "the manifest")
+        for key, kind in fields.items():
             if key not in mapping:
-                raise PrebuiltError(f"{self.path}: {where} has no {key!r} key; rebuild the package (dcn-tvm build)")
+                raise PrebuiltError(f"{self.path}: {where or 'the manifest'} has no {key!r} key; rebuild the package "
+                                    f"(dcn-tvm build)")
+            self._check_type(mapping[key], kind, f"{where}[{key!r}]" if where else repr(key))
 
     def _check_libraries(self) -> None:
-        """Every library entry is complete and names a file that `files` hashes."""
+        """Every library entry is complete and names a file that `files` hashes, and so do the runtime
+        libraries they need."""
         for i, library in enumerate(self.manifest["libraries"]):
-            self._require(library, ("kind", "file"), f"libraries[{i}]")
-            self._require(library, LIBRARY_KEYS.get(library["kind"], ()), f"libraries[{i}]")
+            self._require(library, LIBRARY_FIELDS, f"libraries[{i}]")
+            self._require(library, KIND_FIELDS.get(library["kind"], {}), f"libraries[{i}]")
             if library["file"] not in self.manifest["files"]:
                 raise PrebuiltError(f"{self.path}: libraries[{i}] names {library['file']!r}, which 'files' does not "
                                     f"list with its sha256; refusing to load a library nothing verifies")
+        cuda = any(library["kind"] == "cuda" for library in self.manifest["libraries"])
+        for name in runtime_names(cuda):
+            if f"runtime/{name}" not in self.manifest["files"]:
+                raise PrebuiltError(f"{self.path}: 'files' does not list runtime/{name} with its sha256; refusing a "
+                                    f"package whose runtime library nothing verifies")
 
     def _inside(self, name: str) -> Path:
         """The path of a file the manifest names, which must lie inside the package (symlinks resolved)."""
@@ -103,6 +133,9 @@ class PrebuiltPackage:
                 warnings.warn(message, stacklevel=3)
 
     def _check_files(self) -> None:
+        """Every file is inside the package and has its sha256; a warning for each place anyone could
+        replace one of them (or the manifest) through."""
+        places = _open_to_anyone(self.path)
         for name, expected in self.manifest["files"].items():
             path = self._inside(name)
             if not path.is_file():
@@ -111,7 +144,11 @@ class PrebuiltPackage:
             if actual != expected:
                 raise PrebuiltError(f"{path}: sha256 {actual} does not match the manifest's {expected}; "
                                     f"the file was changed after the package was built")
-            _warn_if_world_writable(path)
+            places += _open_to_anyone(path)
+        for place in dict.fromkeys(places):
+            replaced = "what it holds (it is not sticky)" if place.is_dir() else "it"
+            warnings.warn(f"dcn_tvm: loading the prebuilt package {self.root}, and {place} is world-writable: "
+                          f"anyone on this machine could have replaced {replaced}", stacklevel=3)
 
     def library_for(self, target: str) -> dict | None:
         """The manifest entry of the library to run for a target key ("llvm-...", "cuda-sm_90");
@@ -134,15 +171,28 @@ class PrebuiltPackage:
         raise PrebuiltError(f"{self.root}: built for CPU levels {[lib['isa'] for lib in candidates]}, which this "
                             f"CPU cannot run (it supports {levels or 'none of the known levels'})")
 
+    def _changed(self, path: Path) -> PrebuiltError:
+        return PrebuiltError(f"{path}: changed since the package was verified (its sha256 no longer matches the "
+                             f"manifest); refusing to load it")
+
+    def _load_runtime(self, cuda: bool) -> None:
+        """TVM's runtime libraries: the installed TVM's, else the package's own, verified as they load."""
+        if installed_runtime(cuda) is not None:
+            load_tvm_runtime(cuda)
+            return
+        for name in runtime_names(cuda):
+            path = self._inside(f"runtime/{name}")
+            if not load_runtime_verified(path, self.manifest["files"][f"runtime/{name}"]):
+                raise self._changed(path)
+
     def _module(self, library: dict):
         with self._lock:
             if library["file"] not in self._modules:
-                load_tvm_runtime(self.root / "runtime", cuda=library["kind"] == "cuda")
+                self._load_runtime(cuda=library["kind"] == "cuda")
                 path = self._inside(library["file"])
                 module = load_verified(path, self.manifest["files"][library["file"]])
                 if module is None:
-                    raise PrebuiltError(f"{path}: changed since the package was verified (its sha256 no longer "
-                                        f"matches the manifest); refusing to load it")
+                    raise self._changed(path)
                 self._modules[library["file"]] = module
             return self._modules[library["file"]]
 
@@ -153,15 +203,20 @@ class PrebuiltPackage:
                 library = self.library_for(spec.target)
                 if library is None:
                     return None
-                return self._module(library)[key]
+                try:
+                    return self._module(library)[key]
+                except AttributeError:
+                    raise PrebuiltError(f"{self.root}: {library['file']} has no kernel {key}, which the manifest "
+                                        f"lists; the package is damaged: rebuild it (dcn-tvm build)") from None
         return None
 
 
 def _package_root(folder: Path) -> Path:
-    """Accept the package folder itself or the `dcn-tvm build --out` folder around it."""
+    """Accept the package folder itself or the `dcn-tvm build --out` folder around it (whose hidden
+    folders are builds under way)."""
     if (folder / mf.MANIFEST).is_file():
         return folder
-    found = sorted(folder.glob(f"*/{mf.MANIFEST}"))
+    found = sorted(path for path in folder.glob(f"*/{mf.MANIFEST}") if not path.parent.name.startswith("."))
     if len(found) != 1:
         raise PrebuiltError(f"{folder}: expected one dcn_tvm prebuilt package (a {mf.MANIFEST}) there, "
                             f"found {len(found)}")

@@ -16,28 +16,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", action="append", default=[],
                         help="a workload string, e.g. deform_conv2d:n=1,c=64,h=32,w=32,... (repeatable)")
     parser.add_argument("--logs", type=Path, default=None, help="tuning records folder (default: tuning_logs/)")
-    parser.add_argument("--out", type=Path, required=True, help="folder to write the package into")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder to write the package into: new, empty, or a package built before (replaced)")
 
 
 def run(args: argparse.Namespace) -> int:
     from dcn_tvm.kernels.targets import target_kind
     from dcn_tvm.kernels.workloads import resolve
-    from dcn_tvm.prebuilt.build import build_package
+    from dcn_tvm.prebuilt.build import PackageFolderError, build_package
     from dcn_tvm.tuning.target import resolve as resolve_target
 
-    if not args.preset and not args.workload:
-        print("dcn-tvm build: error: give at least one --preset or --workload", file=sys.stderr)
+    def error(message: str) -> int:
+        print(f"dcn-tvm build: error: {message}", file=sys.stderr)
         return 2
+
+    if not args.preset and not args.workload:
+        return error("give at least one --preset or --workload")
     if args.logs is not None:
+        if not args.logs.is_dir():
+            return error(f"--logs {args.logs}: no such folder of tuning records")
         os.environ["DCN_TVM_TUNING_LOGS"] = str(args.logs)
     try:
         target = resolve_target(args.target)
         specs = [task.spec for workload in resolve(args.preset, args.workload) for task in workload.tasks(target)]
-    except ValueError as error:
-        print(f"dcn-tvm build: error: {error}", file=sys.stderr)
-        return 2
+    except ValueError as problem:
+        return error(str(problem))
     start = time.perf_counter()
-    package = build_package(specs, "llvm" if target_kind(target) == "llvm" else target, args.out,
-                            progress=lambda message: print(f"[{time.perf_counter() - start:6.1f}s] {message}"))
+    try:
+        package = build_package(specs, "llvm" if target_kind(target) == "llvm" else target, args.out,
+                                progress=lambda message: print(f"[{time.perf_counter() - start:6.1f}s] {message}"))
+    except PackageFolderError as problem:
+        return error(str(problem))
     print(f"wrote {package}; install it with: pip install {args.out}")
     return 0

@@ -46,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dcn_tvm import tune
-    from dcn_tvm.tuning.store import RecordsVersionError
+    from dcn_tvm.tuning.store import RecordsFolderError, RecordsVersionError
     from dcn_tvm.tuning.report import table
     from dcn_tvm.tuning.tuner import MeasurementError
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = tune.run(args.workload, args.preset, args.target, args.trials, args.logs, args.stage,
                            args.rpc_tracker, args.rpc_key, progress=not args.no_progress)
-    except (ValueError, RecordsVersionError, MeasurementError) as error:
+    except (ValueError, RecordsVersionError, RecordsFolderError, MeasurementError) as error:
         print(f"dcn-tvm tune: error: {error}", file=sys.stderr)
         return 2
     print(table(results), end="")

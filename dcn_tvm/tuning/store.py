@@ -34,6 +34,10 @@ class RecordsVersionError(RuntimeError):
     """The records were written by another TVM version than the one installed."""
 
 
+class RecordsFolderError(RuntimeError):
+    """The records folder cannot be created or written (read-only, a file in the way, ...)."""
+
+
 def _write(path: Path, text: str) -> None:
     """Replace `path` by `text` atomically (a temporary file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,8 +64,11 @@ class Store(Records):
             thread_lock, held = _folder_locks.setdefault(str(self.folder), (threading.RLock(), [None, 0]))
         with thread_lock:
             if held[1] == 0:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                handle = open(self.folder / ".lock", "a")
+                try:
+                    self.folder.mkdir(parents=True, exist_ok=True)
+                    handle = open(self.folder / ".lock", "a")
+                except OSError as error:
+                    raise RecordsFolderError(f"cannot write tuning records into {self.folder}: {error}") from None
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
