@@ -12,8 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -22,16 +20,16 @@ import torch
 
 from dcn_tvm.__main__ import main
 from dcn_tvm.geometry.conv import ConvGeometry
-from dcn_tvm.kernels import cache, records
+from dcn_tvm.kernels import records
 from dcn_tvm.kernels import manifest as mf
 from dcn_tvm.kernels import prebuilt as loader
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key
 from dcn_tvm.prebuilt import build
+from test_prebuilt import run_without_compiler, use_package  # noqa: F401  (use_package: a fixture)
 
 WORKLOAD = "deform_conv2d:n=1,c=4,h=5,w=5,o=4,k=3,pad=1"
 GEOMETRY = ConvGeometry(4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, False, "float32")
-TESTS = Path(__file__).resolve().parent
 
 
 def spec(geometry=GEOMETRY, stage="forward"):
@@ -75,18 +73,6 @@ def copy(built, tmp_path):
     return tmp_path / "pkg"
 
 
-@pytest.fixture
-def use_package(monkeypatch):
-    """Point DCN_TVM_PREBUILT at a folder for this test, with fresh process caches before and after."""
-    def use(folder):
-        monkeypatch.setenv("DCN_TVM_PREBUILT", str(folder))
-        loader.packages.cache_clear()
-    yield use
-    monkeypatch.delenv("DCN_TVM_PREBUILT", raising=False)
-    loader.packages.cache_clear()
-    cache._kernels.clear()
-
-
 def root_of(out: Path) -> Path:
     (manifest,) = out.glob(f"*/{mf.MANIFEST}")
     return manifest.parent
@@ -98,14 +84,6 @@ def edit_manifest(out: Path, edit) -> Path:
     edit(manifest)
     path.write_text(json.dumps(manifest))
     return path
-
-
-def run_without_compiler(code: str, **extra_env) -> subprocess.CompletedProcess:
-    """Run `code` in a fresh interpreter in which `import tvm` fails."""
-    prelude = "import sys; sys.modules['tvm'] = None\n"
-    environment = {**os.environ, "PYTHONPATH": str(TESTS), **extra_env}
-    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], env=environment,
-                          capture_output=True, text=True, timeout=300)
 
 
 # -- 3: the runtime library is verified like the kernels ---------------------------------------------------
@@ -167,10 +145,17 @@ def test_an_unverified_runtime_is_never_loaded(built, tmp_path):
     assert lines[2] == "runtime mapped: False marker: False", lines
 
 
-def test_a_package_without_its_runtime_hashed_is_refused(copy, use_package):
-    edit_manifest(copy, lambda m: m["files"].pop("runtime/libtvm_runtime.so"))
+@pytest.mark.parametrize("runtime", ["libtvm_runtime.so", "libtvm_runtime_cuda.so"])
+def test_a_package_without_its_runtime_hashed_is_refused(copy, use_package, runtime):
+    """Every package needs libtvm_runtime.so hashed; one with a CUDA library, libtvm_runtime_cuda.so too."""
+    def unhash(manifest):
+        manifest["files"].pop(f"runtime/{runtime}", None)
+        if runtime == "libtvm_runtime_cuda.so":
+            manifest["libraries"].append({"kind": "cuda", "arch": "sm_90", "file": manifest["libraries"][0]["file"]})
+
+    edit_manifest(copy, unhash)
     use_package(copy)
-    with pytest.raises(loader.PrebuiltError, match=r"manifest\.json: 'files' does not list runtime/libtvm_runtime\.so"):
+    with pytest.raises(loader.PrebuiltError, match=rf"manifest\.json: 'files' does not list runtime/{re.escape(runtime)}"):
         loader.packages()
 
 

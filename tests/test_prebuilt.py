@@ -208,10 +208,12 @@ def test_other_version_is_refused_unless_allowed(copy, use_package, monkeypatch)
 def test_other_gpu_arch_is_refused(copy, use_package):
     root = _package_root(copy)
     shutil.copy(next((root / "lib").glob("*.so")), root / "lib" / "x.so")
+    shutil.copy(root / "runtime" / "libtvm_runtime.so", root / "runtime" / "libtvm_runtime_cuda.so")
 
-    def add_cuda(manifest):
+    def add_cuda(manifest):  # a CUDA library, and the CUDA runtime a package with one must hash
         manifest["libraries"].append({"kind": "cuda", "arch": "sm_90", "file": "lib/x.so", "target": "cuda-sm_90"})
-        manifest["files"]["lib/x.so"] = mf.sha256(root / "lib" / "x.so")
+        for name in ("lib/x.so", "runtime/libtvm_runtime_cuda.so"):
+            manifest["files"][name] = mf.sha256(root / name)
 
     _edit_manifest(copy, add_cuda)
     use_package(copy)
