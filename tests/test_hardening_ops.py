@@ -171,7 +171,7 @@ def _in_a_new_thread(work):
 def test_backward_under_inference_mode_leaves_scratch_usable():
     """Scratch first allocated (then grown) under inference mode still serves ordinary backward passes."""
     gen = torch.Generator().manual_seed(8)
-    cases = [_conv_backward(shape, torch.float32, gen) for shape in ((1, 1, 3, 4), (2, 1, 3, 4))]
+    cases = [_conv_backward(shape, torch.float32, gen) for shape in ((1, 1, 3, 4), (2, 3, 4, 5))]
     grads = [torch.randn(output_shape, generator=gen) for _, output_shape in cases]
     expected = [[t.clone() for t in backward(g)] for (backward, _), g in zip(cases, grads)]
 
@@ -191,7 +191,7 @@ def _held_bytes() -> int:
 
 def test_release_scratch_frees_every_thread_buffers():
     gen = torch.Generator().manual_seed(13)
-    backward, output_shape = _conv_backward((2, 2, 3, 4), torch.float32, gen)
+    backward, output_shape = _conv_backward((2, 3, 4, 5), torch.float32, gen)
     grad = torch.randn(output_shape, generator=gen)
     backward(grad)
     done, held = threading.Event(), threading.Event()
@@ -277,14 +277,19 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
     (dict(gamma=1e39), r"gamma must be within ±3.4028234663852886e\+38 \(float32's largest, the kernel's float "
                        r"type\), got 1e\+39"),
     (dict(gamma=-1e39), r"gamma must be within ±3.4028234663852886e\+38 .*, got -1e\+39"),
-])
-def test_float_arguments_must_fit_the_kernel_float_type(dtype, changed, message):
+    (dict(sampling_ratio=2**31), r"sampling_ratio must be at most 2147483647 \(int32, the kernel's loop index\), "
+                                 r"got 2147483648"),
+], ids=["scale-1e39", "scale-just-over", "scale-subnormal", "gamma-1e39", "gamma--1e39", "sampling_ratio-2^31"])
+def test_kernel_constants_must_fit_their_types(dtype, changed, message):
+    """spatial_scale, gamma and sampling_ratio become constants of the kernels: checked against their types."""
     arguments = dict(output_size=2, spatial_scale=0.5, group_size=1, part_size=None, sampling_ratio=1, gamma=0.1)
     with pytest.raises(ValueError, match=message):
         roi_pool_geometry((1, 4, 6, 6), 2, (2, 2, 2, 2), **{**arguments, **changed}, dtype=dtype)
-    assert roi_pool_geometry((1, 4, 6, 6), 2, (2, 2, 2, 2), **{**arguments, **changed}, dtype="float64")
-    fine = dict(spatial_scale=FLOAT32_MAX, gamma=-FLOAT32_MAX) if "gamma" in changed else dict(spatial_scale=2**-126)
+    if "sampling_ratio" not in changed:  # float64 kernels take them
+        assert roi_pool_geometry((1, 4, 6, 6), 2, (2, 2, 2, 2), **{**arguments, **changed}, dtype="float64")
+    fine = dict(spatial_scale=FLOAT32_MAX, gamma=-FLOAT32_MAX, sampling_ratio=2**31 - 1)
     assert roi_pool_geometry((1, 4, 6, 6), 2, (2, 2, 2, 2), **{**arguments, **fine}, dtype=dtype)
+    assert roi_pool_geometry((1, 4, 6, 6), 2, (2, 2, 2, 2), **{**arguments, "spatial_scale": 2**-126}, dtype=dtype)
 
 
 def test_float_range_checks_reach_workloads_and_the_functional():
