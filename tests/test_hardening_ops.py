@@ -97,13 +97,23 @@ def _holds_scratch(tensor: torch.Tensor) -> bool:
     return False
 
 
-def _conv_backward(shape, dtype, gen):
-    """A deform_conv2d backward call (3x3, padding 1: the channels-last graphs on the CPU) on `shape`."""
+def _conv_inputs(shape, dtype, gen):
+    """(input, offset, weight, grad_output) of a 3x3 deform_conv2d with padding 1 (the channels-last graphs on
+    the CPU) on `shape`."""
     n, c, h, w = shape
     x, offset = torch.randn(shape, dtype=dtype, generator=gen), torch.randn(n, 18, h, w, dtype=dtype, generator=gen)
-    weight = torch.randn(3, c, 3, 3, dtype=dtype, generator=gen)
-    return lambda grad_output: torch.ops.dcn_tvm.deform_conv2d_backward(grad_output, x, offset, None, weight,
-                                                                        [1, 1], [1, 1], [1, 1]), (n, 3, h, w)
+    return x, offset, torch.randn(3, c, 3, 3, dtype=dtype, generator=gen), torch.randn(n, 3, h, w, dtype=dtype,
+                                                                                       generator=gen)
+
+
+def _conv_backward_op(grad_output, x, offset, weight):
+    return torch.ops.dcn_tvm.deform_conv2d_backward(grad_output, x, offset, None, weight, [1, 1], [1, 1], [1, 1])
+
+
+def _conv_backward(shape, dtype, gen):
+    """A deform_conv2d backward call on `shape`, and the shape of its grad_output."""
+    x, offset, weight, grad_output = _conv_inputs(shape, dtype, gen)
+    return lambda grad: _conv_backward_op(grad, x, offset, weight), grad_output.shape
 
 
 def _roi_backward(shape, dtype, gen):
@@ -138,7 +148,7 @@ def test_backward_results_never_alias_scratch(op, shape, dtype):
         assert not _holds_scratch(result), f"result {index % len(first)} lies in a scratch buffer"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_input_gradient_accumulates_over_two_backward_passes(dtype):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 1, 1, 1, dtype=dtype, generator=gen, requires_grad=True)
@@ -169,18 +179,19 @@ def _in_a_new_thread(work):
 
 
 def test_backward_under_inference_mode_leaves_scratch_usable():
-    """Scratch first allocated (then grown) under inference mode still serves ordinary backward passes."""
+    """Scratch first allocated (then grown) by a backward under inference mode still serves ordinary
+    forward and backward passes of the same thread."""
     gen = torch.Generator().manual_seed(8)
-    cases = [_conv_backward(shape, torch.float32, gen) for shape in ((1, 1, 3, 4), (2, 3, 4, 5))]
-    grads = [torch.randn(output_shape, generator=gen) for _, output_shape in cases]
-    expected = [[t.clone() for t in backward(g)] for (backward, _), g in zip(cases, grads)]
+    cases = [_conv_inputs(shape, torch.float32, gen) for shape in ((1, 1, 3, 4), (2, 3, 4, 5))]
+    expected = [_conv_backward_op(grad, x, offset, weight)[0].clone() for x, offset, weight, grad in cases]
 
     def work():
-        for (backward, _), g, reference in zip(cases, grads, expected):
+        for (x, offset, weight, grad), grad_input in zip(cases, expected):
             with torch.inference_mode():
-                backward(g)
-            for result, value in zip(backward(g), reference):
-                assert torch.equal(result, value)
+                _conv_backward_op(grad, x, offset, weight)
+            leaf = x.clone().requires_grad_()
+            dcn_tvm.deform_conv2d(leaf, offset, weight, padding=1).backward(grad)
+            assert torch.equal(leaf.grad, grad_input)
 
     _in_a_new_thread(work)
 
