@@ -218,9 +218,10 @@ def offset_lr_multiplier(value) -> float:
 
 
 def scale_gradient(tensor: Tensor, scale: float) -> Tensor:
-    """`tensor`, bit for bit, whose gradient is multiplied by `scale` on its way back: plain tensor ops in
+    """`tensor`'s value, whose gradient is multiplied by `scale` on its way back: plain tensor ops in
     forward, which every copy of a module (deepcopy, pickle, torch.save, load_state_dict(assign=True)),
-    torch.compile, TorchScript and FX keep, where tensor hooks get lost. (frozen - tensor) is +0 exactly."""
+    torch.compile, TorchScript and FX keep, where tensor hooks get lost. Exact for finite values:
+    frozen - tensor is +0, and frozen - 0 * scale is frozen bit for bit (-0.0 included)."""
     if scale == 1.0:
         return tensor
     frozen = tensor.detach()
@@ -309,9 +310,9 @@ class DeformConv2dPack(DeformConv2d):
     The offset conv has 2*offset_groups*KH*KW channels (+ offset_groups*KH*KW mask logits when
     `modulated`), the same kernel, stride, padding and dilation, and starts at zero, so the layer
     starts as the plain convolution (modulated: times DCNv2's initial mask sigmoid(0) = 0.5).
-    `offset_lr_mult` (a finite number >= 0) scales the offset conv's
-    gradients, which under SGD is the paper's learning-rate multiplier for offset layers
-    (OffsetConv2d: it is applied in forward, so every copy of the module keeps it).
+    `offset_lr_mult` (a finite number >= 0) scales the offset conv's gradients, which under SGD is the
+    paper's learning-rate multiplier for offset layers; OffsetConv2d applies it in its forward, so every
+    copy of the module keeps it.
 
     forward(input [N, C, H, W]) -> [N, O, OH, OW]
     """
