@@ -12,6 +12,8 @@
 |                     |                              | (with a warning) instead of refusing it              |
 | DCN_TVM_TUNING_LOGS | the checkout's tuning_logs/, | tuned schedules (`dcn-tvm tune` records) that builds |
 |                     | else <cache dir>/tuning_logs | use; the default of `dcn-tvm tune --logs`            |
+| DCN_TVM_SCRATCH_MIB | 256                          | MiB of backward scratch each thread may keep between |
+|                     |                              | calls (dcn_tvm.ops.scratch); 0 keeps none            |
 
 Boolean variables take 1/0, true/false, yes/no or on/off in any case (empty means unset); any other
 value is a ValueError, never silently false.
@@ -67,3 +69,11 @@ def prebuilt_paths() -> list[str]:
 
 def allow_version_mismatch() -> bool:
     return _flag("DCN_TVM_ALLOW_VERSION_MISMATCH")
+
+
+def scratch_limit_bytes() -> int:
+    """The bytes of backward scratch each thread may keep (DCN_TVM_SCRATCH_MIB, a whole number of MiB)."""
+    value = os.environ.get("DCN_TVM_SCRATCH_MIB") or "256"
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError(f"DCN_TVM_SCRATCH_MIB={value!r} is not a whole number of MiB (>= 0)")
+    return int(value) << 20

@@ -6,6 +6,7 @@ A key reads e.g. `float32_o21_k7_g7_p7_sr4_nc21_scale0p0625_gamma0p1` (floats wi
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from dcn_tvm.geometry.arguments import finite, positive_int
@@ -76,6 +77,30 @@ class RoIPoolGeometry:
         )
 
 
+#: The largest finite and the smallest normal number of each accumulation dtype: spatial_scale and gamma
+#: become constants of that type in the kernels (a float32 constant beyond its range fails to compile).
+_FLOAT_RANGES = {"float32": ((2 - 2**-23) * 2.0**127, 2.0**-126), "float64": (sys.float_info.max, sys.float_info.min)}
+#: The largest sampling_ratio: a loop extent (an int32) of the kernels.
+_INT32_MAX = 2**31 - 1
+
+
+def _in_kernel_range(spatial_scale: float, gamma: float, sampling_ratio: int, dtype: str) -> None:
+    """The arguments that become constants of the kernels within their types (ValueError naming the
+    argument and the range): spatial_scale among the positive normal numbers of the accumulation dtype
+    (a subnormal may be flushed to zero), |gamma| among its finite ones, sampling_ratio an int32."""
+    acc = accumulation_dtype(dtype)
+    largest, smallest = _FLOAT_RANGES[acc]
+    if not smallest <= spatial_scale <= largest:
+        raise ValueError(f"spatial_scale must be in [{smallest!r}, {largest!r}] ({acc}'s normal range, the "
+                         f"kernel's float type), got {spatial_scale!r}")
+    if abs(gamma) > largest:
+        raise ValueError(f"gamma must be within ±{largest!r} ({acc}'s largest, the kernel's float type), "
+                         f"got {gamma!r}")
+    if sampling_ratio > _INT32_MAX:
+        raise ValueError(f"sampling_ratio must be at most {_INT32_MAX} (int32, the kernel's loop index), "
+                         f"got {sampling_ratio}")
+
+
 def resolve_layout(geo: RoIPoolGeometry, layout: str) -> str:
     """`layout` (one of LAYOUTS or "auto"), "auto" resolved: channels-last for group_size 1, where every
     channel samples a bin at the same points (its class's), so a vector of channels shares each
@@ -91,11 +116,13 @@ def resolve_layout(geo: RoIPoolGeometry, layout: str) -> str:
 def roi_pool_geometry(input_shape: tuple, rois: int, offset_shape: tuple | None, output_size, spatial_scale,
                       group_size, part_size, sampling_ratio, gamma, dtype: str) -> RoIPoolGeometry:
     """Check the shapes (input [N, C, H, W], `rois` RoIs, offset [R, 2*num_classes, part_size,
-    part_size] or None) and the arguments of a deform_roi_pool call in `dtype`, and return its geometry."""
+    part_size] or None) and the arguments of a deform_roi_pool call in `dtype` (those that become
+    constants of the kernels within their types), and return its geometry."""
     k, g = positive_int("output_size", output_size), positive_int("group_size", group_size)
     p = k if part_size is None else positive_int("part_size", part_size)
     s = positive_int("sampling_ratio", sampling_ratio)
     scale, gamma = finite("spatial_scale", spatial_scale, positive=True), finite("gamma", gamma)
+    _in_kernel_range(scale, gamma, s, dtype)
     channels = input_shape[1]
     if channels == 0 or channels % (g * g) != 0:
         raise ValueError(f"input channels ({channels}) must be a positive multiple of group_size² ({g * g})")

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from dcn_tvm import env, schedules
 from dcn_tvm.geometry.arguments import expect_shape as _expect_shape
+from dcn_tvm.geometry.arguments import finite as _finite
 from dcn_tvm.geometry.arguments import pair as _pair
 from dcn_tvm.geometry.arguments import positive_int as _positive
 from dcn_tvm.geometry.conv import ConvGeometry, conv_geometry, resolve_layout
@@ -150,8 +151,9 @@ def _backward_op(grad_output: Tensor, input: Tensor, offset: Tensor, mask: Tenso
     grad_weight, grad_bias = torch.empty_like(weight), weight.new_empty(weight.shape[0])
     get_kernel(_spec("backward_weight", geo, input))(*_present(input, offset, mask, grad_output), grad_weight,
                                                     grad_bias)
-    return (grad_input.to(input.dtype, memory_format=torch.contiguous_format), grad_offset, grad_mask, grad_weight,
-            grad_bias)
+    # Channels-last: a copy, never the scratch itself (the next call would overwrite a returned view).
+    grad_input = grad_input.to(input.dtype, memory_format=torch.contiguous_format, copy=channels_last)
+    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
 
 @_backward_op.register_fake
@@ -207,14 +209,63 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | 
     return _forward_op(input, offset, mask, weight, bias, list(geo.stride), list(geo.padding), list(geo.dilation))
 
 
-def init_offset_layer(layer: nn.Module, lr_mult: float) -> None:
-    """Zero `layer` (an offset predictor, so deformation starts at none) and multiply its gradients by
-    `lr_mult` (under SGD, the paper's learning-rate multiplier for offset layers)."""
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    if lr_mult != 1.0:
-        for parameter in layer.parameters():
-            parameter.register_hook(lambda grad: grad * lr_mult)
+def offset_lr_multiplier(value) -> float:
+    """`value` checked as an offset layer's learning-rate multiplier: a finite real number >= 0."""
+    multiplier = _finite("offset_lr_mult", value)
+    if multiplier < 0:
+        raise ValueError(f"offset_lr_mult must be >= 0, got {value!r}")
+    return multiplier
+
+
+def scale_gradient(tensor: Tensor, scale: float) -> Tensor:
+    """`tensor`'s value, whose gradient is multiplied by `scale` on its way back: plain tensor ops in
+    forward, which every copy of a module (deepcopy, pickle, torch.save, load_state_dict(assign=True)),
+    torch.compile, TorchScript and FX keep, where tensor hooks get lost. Exact for finite values:
+    frozen - tensor is +0, and frozen - 0 * scale is frozen bit for bit (-0.0 included)."""
+    if scale == 1.0:
+        return tensor
+    frozen = tensor.detach()
+    return frozen - (frozen - tensor) * scale
+
+
+class _OffsetLayer:
+    """What the offset layers share: zero initial parameters, `lr_mult` in their description."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lr_mult={self.lr_mult}"
+
+
+class OffsetConv2d(_OffsetLayer, nn.Conv2d):
+    """A conv that predicts offsets: it starts at zero (so deformation starts at none) and its weight and
+    bias gradients are multiplied by `lr_mult` (under SGD, the paper's learning-rate multiplier for offset
+    layers) in its forward, so that every copy of it keeps the multiplier."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 lr_mult: float = 1.0):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation)
+        self.lr_mult = offset_lr_multiplier(lr_mult)
+
+    def forward(self, input: Tensor) -> Tensor:
+        bias = self.bias
+        if bias is not None:
+            bias = scale_gradient(bias, self.lr_mult)
+        return self._conv_forward(input, scale_gradient(self.weight, self.lr_mult), bias)
+
+
+class OffsetLinear(_OffsetLayer, nn.Linear):
+    """A fully connected layer that predicts offsets, as OffsetConv2d."""
+
+    def __init__(self, in_features: int, out_features: int, lr_mult: float = 1.0):
+        super().__init__(in_features, out_features)
+        self.lr_mult = offset_lr_multiplier(lr_mult)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return nn.functional.linear(input, scale_gradient(self.weight, self.lr_mult),
+                                    scale_gradient(self.bias, self.lr_mult))
 
 
 class DeformConv2d(nn.Module):
@@ -259,8 +310,9 @@ class DeformConv2dPack(DeformConv2d):
     The offset conv has 2*offset_groups*KH*KW channels (+ offset_groups*KH*KW mask logits when
     `modulated`), the same kernel, stride, padding and dilation, and starts at zero, so the layer
     starts as the plain convolution (modulated: times DCNv2's initial mask sigmoid(0) = 0.5).
-    `offset_lr_mult` scales the offset conv's
-    gradients, which under SGD is the paper's learning-rate multiplier for offset layers.
+    `offset_lr_mult` (a finite number >= 0) scales the offset conv's gradients, which under SGD is the
+    paper's learning-rate multiplier for offset layers; OffsetConv2d applies it in its forward, so every
+    copy of the module keeps it.
 
     forward(input [N, C, H, W]) -> [N, O, OH, OW]
     """
@@ -273,10 +325,10 @@ class DeformConv2dPack(DeformConv2d):
         if in_channels % offset_groups != 0:
             raise ValueError(f"in_channels ({in_channels}) must be a multiple of offset_groups ({offset_groups})")
         points = offset_groups * self.kernel_size[0] * self.kernel_size[1]
-        self.offset_groups, self.modulated, self.offset_lr_mult = offset_groups, modulated, offset_lr_mult
-        self.conv_offset = nn.Conv2d(in_channels, points * (3 if modulated else 2), self.kernel_size,
-                                     self.stride, self.padding, self.dilation)
-        init_offset_layer(self.conv_offset, offset_lr_mult)
+        self.offset_groups, self.modulated = offset_groups, modulated
+        self.offset_lr_mult = offset_lr_multiplier(offset_lr_mult)
+        self.conv_offset = OffsetConv2d(in_channels, points * (3 if modulated else 2), self.kernel_size,
+                                        self.stride, self.padding, self.dilation, lr_mult=self.offset_lr_mult)
 
     def forward(self, input: Tensor) -> Tensor:
         out = self.conv_offset(input)

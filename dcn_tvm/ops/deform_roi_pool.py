@@ -21,7 +21,7 @@ from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key, target_kind
 from dcn_tvm.ops import dispatch
-from dcn_tvm.ops.deform_conv2d import init_offset_layer
+from dcn_tvm.ops.deform_conv2d import OffsetConv2d, OffsetLinear, offset_lr_multiplier
 from dcn_tvm.ops.scratch import scratch
 
 OP = "deform_roi_pool"
@@ -186,7 +186,8 @@ def _backward_op(grad_output: Tensor, input: Tensor, rois: Tensor, offset: Tenso
     else:
         grad_input = torch.zeros(input.shape, dtype=acc, device=input.device)
         get_kernel(_spec("scatter", geo, input))(*tables, grad_input)
-    return grad_input.to(input.dtype, memory_format=torch.contiguous_format), grad_offset
+    # Channels-last: a copy, never the scratch itself (the next call would overwrite a returned view).
+    return grad_input.to(input.dtype, memory_format=torch.contiguous_format, copy=channels_last), grad_offset
 
 
 @_backward_op.register_fake
@@ -248,7 +249,8 @@ class DeformRoIPool(nn.Module):
     Plain RoI pooling feeds a fc layer that predicts normalised offsets [R, 2, k, k] (zero-initialised,
     so the layer starts as plain pooling); the RoI is then pooled again with the bins moved by
     gamma * offset * (roi width, roi height). `offset_lr_mult` (the paper's beta, 0.01 for Faster
-    R-CNN) scales the fc's gradients, which under SGD is its learning-rate multiplier.
+    R-CNN; a finite number >= 0) scales the fc's gradients in forward (OffsetLinear), which under SGD is
+    its learning-rate multiplier.
 
     forward(input [N, C, H, W], rois [R, 5] or list of [L_i, 4]) -> [R, C, k, k]
     """
@@ -260,10 +262,9 @@ class DeformRoIPool(nn.Module):
         self.output_size = _positive_int("output_size", output_size)
         self.spatial_scale = _finite("spatial_scale", spatial_scale, positive=True)
         self.sampling_ratio = _positive_int("sampling_ratio", sampling_ratio)
-        self.gamma, self.offset_lr_mult = _finite("gamma", gamma), _finite("offset_lr_mult", offset_lr_mult)
+        self.gamma, self.offset_lr_mult = _finite("gamma", gamma), offset_lr_multiplier(offset_lr_mult)
         bins = output_size * output_size
-        self.offset_fc = nn.Linear(in_channels * bins, 2 * bins)
-        init_offset_layer(self.offset_fc, self.offset_lr_mult)
+        self.offset_fc = OffsetLinear(in_channels * bins, 2 * bins, lr_mult=self.offset_lr_mult)
 
     def forward(self, input: Tensor, rois) -> Tensor:
         rois = roi_rows(rois, input)
@@ -302,15 +303,14 @@ class DeformPSRoIPool(nn.Module):
         self.output_size = _positive_int("output_size", output_size)
         self.spatial_scale = _finite("spatial_scale", spatial_scale, positive=True)
         self.sampling_ratio = _positive_int("sampling_ratio", sampling_ratio)
-        self.gamma, self.offset_lr_mult = _finite("gamma", gamma), _finite("offset_lr_mult", offset_lr_mult)
+        self.gamma, self.offset_lr_mult = _finite("gamma", gamma), offset_lr_multiplier(offset_lr_mult)
         self.class_agnostic = class_agnostic
         bins = output_size * output_size
         offset_classes = 1 if class_agnostic else out_channels
         self.score_conv = nn.Conv2d(in_channels, bins * out_channels, 1)
-        self.offset_conv = nn.Conv2d(in_channels, bins * 2 * offset_classes, 1)
+        self.offset_conv = OffsetConv2d(in_channels, bins * 2 * offset_classes, 1, lr_mult=self.offset_lr_mult)
         nn.init.normal_(self.score_conv.weight, std=0.01)
         nn.init.zeros_(self.score_conv.bias)
-        init_offset_layer(self.offset_conv, self.offset_lr_mult)
 
     def forward(self, input: Tensor, rois) -> Tensor:
         rois = roi_rows(rois, input)
