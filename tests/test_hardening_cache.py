@@ -310,6 +310,7 @@ def test_a_dropped_kernel_runs_while_held_is_unloaded_when_released_and_loads_ag
     assert _mapped(library) and compiled == []
     run_scatter(cache.get_kernel(SPEC64), torch.float64)  # drops SPEC's kernel
     assert list(cache._kernels) == [SPEC64.key]
+    assert _mapped(cache.cache_path(SPEC64))  # compiled, stored, and served from the stored library
     run_scatter(held)  # a caller's reference keeps its library loaded
     del held
     gc.collect()

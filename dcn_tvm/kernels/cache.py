@@ -13,7 +13,9 @@ DCN_TVM_LOCK_TIMEOUT (stopped, or stuck; the wait names it and its pid). Staged 
 killed writer are removed when their folder is next written.
 
 In memory, a process keeps the DCN_TVM_KERNELS_IN_MEMORY most recently used kernels; a dropped one is
-unloaded once no caller holds it, and resolved again when next asked for.
+unloaded once no caller holds it, and resolved again when next asked for. A kernel just compiled and
+stored is served from its stored library: the compiler's in-memory module takes about 20 times the
+memory (2.4 MiB against 0.1 MiB for a small CPU convolution).
 """
 
 from __future__ import annotations
@@ -103,10 +105,11 @@ class _OpenToOthers(Exception):
 
 def _open_to_others(path: Path) -> str | None:
     """How another user could change `path` (owned by them, or writable by everyone), or None.
-    Missing paths are None; a symlink's own mode means nothing, its owner does."""
+    Paths that cannot be reached are None (nothing loads from them); a symlink's own mode means
+    nothing, its owner does."""
     try:
         info = os.lstat(path)
-    except FileNotFoundError:
+    except OSError:
         return None
     if info.st_uid not in (0, os.geteuid()):
         return f"{path} is owned by uid {info.st_uid}"
@@ -298,7 +301,9 @@ def _from_disk(spec: KernelSpec, library: Path):
             _store(executable, library)
         except OSError as error:
             _warn_unwritable(spec, library, error)
-        return executable["main"]
+            return executable["main"]
+        kernel = _load(library)  # a loaded library takes a small part of the compiler's in-memory module
+        return executable["main"] if kernel is None else kernel
     finally:
         _unlock(lock)
 
