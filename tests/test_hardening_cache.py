@@ -208,6 +208,7 @@ def test_a_stopped_lock_holder_is_named_and_waited_for_only_so_long(library, mon
     try:
         assert holder.stdout.readline() == "locked\n"
         os.kill(holder.pid, signal.SIGSTOP)  # Ctrl-Z, or a debugger's breakpoint
+        os.waitpid(holder.pid, os.WUNTRACED)  # until it has stopped
         result, start = [], time.monotonic()
         with pytest.warns(UserWarning, match=rf"{lock} is still held by process {holder.pid} \(stopped\) after 1 s "
                                              rf"\(stopped, or stuck\?\); compiling {SPEC.key} in memory"):
