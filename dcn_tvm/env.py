@@ -3,6 +3,7 @@
 | variable            | default                      | meaning                                              |
 |---------------------|------------------------------|------------------------------------------------------|
 | DCN_TVM_CACHE_DIR   | ~/.cache/dcn_tvm             | on-disk cache of compiled kernels                    |
+|                     | (no home: <temp>/dcn_tvm-UID)| (used only if no other user can write it)            |
 | DCN_TVM_NO_DISK_CACHE | 0                          | 1: compile in every process, never read/write disk   |
 | DCN_TVM_SHAPES      | static                       | static: one kernel per shape; dynamic: one kernel per|
 |                     |                              | layer for every batch/height/width                   |
@@ -14,6 +15,10 @@
 |                     | else <cache dir>/tuning_logs | use; the default of `dcn-tvm tune --logs`            |
 | DCN_TVM_SCRATCH_MIB | 256                          | MiB of backward scratch each thread may keep between |
 |                     |                              | calls (dcn_tvm.ops.scratch); 0 keeps none            |
+| DCN_TVM_LOCK_TIMEOUT | 120                         | seconds to wait for another process's lock on a disk |
+|                     |                              | cache entry, then compile in memory (inf: forever)   |
+| DCN_TVM_KERNELS_IN_MEMORY | 128                    | kernels each process keeps loaded; the least recently|
+|                     |                              | used beyond it are unloaded (reloaded on next use)   |
 
 Boolean variables take 1/0, true/false, yes/no or on/off in any case (empty means unset); any other
 value is a ValueError, never silently false.
@@ -22,11 +27,20 @@ value is a ValueError, never silently false.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DCN_TVM_CACHE_DIR") or Path.home() / ".cache" / "dcn_tvm")
+    """DCN_TVM_CACHE_DIR, else ~/.cache/dcn_tvm; where the home directory is unknown (no HOME and no
+    passwd entry: an arbitrary container uid), <temp dir>/dcn_tvm-<uid> (the kernel cache checks that
+    no other user can write it)."""
+    if os.environ.get("DCN_TVM_CACHE_DIR"):
+        return Path(os.environ["DCN_TVM_CACHE_DIR"])
+    try:
+        return Path.home() / ".cache" / "dcn_tvm"
+    except RuntimeError:
+        return Path(tempfile.gettempdir()) / f"dcn_tvm-{os.geteuid()}"
 
 
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
@@ -77,3 +91,25 @@ def scratch_limit_bytes() -> int:
     if not (value.isascii() and value.isdigit()):
         raise ValueError(f"DCN_TVM_SCRATCH_MIB={value!r} is not a whole number of MiB (>= 0)")
     return int(value) << 20
+
+
+def lock_timeout() -> float:
+    """Seconds to wait for another process's lock on a disk cache entry (DCN_TVM_LOCK_TIMEOUT, default 120)."""
+    value = os.environ.get("DCN_TVM_LOCK_TIMEOUT", "")
+    try:
+        seconds = float(value) if value else 120.0
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"DCN_TVM_LOCK_TIMEOUT={value!r} is not a number of seconds >= 0 (inf waits forever)")
+    return seconds
+
+
+def kernels_in_memory() -> int:
+    """How many kernels a process keeps loaded (DCN_TVM_KERNELS_IN_MEMORY, default 128)."""
+    value = os.environ.get("DCN_TVM_KERNELS_IN_MEMORY", "")
+    if not value:
+        return 128
+    if not (value.isdigit() and int(value) >= 1):
+        raise ValueError(f"DCN_TVM_KERNELS_IN_MEMORY={value!r} is not a whole number >= 1")
+    return int(value)
