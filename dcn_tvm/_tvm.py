@@ -7,7 +7,10 @@ modules it drives); running a kernel needs `tvm_ffi` alone. The import is lazy, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import tempfile
 
 
 class CompilerUnavailable(RuntimeError):
@@ -18,12 +21,28 @@ class CompilerUnavailable(RuntimeError):
 def tvm():
     """The `tvm` module, imported on first use."""
     try:
-        import tvm as module
+        with _cache_home_without_a_home():
+            import tvm as module
     except ImportError as error:
         raise CompilerUnavailable(
             "compiling a dcn_tvm kernel needs the TVM compiler: pip install 'apache-tvm==0.27.0.post1'"
         ) from error
     return module
+
+
+@contextlib.contextmanager
+def _cache_home_without_a_home():
+    """`import tvm` asks for the home directory (tvm.contrib.pickle_memoize's cache folder, which dcn_tvm
+    never uses) and raises where there is none (an arbitrary container uid with no HOME and no passwd
+    entry): point XDG_CACHE_HOME at a folder name in the temporary directory for the import alone."""
+    if "XDG_CACHE_HOME" in os.environ or os.path.expanduser("~") != "~":
+        yield
+        return
+    os.environ["XDG_CACHE_HOME"] = os.path.join(tempfile.gettempdir(), f"dcn_tvm-{os.geteuid()}-unused")
+    try:
+        yield
+    finally:
+        del os.environ["XDG_CACHE_HOME"]
 
 
 def submodule(name: str):

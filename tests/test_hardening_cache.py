@@ -260,9 +260,8 @@ if os.geteuid() == 0:  # that folder taken by another user: not used
 
 @pytest.mark.slow  # a fresh interpreter that imports TVM: about 12 s
 def test_without_a_home_directory_kernels_are_cached_in_a_temp_folder_of_the_user(tmp_path):
-    # XDG_CACHE_HOME: `import tvm` itself asks for the home directory otherwise (tvm.contrib.pickle_memoize)
-    environment = {**os.environ, "TMPDIR": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
-    for name in ("HOME", "DCN_TVM_CACHE_DIR", "DCN_TVM_NO_DISK_CACHE"):
+    environment = {**os.environ, "TMPDIR": str(tmp_path)}
+    for name in ("HOME", "XDG_CACHE_HOME", "DCN_TVM_CACHE_DIR", "DCN_TVM_NO_DISK_CACHE"):
         environment.pop(name, None)
     result = subprocess.run([sys.executable, "-c", NO_HOME], env=environment, capture_output=True, text=True,
                             timeout=300)

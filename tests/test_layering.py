@@ -18,7 +18,7 @@ FOLDERS = {"dcn_tvm": ROOT / "dcn_tvm", "dcn_tvm.schedules": ROOT / "schedules",
 LAYERS = (
     ("TVM gateway", ("dcn_tvm._tvm",)),
     ("base types and settings", (
-        "dcn_tvm.env", "dcn_tvm.cuda_limits", "dcn_tvm.render", "dcn_tvm.templates",
+        "dcn_tvm.env", "dcn_tvm.forksafe", "dcn_tvm.cuda_limits", "dcn_tvm.render", "dcn_tvm.templates",
         "dcn_tvm.geometry", "dcn_tvm.geometry.arguments", "dcn_tvm.geometry.conv", "dcn_tvm.geometry.dtypes",
         "dcn_tvm.geometry.roi_pool",
     )),

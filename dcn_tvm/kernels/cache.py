@@ -31,7 +31,6 @@ import logging
 import os
 import stat
 import tempfile
-import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from dcn_tvm import env
 from dcn_tvm._tvm import CompilerUnavailable
+from dcn_tvm.forksafe import ForkSafeLock
 from dcn_tvm.kernels import prebuilt
 from dcn_tvm.kernels.runtime import digest, load_tvm_runtime, load_verified
 from dcn_tvm.kernels.spec import KernelSpec
@@ -49,16 +49,13 @@ log = logging.getLogger("dcn_tvm")
 STALE_STAGING_AGE = 600
 _kernels: OrderedDict[str, object] = OrderedDict()  # least recently used first
 _dropped: set[str] | None = set()  # keys dropped from _kernels, until one is needed again (said once)
-_lock = threading.Lock()
+_lock = ForkSafeLock()  # unheld again in a forked child (dcn_tvm.forksafe)
 _entry_locks: set = set()  # the .lock files this process holds open
 
 
 def _after_fork_in_child() -> None:
-    """Free the locks a thread of the parent held at the fork: that thread does not exist in the child,
-    so it would never release them. Closing the child's copies of the entry lock files leaves the
-    parent's locks held until the parent releases them."""
-    global _lock
-    _lock = threading.Lock()
+    """Close the child's copies of the entry lock files a thread of the parent held at the fork: that
+    thread does not exist in the child, and the parent's locks stay held until the parent releases them."""
     for handle in _entry_locks:
         handle.close()
     _entry_locks.clear()

@@ -19,11 +19,11 @@ import json
 import logging
 import os
 import stat
-import threading
 import warnings
 from pathlib import Path
 
 from dcn_tvm import env
+from dcn_tvm.forksafe import ForkSafeLock
 from dcn_tvm.kernels import manifest as mf
 from dcn_tvm.kernels.runtime import (installed_runtime, load_runtime_verified, load_tvm_runtime, load_verified,
                                      runtime_names)
@@ -79,7 +79,7 @@ class PrebuiltPackage:
         self._check_versions()
         self._check_files()
         self._modules: dict[str, object] = {}
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
 
     def __repr__(self) -> str:
         return f"PrebuiltPackage({self.root})"

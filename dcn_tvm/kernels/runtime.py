@@ -12,12 +12,13 @@ import hashlib
 import importlib.util
 import os
 import tempfile
-import threading
 from pathlib import Path
+
+from dcn_tvm.forksafe import ForkSafeLock
 
 #: The runtime libraries dlopened in this process, by name.
 _loaded: set[str] = set()
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 
 
 def runtime_names(cuda: bool) -> list[str]:

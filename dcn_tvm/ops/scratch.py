@@ -25,6 +25,7 @@ import weakref
 import torch
 
 from dcn_tvm import env
+from dcn_tvm.forksafe import ForkSafeLock
 
 
 class _Buffers:
@@ -36,7 +37,7 @@ class _Buffers:
 
 _local = threading.local()
 _every_thread = weakref.WeakSet()  # each live thread's _Buffers (a thread's end frees its own)
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 
 
 def _thread_buffers() -> dict[tuple[str, torch.dtype], torch.Tensor]:

@@ -14,10 +14,10 @@ import json
 import logging
 import os
 import tempfile
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from dcn_tvm.forksafe import ForkSafeLock
 from dcn_tvm.kernels.records import Records, median, version
 
 log = logging.getLogger("dcn_tvm")
@@ -26,8 +26,8 @@ KEEP = 3
 #: run_secs at or above this mark a failed measurement (MetaSchedule stores failures as 1e10 s).
 FAILED_SECS = 1e9
 #: Per folder: a lock for this process's threads, and [the open .lock file, how deeply it is held].
-_folder_locks: dict[str, tuple[threading.RLock, list]] = {}
-_folder_locks_guard = threading.Lock()
+_folder_locks: dict[str, tuple[ForkSafeLock, list]] = {}
+_folder_locks_guard = ForkSafeLock()
 
 
 class RecordsVersionError(RuntimeError):
@@ -61,7 +61,7 @@ class Store(Records):
     def locked(self):
         """Be the folder's only writer while inside: other processes and threads wait (reentrant)."""
         with _folder_locks_guard:
-            thread_lock, held = _folder_locks.setdefault(str(self.folder), (threading.RLock(), [None, 0]))
+            thread_lock, held = _folder_locks.setdefault(str(self.folder), (ForkSafeLock(reentrant=True), [None, 0]))
         with thread_lock:
             if held[1] == 0:
                 try:
