@@ -296,10 +296,9 @@ class DeformConv2d(nn.Module):
             nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
     def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
-        if not torch.jit.is_scripting():
-            leaf = fx_leaf(self, input, offset, mask)
-            if leaf is not None:
-                return leaf
+        leaf = None if torch.jit.is_scripting() else fx_leaf(self, input, offset, mask)
+        if leaf is not None:
+            return leaf
         return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
 
     def extra_repr(self) -> str:
@@ -333,10 +332,9 @@ class DeformConv2dPack(DeformConv2d):
         init_offset_layer(self.conv_offset, offset_lr_mult)
 
     def forward(self, input: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():
-            leaf = fx_leaf(self, input)
-            if leaf is not None:
-                return leaf
+        leaf = None if torch.jit.is_scripting() else fx_leaf(self, input)
+        if leaf is not None:
+            return leaf
         out = self.conv_offset(input)
         points = self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
         mask: Tensor | None = torch.sigmoid(out[:, 2 * points :]) if self.modulated else None

@@ -283,10 +283,9 @@ class DeformRoIPool(nn.Module):
         init_offset_layer(self.offset_fc, self.offset_lr_mult)
 
     def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
-        if not torch.jit.is_scripting():
-            leaf = fx_leaf(self, input, rois)
-            if leaf is not None:
-                return leaf
+        leaf = None if torch.jit.is_scripting() else fx_leaf(self, input, rois)
+        if leaf is not None:
+            return leaf
         rows, k = roi_rows(rois, input), self.output_size
         plain = deform_roi_pool(input, rows, None, k, self.spatial_scale, sampling_ratio=self.sampling_ratio,
                                 gamma=self.gamma)
@@ -333,10 +332,9 @@ class DeformPSRoIPool(nn.Module):
         init_offset_layer(self.offset_conv, self.offset_lr_mult)
 
     def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
-        if not torch.jit.is_scripting():
-            leaf = fx_leaf(self, input, rois)
-            if leaf is not None:
-                return leaf
+        leaf = None if torch.jit.is_scripting() else fx_leaf(self, input, rois)
+        if leaf is not None:
+            return leaf
         rows, k = roi_rows(rois, input), self.output_size
         offset = deform_roi_pool(self.offset_conv(input), rows, None, k, self.spatial_scale, k,
                                  sampling_ratio=self.sampling_ratio, gamma=self.gamma)
