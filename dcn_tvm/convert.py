@@ -32,7 +32,8 @@ def convert_torchvision(model: nn.Module) -> list[str]:
 
     The new module holds the same weight and bias Parameters (not copies), so device, dtype,
     `requires_grad`, state_dict names and an optimizer built on them carry over; its training mode
-    is the old one's. Only modules of exactly torchvision's class are swapped (a subclass may
+    is the old one's. torchvision's feature extractor (torch.fx) sees the same nodes as before: each
+    new module is one node named by its path, as torchvision's was. Only modules of exactly torchvision's class are swapped (a subclass may
     override forward); hooks registered on a swapped module are not carried over. Calls to the
     functional `torchvision.ops.deform_conv2d` in a forward cannot be swapped this way.
 

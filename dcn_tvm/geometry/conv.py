@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dcn_tvm.geometry.arguments import expect_shape, pair
+from dcn_tvm.geometry.arguments import ShapeError, expect_shape, pair
 from dcn_tvm.geometry.dtypes import accumulation_dtype
 
 
@@ -71,27 +71,33 @@ def conv_geometry(input_shape: tuple, offset_shape: tuple, weight_shape: tuple, 
                   stride, padding, dilation, dtype: str) -> ConvGeometry:
     """Check the shapes (input [N, C, H, W], offset [N, 2*offset_groups*KH*KW, OH, OW], weight
     [O, C/groups, KH, KW], mask [N, offset_groups*KH*KW, OH, OW] or None) and the stride, padding and
-    dilation of a deform_conv2d call in `dtype`, and return the layer's static geometry."""
+    dilation of a deform_conv2d call in `dtype`, and return the layer's static geometry.
+
+    A wrong shape raises ShapeError (ValueError and RuntimeError); the checks run in torchvision's
+    order, and the offset's and mask's channel errors name the same thing as torchvision's."""
     stride, padding, dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1)
     n, c, h, w = input_shape
     o, c_per_group, kh, kw = weight_shape
     if c == 0:
-        raise ValueError(f"input must have at least one channel, got shape {tuple(input_shape)}")
+        raise ShapeError(f"input must have at least one channel, got shape {tuple(input_shape)}")
+    if offset_shape[1] == 0 or offset_shape[1] % (2 * kh * kw) != 0:
+        raise ShapeError(f"the shape of the offset tensor at dimension 1 is not valid: offset.shape[1] must be a "
+                         f"positive multiple of 2*KH*KW = {2 * kh * kw}, got {offset_shape[1]}")
     if c_per_group == 0 or c % c_per_group != 0:
-        raise ValueError(f"input channels ({c}) must be a multiple of weight.shape[1] ({c_per_group})")
+        raise ShapeError(f"input channels ({c}) must be a multiple of weight.shape[1] ({c_per_group})")
     groups = c // c_per_group
     if o % groups != 0:
-        raise ValueError(f"out channels ({o}) must be a multiple of groups ({groups} = {c} // {c_per_group})")
-    if offset_shape[1] == 0 or offset_shape[1] % (2 * kh * kw) != 0:
-        raise ValueError(f"offset.shape[1] must be a positive multiple of 2*KH*KW = {2 * kh * kw}, "
-                         f"got {offset_shape[1]}")
+        raise ShapeError(f"out channels ({o}) must be a multiple of groups ({groups} = {c} // {c_per_group})")
     offset_groups = offset_shape[1] // (2 * kh * kw)
+    if mask_shape is not None and mask_shape[1] != offset_groups * kh * kw:
+        raise ShapeError(f"mask.shape[1] is not valid: mask must have offset_groups*KH*KW = {offset_groups * kh * kw} "
+                         f"channels (offset_groups = {offset_groups} from offset.shape[1]), got {mask_shape[1]}")
     if c % offset_groups != 0:
-        raise ValueError(f"input channels ({c}) must be a multiple of offset groups ({offset_groups})")
+        raise ShapeError(f"input channels ({c}) must be a multiple of offset groups ({offset_groups})")
     geo = ConvGeometry(c, o, (kh, kw), stride, padding, dilation, groups, offset_groups, mask_shape is not None, dtype)
     oh, ow = geo.output_size(h, w)
     if oh <= 0 or ow <= 0:
-        raise ValueError(f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding} "
+        raise ShapeError(f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding} "
                          f"and dilation {dilation}: the output would be {oh}x{ow}")
     expect_shape("offset", offset_shape, (n, 2 * offset_groups * kh * kw, oh, ow), "N, 2*offset_groups*KH*KW, OH, OW")
     expect_shape("mask", mask_shape, (n, offset_groups * kh * kw, oh, ow), "N, offset_groups*KH*KW, OH, OW")

@@ -2,6 +2,10 @@
 
 `deform_conv2d` has torchvision's signature, semantics and offset layout. The compiled TVM kernels
 run zero-copy on the caller's tensors (DLPack), on the current CUDA stream.
+
+The functionals and modules script (torch.jit.script: the Python checks are skipped there, and the
+ops check every argument again when they run) and trace (torch.fx: a module is one call_module node,
+as torch.nn's layers are; a functional traced through is its op's node).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from dcn_tvm import env, schedules
+from dcn_tvm.geometry.arguments import ShapeError
 from dcn_tvm.geometry.arguments import expect_shape as _expect_shape
 from dcn_tvm.geometry.arguments import finite as _finite
 from dcn_tvm.geometry.arguments import pair as _pair
@@ -34,13 +39,14 @@ def _check_tensor(name: str, value, rank: int, optional: bool = False) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dim() != rank:
-        raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(value.shape)}")
+        raise ShapeError(f"{name} must have {rank} dimensions, got shape {tuple(value.shape)}")
 
 
 def geometry(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None, stride, padding,
              dilation) -> ConvGeometry:
-    """Check the tensors of deform_conv2d (kind, rank, dtype, device), then their shapes and the other
-    arguments (dcn_tvm.geometry.conv), and return the layer's static geometry."""
+    """Check the tensors of deform_conv2d (kind, rank, input dtype), their shapes and the other arguments
+    (dcn_tvm.geometry.conv), then the other tensors' dtype and device, as torchvision does shapes first;
+    return the layer's static geometry."""
     _check_tensor("input", input, 4)
     _check_tensor("offset", offset, 4)
     _check_tensor("weight", weight, 4)
@@ -48,6 +54,8 @@ def geometry(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None,
     if input.dtype not in _TORCH_DTYPES:
         raise TypeError(f"input must have a floating dtype among {DTYPES}, got {input.dtype}")
     dtype = dispatch.compute_dtype(input)
+    geo = conv_geometry(input.shape, offset.shape, weight.shape, None if mask is None else mask.shape, stride,
+                        padding, dilation, _TORCH_DTYPES[dtype])
     for name, value in (("offset", offset), ("weight", weight), ("mask", mask)):
         if value is not None and dispatch.compute_dtype(value) != dtype:
             raise TypeError(f"{name} must have the input's dtype {input.dtype}, got {value.dtype}")
@@ -55,8 +63,15 @@ def geometry(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None,
             raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
     if input.device.type not in ("cpu", "cuda"):
         raise ValueError(f"dcn_tvm runs on cpu and cuda devices, got {input.device}")
-    return conv_geometry(input.shape, offset.shape, weight.shape, None if mask is None else mask.shape, stride,
-                         padding, dilation, _TORCH_DTYPES[dtype])
+    return geo
+
+
+def _check_bias(bias: Tensor, input: Tensor, geo: ConvGeometry) -> None:
+    _check_tensor("bias", bias, 1)
+    if dispatch.compute_dtype(bias) != dispatch.compute_dtype(input) or bias.device != input.device:
+        raise TypeError(f"bias must have the input's dtype {input.dtype} on {input.device}, "
+                        f"got {bias.dtype} on {bias.device}")
+    _expect_shape("bias", bias.shape, (geo.out_channels,), "O")
 
 
 def _spec(stage: str, geo: ConvGeometry, input: Tensor) -> KernelSpec:
@@ -99,6 +114,7 @@ def _forward_op(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tens
                 stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
     input, offset, mask, weight, bias = _contiguous(input, offset, mask, weight, bias)
     geo = geometry(input, offset, weight, mask, stride, padding, dilation)
+    _check_bias(bias, input, geo)
     oh, ow = geo.output_size(input.shape[2], input.shape[3])
     output = input.new_empty(input.shape[0], geo.out_channels, oh, ow)
     if output.numel() == 0 or input.numel() == 0:  # no images, output channels or pixels: only the bias
@@ -182,8 +198,44 @@ dispatch.register("deform_conv2d", autocast=True)
 dispatch.register("deform_conv2d_backward", autocast=False)
 
 
+def is_fx_traced(*values) -> bool:
+    """Whether a value (or an element of a list or tuple value) is a torch.fx Proxy: under symbolic
+    tracing, where tensors have no shapes to check."""
+    return any(isinstance(v, torch.fx.Proxy) or isinstance(v, (list, tuple)) and is_fx_traced(*v) for v in values)
+
+
+def fx_leaf(module: nn.Module, *args):
+    """Under torch.fx symbolic tracing, `module` called on `args` recorded as one call_module node, as FX
+    records torch.nn's layers (torchvision's feature extractor then names it by the module's path, as
+    it does its own ops' layers); None otherwise, and for the root module, whose forward FX traces."""
+    proxy = next((a for a in args if isinstance(a, torch.fx.Proxy)), None)
+    if proxy is None:
+        return None
+    path = proxy.tracer.path_of_module(module)
+    return proxy.tracer.create_proxy("call_module", path, args, {}) if path else None
+
+
+def _check_arguments(input, offset, weight, bias, mask, stride, padding, dilation):
+    """Check a Python call's arguments before dispatch; return stride, padding and dilation as pairs.
+    Under torch.fx tracing only the numbers are checked (the op checks the tensors when it runs)."""
+    conv = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    if not is_fx_traced(input, offset, weight, bias, mask):
+        geo = geometry(input, offset, weight, mask, *conv)
+        if bias is not None:
+            _check_bias(bias, input, geo)
+    return conv
+
+
+def _int_list(value: int | tuple[int, int]) -> list[int]:
+    """stride, padding or dilation as the op's [height, width]."""
+    if isinstance(value, int):
+        return [value, value]
+    return [value[0], value[1]]
+
+
 def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,
-                  stride=(1, 1), padding=(0, 0), dilation=(1, 1), mask: Tensor | None = None) -> Tensor:
+                  stride: int | tuple[int, int] = (1, 1), padding: int | tuple[int, int] = (0, 0),
+                  dilation: int | tuple[int, int] = (1, 1), mask: Tensor | None = None) -> Tensor:
     """Deformable convolution (DCNv1; DCNv2 with `mask`), a drop-in for torchvision.ops.deform_conv2d.
 
     Args:
@@ -197,16 +249,14 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | 
 
     A sample at (y, x) is bilinear with every corner outside the image read as zero, and counts only
     when -1 < y < H and -1 < x < W. Returns Tensor[N, O, OH, OW].
+    Wrong shapes raise ShapeError, a ValueError and a RuntimeError (torchvision raises RuntimeError).
     """
-    _check_tensor("bias", bias, 1, optional=True)
-    geo = geometry(input, offset, weight, mask, stride, padding, dilation)
+    if not torch.jit.is_scripting():
+        stride, padding, dilation = _check_arguments(input, offset, weight, bias, mask, stride, padding, dilation)
     if bias is None:
-        bias = weight.new_zeros(weight.shape[0])
-    elif dispatch.compute_dtype(bias) != dispatch.compute_dtype(input) or bias.device != input.device:
-        raise TypeError(f"bias must have the input's dtype {input.dtype} on {input.device}, "
-                        f"got {bias.dtype} on {bias.device}")
-    _expect_shape("bias", bias.shape, (geo.out_channels,), "O")
-    return _forward_op(input, offset, mask, weight, bias, list(geo.stride), list(geo.padding), list(geo.dilation))
+        bias = weight.new_zeros([weight.shape[0]])
+    return torch.ops.dcn_tvm.deform_conv2d(input, offset, mask, weight, bias, _int_list(stride), _int_list(padding),
+                                           _int_list(dilation))
 
 
 def offset_lr_multiplier(value) -> float:
@@ -277,7 +327,7 @@ class DeformConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True):
         super().__init__()
-        _positive("groups", groups)
+        groups = _positive("groups", groups)
         if in_channels % groups != 0 or out_channels % groups != 0:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
                              f"multiples of groups ({groups})")
@@ -297,6 +347,9 @@ class DeformConv2d(nn.Module):
             nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
     def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
+        leaf = None if torch.jit.is_scripting() else fx_leaf(self, input, offset, mask)
+        if leaf is not None:
+            return leaf
         return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
 
     def extra_repr(self) -> str:
@@ -331,9 +384,11 @@ class DeformConv2dPack(DeformConv2d):
                                         self.stride, self.padding, self.dilation, lr_mult=self.offset_lr_mult)
 
     def forward(self, input: Tensor) -> Tensor:
+        leaf = None if torch.jit.is_scripting() else fx_leaf(self, input)
+        if leaf is not None:
+            return leaf
         out = self.conv_offset(input)
-        if not self.modulated:
-            return super().forward(input, out)
         points = self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
-        offset, logits = out[:, : 2 * points], out[:, 2 * points :]
-        return super().forward(input, offset, torch.sigmoid(logits))
+        mask: Tensor | None = torch.sigmoid(out[:, 2 * points :]) if self.modulated else None
+        return deform_conv2d(input, out[:, : 2 * points], self.weight, self.bias, self.stride, self.padding,
+                             self.dilation, mask)

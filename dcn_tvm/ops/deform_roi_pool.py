@@ -5,6 +5,7 @@ One operator covers the paper's four RoI poolings (§2.2): `group_size=1` pools 
 original DeformablePSROIPooling's (see `dcn_tvm.compute.deform_roi_pool`). The compiled TVM kernels
 run zero-copy on the caller's tensors (DLPack), on the current CUDA stream; they are compiled for
 every RoI count at once (R is symbolic), so a changing number of proposals never recompiles.
+The functional and the modules script and trace as deform_conv2d's do (dcn_tvm.ops.deform_conv2d).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key, target_kind
 from dcn_tvm.ops import dispatch
-from dcn_tvm.ops.deform_conv2d import OffsetConv2d, OffsetLinear, offset_lr_multiplier
+from dcn_tvm.ops.deform_conv2d import OffsetConv2d, OffsetLinear, fx_leaf, is_fx_traced, offset_lr_multiplier
 from dcn_tvm.ops.scratch import scratch
 
 OP = "deform_roi_pool"
@@ -37,26 +38,36 @@ def _check_tensor(name: str, value, rank: int, input: Tensor) -> None:
         raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
 
 
-def roi_rows(rois, input: Tensor) -> Tensor:
-    """rois as one [R, 5] tensor of (batch_index, x1, y1, x2, y2) rows.
-
-    Accepts that tensor itself, or a list of [L_i, 4] box tensors, one per image (torchvision's
-    format), whose rows get batch index i.
-    """
+def _check_boxes(rois, input: Tensor) -> None:
+    """rois must be a tensor (checked later) or a list of [L_i, 4] box tensors on input's device."""
     if isinstance(rois, Tensor):
-        return rois
+        return
     if not isinstance(rois, (list, tuple)):
         raise TypeError(f"rois must be a Tensor[R, 5] or a list of Tensor[L, 4], got {type(rois).__name__}")
-    rows = []
     for index, boxes in enumerate(rois):
         _check_tensor(f"rois[{index}]", boxes, 2, input)
         if boxes.shape[1] != 4:
             raise ValueError(f"rois[{index}] must have shape [L, 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+
+
+@torch.fx.wrap
+def roi_rows(rois: Tensor | list[Tensor], input: Tensor) -> Tensor:
+    """rois as one [R, 5] tensor of (batch_index, x1, y1, x2, y2) rows.
+
+    Accepts that tensor itself, or a list of [L_i, 4] box tensors, one per image (torchvision's
+    format), whose rows get batch index i. One node under torch.fx tracing (rois may be either).
+    """
+    if not torch.jit.is_scripting():
+        _check_boxes(rois, input)
+    if isinstance(rois, Tensor):
+        return rois
+    rows = []
+    for index, boxes in enumerate(rois):
         # At least float32, which holds every batch index exactly (bfloat16 stops at 256).
         dtype = torch.promote_types(boxes.dtype, torch.float32)
-        rows.append(torch.cat([boxes.new_full((boxes.shape[0], 1), index, dtype=dtype), boxes.to(dtype)], dim=1))
-    if not rows:
-        return input.new_zeros(0, 5)
+        rows.append(torch.cat([boxes.new_full([boxes.shape[0], 1], index, dtype=dtype), boxes.to(dtype)], dim=1))
+    if len(rows) == 0:
+        return input.new_zeros([0, 5])
     return torch.cat(rows)
 
 
@@ -214,7 +225,7 @@ dispatch.register("deform_roi_pool", autocast=True)
 dispatch.register("deform_roi_pool_backward", autocast=False)
 
 
-def deform_roi_pool(input: Tensor, rois, offset: Tensor | None = None, output_size: int = 7,
+def deform_roi_pool(input: Tensor, rois: Tensor | list[Tensor], offset: Tensor | None = None, output_size: int = 7,
                     spatial_scale: float = 1.0, group_size: int = 1, part_size: int | None = None,
                     sampling_ratio: int = 4, gamma: float = 0.1) -> Tensor:
     """(Deformable) (position-sensitive) RoI pooling, as the original DeformablePSROIPooling.
@@ -237,10 +248,16 @@ def deform_roi_pool(input: Tensor, rois, offset: Tensor | None = None, output_si
     Returns Tensor[R, out_channels, k, k]: every bin the mean of its samples inside the image.
     Batch indices outside [0, N) raise ValueError (checking them synchronises with the device).
     """
-    rois = roi_rows(rois, input)
-    geo = geometry(input, rois, offset, output_size, spatial_scale, group_size, part_size, sampling_ratio, gamma)
-    return _forward_op(input, rois, offset, geo.output_size, geo.spatial_scale, geo.group_size,
-                       geo.part_size or geo.output_size, geo.sampling_ratio, geo.gamma)
+    rows = roi_rows(rois, input)
+    part = output_size if part_size is None else part_size
+    if not torch.jit.is_scripting():
+        if not is_fx_traced(input, rows, offset):  # checked before dispatch, the numbers as the op's
+            geo = geometry(input, rows, offset, output_size, spatial_scale, group_size, part_size, sampling_ratio,
+                           gamma)
+            output_size, spatial_scale, group_size = geo.output_size, geo.spatial_scale, geo.group_size
+            part, sampling_ratio, gamma = geo.part_size or geo.output_size, geo.sampling_ratio, geo.gamma
+    return torch.ops.dcn_tvm.deform_roi_pool(input, rows, offset, output_size, spatial_scale, group_size, part,
+                                             sampling_ratio, gamma)
 
 
 class DeformRoIPool(nn.Module):
@@ -266,14 +283,16 @@ class DeformRoIPool(nn.Module):
         bins = output_size * output_size
         self.offset_fc = OffsetLinear(in_channels * bins, 2 * bins, lr_mult=self.offset_lr_mult)
 
-    def forward(self, input: Tensor, rois) -> Tensor:
-        rois = roi_rows(rois, input)
-        k = self.output_size
-        pool = dict(output_size=k, spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
-                    gamma=self.gamma)
-        plain = deform_roi_pool(input, rois, **pool)
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        leaf = None if torch.jit.is_scripting() else fx_leaf(self, input, rois)
+        if leaf is not None:
+            return leaf
+        rows, k = roi_rows(rois, input), self.output_size
+        plain = deform_roi_pool(input, rows, None, k, self.spatial_scale, sampling_ratio=self.sampling_ratio,
+                                gamma=self.gamma)
         offset = self.offset_fc(plain.flatten(1)).view(-1, 2, k, k)
-        return deform_roi_pool(input, rois, offset, **pool)
+        return deform_roi_pool(input, rows, offset, k, self.spatial_scale, sampling_ratio=self.sampling_ratio,
+                               gamma=self.gamma)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
@@ -312,13 +331,15 @@ class DeformPSRoIPool(nn.Module):
         nn.init.normal_(self.score_conv.weight, std=0.01)
         nn.init.zeros_(self.score_conv.bias)
 
-    def forward(self, input: Tensor, rois) -> Tensor:
-        rois = roi_rows(rois, input)
-        k = self.output_size
-        pool = dict(output_size=k, spatial_scale=self.spatial_scale, group_size=k,
-                    sampling_ratio=self.sampling_ratio, gamma=self.gamma)
-        offset = deform_roi_pool(self.offset_conv(input), rois, **pool)
-        return deform_roi_pool(self.score_conv(input), rois, offset, **pool)
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        leaf = None if torch.jit.is_scripting() else fx_leaf(self, input, rois)
+        if leaf is not None:
+            return leaf
+        rows, k = roi_rows(rois, input), self.output_size
+        offset = deform_roi_pool(self.offset_conv(input), rows, None, k, self.spatial_scale, k,
+                                 sampling_ratio=self.sampling_ratio, gamma=self.gamma)
+        return deform_roi_pool(self.score_conv(input), rows, offset, k, self.spatial_scale, k,
+                               sampling_ratio=self.sampling_ratio, gamma=self.gamma)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, output_size={self.output_size}, "
