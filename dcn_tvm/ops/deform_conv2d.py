@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from dcn_tvm import env, schedules
+from dcn_tvm import schedules
 from dcn_tvm.geometry.arguments import expect_shape as _expect_shape
 from dcn_tvm.geometry.arguments import pair as _pair
 from dcn_tvm.geometry.arguments import positive_int as _positive
@@ -20,7 +20,7 @@ from dcn_tvm.geometry.dtypes import DTYPES
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key, target_kind
-from dcn_tvm.ops import dispatch
+from dcn_tvm.ops import dispatch, shapes
 from dcn_tvm.ops.scratch import scratch
 
 OP = "deform_conv2d"
@@ -59,10 +59,9 @@ def geometry(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None,
 
 
 def _spec(stage: str, geo: ConvGeometry, input: Tensor) -> KernelSpec:
+    """The kernel of a stage for `input`'s sizes or for every size (dcn_tvm.ops.shapes)."""
     n, _, h, w = input.shape
-    if env.dynamic_shapes():
-        n = h = w = None
-    return KernelSpec(OP, stage, geo, (("n", n), ("h", h), ("w", w)), target_key(input.device))
+    return shapes.choose(KernelSpec(OP, stage, geo, (("n", n), ("h", h), ("w", w)), target_key(input.device)))
 
 
 def _positions(geo: ConvGeometry, input: Tensor) -> int:
