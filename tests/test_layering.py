@@ -35,7 +35,8 @@ LAYERS = (
         "dcn_tvm.kernels.runtime", "dcn_tvm.kernels.spec", "dcn_tvm.kernels.targets", "dcn_tvm.kernels.workloads",
     )),
     ("torch-facing ops", ("dcn_tvm.ops", "dcn_tvm.ops.deform_conv2d", "dcn_tvm.ops.deform_roi_pool",
-                          "dcn_tvm.ops.dispatch", "dcn_tvm.ops.scratch", "dcn_tvm.ops.shapes")),
+                          "dcn_tvm.ops.dispatch", "dcn_tvm.ops.scratch", "dcn_tvm.ops.shapes",
+                          "dcn_tvm.ops.onnx_forms")),
     ("tools and the public face", (
         "dcn_tvm", "dcn_tvm.__main__", "dcn_tvm.convert", "dcn_tvm.demo", "dcn_tvm.export", "dcn_tvm.tune",
         "dcn_tvm.models", "dcn_tvm.models.heads", "dcn_tvm.models.resnet",

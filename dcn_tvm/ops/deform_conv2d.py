@@ -20,7 +20,7 @@ from dcn_tvm.geometry.dtypes import DTYPES
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key, target_kind
-from dcn_tvm.ops import dispatch, shapes
+from dcn_tvm.ops import dispatch, onnx_forms, shapes
 from dcn_tvm.ops.scratch import scratch
 
 OP = "deform_conv2d"
@@ -203,6 +203,8 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | 
         raise TypeError(f"bias must have the input's dtype {input.dtype} on {input.device}, "
                         f"got {bias.dtype} on {bias.device}")
     _expect_shape("bias", bias.shape, (geo.out_channels,), "O")
+    if onnx_forms.exporting():
+        return onnx_forms.deform_conv2d(input, offset, mask, weight, bias, geo.stride, geo.padding, geo.dilation)
     return _forward_op(input, offset, mask, weight, bias, list(geo.stride), list(geo.padding), list(geo.dilation))
 
 

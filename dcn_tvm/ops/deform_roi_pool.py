@@ -20,7 +20,7 @@ from dcn_tvm.geometry.roi_pool import RoIPoolGeometry, resolve_layout, roi_pool_
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key, target_kind
-from dcn_tvm.ops import dispatch, shapes
+from dcn_tvm.ops import dispatch, onnx_forms, shapes
 from dcn_tvm.ops.deform_conv2d import init_offset_layer
 from dcn_tvm.ops.scratch import scratch
 
@@ -236,8 +236,9 @@ def deform_roi_pool(input: Tensor, rois, offset: Tensor | None = None, output_si
     """
     rois = roi_rows(rois, input)
     geo = geometry(input, rois, offset, output_size, spatial_scale, group_size, part_size, sampling_ratio, gamma)
-    return _forward_op(input, rois, offset, geo.output_size, geo.spatial_scale, geo.group_size,
-                       geo.part_size or geo.output_size, geo.sampling_ratio, geo.gamma)
+    call = _forward_op if not onnx_forms.exporting() else onnx_forms.deform_roi_pool
+    return call(input, rois, offset, geo.output_size, geo.spatial_scale, geo.group_size,
+                geo.part_size or geo.output_size, geo.sampling_ratio, geo.gamma)
 
 
 class DeformRoIPool(nn.Module):
