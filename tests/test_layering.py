@@ -33,6 +33,7 @@ LAYERS = (
         "dcn_tvm.kernels", "dcn_tvm.kernels.build", "dcn_tvm.kernels.cache", "dcn_tvm.kernels.manifest",
         "dcn_tvm.kernels.prebuilt", "dcn_tvm.kernels.records", "dcn_tvm.kernels.resources",
         "dcn_tvm.kernels.runtime", "dcn_tvm.kernels.spec", "dcn_tvm.kernels.targets", "dcn_tvm.kernels.workloads",
+        "dcn_tvm.kernels.threads",
     )),
     ("torch-facing ops", ("dcn_tvm.ops", "dcn_tvm.ops.deform_conv2d", "dcn_tvm.ops.deform_roi_pool",
                           "dcn_tvm.ops.dispatch", "dcn_tvm.ops.scratch", "dcn_tvm.ops.shapes",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from dcn_tvm import env
 from dcn_tvm._tvm import CompilerUnavailable
-from dcn_tvm.kernels import prebuilt
+from dcn_tvm.kernels import prebuilt, threads
 from dcn_tvm.kernels.runtime import digest, load_tvm_runtime, load_verified
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_kind
@@ -189,4 +189,5 @@ def get_kernel(spec: KernelSpec):
             kernel = _kernels.get(key)
             if kernel is None:
                 kernel = _kernels[key] = _resolve(spec)
+    threads.follow_torch(spec.target)
     return kernel
