@@ -43,7 +43,7 @@ LAYERS = (
         "dcn_tvm.models", "dcn_tvm.models.heads", "dcn_tvm.models.resnet",
         "dcn_tvm.prebuilt", "dcn_tvm.prebuilt.build", "dcn_tvm.prebuilt.cli",
         "dcn_tvm.tuning", "dcn_tvm.tuning.cli", "dcn_tvm.tuning.report", "dcn_tvm.tuning.store",
-        "dcn_tvm.tuning.target", "dcn_tvm.tuning.tuner",
+        "dcn_tvm.tuning.target", "dcn_tvm.tuning.tuner", "dcn_tvm.tuning.show",
     )),
 )
 LAYER = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}
