@@ -142,6 +142,7 @@ class PackAndFunctional(nn.Module):
 
 
 @needs_onnx
+@pytest.mark.slow
 def test_plain_torch_onnx_export_needs_no_extra_argument():
     """torch.onnx.export(model, args, dynamo=True), as deploy scripts call it: standard DeformConv nodes that
     onnxruntime runs at two sizes, and the RoI poolings as dcn_tvm::DeformRoIPool."""

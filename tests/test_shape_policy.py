@@ -121,6 +121,7 @@ def compiled(monkeypatch):
     return keys
 
 
+@pytest.mark.slow
 def test_six_sizes_cost_one_extra_compile(compiled):
     """deform_conv2d forward at six sizes in turn, then RoI pooling at six sizes and RoI counts: two kernels
     each (the first size's, then the generic one), every result right."""
