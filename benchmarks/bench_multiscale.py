@@ -40,8 +40,8 @@ def sizes(steps: int, seed: int = 0) -> list[tuple[int, int]]:
 
 
 def train(steps: int) -> dict:
-    """{"compiles", "compile_s", "steps_s": [seconds per step], "compiled": [kernels compiled per step]}, for
-    two epochs over the sizes of `steps` steps."""
+    """{"compiles", "compile_s", "steps_s": [seconds per step], "compiled": [kernels compiled per step],
+    "resident_mib": [after each epoch]}, for two epochs over the sizes of `steps` steps."""
     from dcn_tvm.demo import DigitNet
     from dcn_tvm.kernels import cache
 
@@ -59,7 +59,7 @@ def train(steps: int) -> dict:
     torch.manual_seed(0)
     model = DigitNet(deformable=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    step_seconds, compiled = [], []
+    step_seconds, compiled, resident = [], [], []
     for height, width in sizes(steps) * 2:
         images, labels = torch.randn(2, 1, height, width), torch.randint(10, (2,))
         before, begin = len(compile_seconds), time.perf_counter()
@@ -69,8 +69,16 @@ def train(steps: int) -> dict:
         optimizer.step()
         step_seconds.append(time.perf_counter() - begin)
         compiled.append(len(compile_seconds) - before)
+        if len(step_seconds) % steps == 0:
+            resident.append(resident_mib())
     return {"compiles": len(compile_seconds), "compile_s": sum(compile_seconds), "steps_s": step_seconds,
-            "compiled": compiled}
+            "compiled": compiled, "resident_mib": resident}
+
+
+def resident_mib() -> float:
+    """This process's resident memory (MiB)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def main(argv=None):
@@ -84,8 +92,8 @@ def main(argv=None):
         return
     print(f"device: {device_name(torch.device('cpu'))} | torch {torch.__version__} | demo CNN, batch 2, "
           f"{args.steps} steps at sizes {sizes(args.steps)}\n")
-    print("| DCN_TVM_SHAPES | compiles | compile s | steady step ms (second epoch) |")
-    print("|---|---:|---:|---:|")
+    print("| DCN_TVM_SHAPES | compiles | compile s | steady step ms (second epoch) | resident MiB (epoch 1, 2) |")
+    print("|---|---:|---:|---:|---:|")
     steady = {}
     for policy in args.policies:
         env = dict(os.environ, DCN_TVM_SHAPES=policy, DCN_TVM_NO_DISK_CACHE="1")
@@ -95,7 +103,8 @@ def main(argv=None):
         second = list(zip(result["steps_s"], result["compiled"]))[args.steps:]
         steady[policy] = statistics.median(s for s, _ in second) * 1e3
         print(f"| {policy} | {result['compiles']} | {result['compile_s']:.1f} | {steady[policy]:.1f} "
-              f"({sum(n for _, n in second)} compiles in it) |")
+              f"({sum(n for _, n in second)} compiles in it) | "
+              f"{', '.join(f'{mib:.0f}' for mib in result['resident_mib'])} |")
     if "static" in steady:
         print("\n" + ", ".join(f"{policy} / static steady step: {steady[policy] / steady['static']:.2f}x"
                                for policy in steady if policy != "static"))
