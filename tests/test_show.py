@@ -38,3 +38,18 @@ def test_cuda_target_shows_cuda_source_and_ptxas_counts(capsys):
 def test_a_bad_target_is_a_usage_error(capsys):
     assert main(["show", "--target", "tpu", "--workload", WORKLOAD]) == 2
     assert "dcn-tvm show: error: --target 'tpu'" in capsys.readouterr().err
+
+
+def test_a_prebuilt_kernel_is_named_as_the_origin(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from dcn_tvm.kernels import prebuilt
+    from dcn_tvm.kernels.workloads import Workload
+    from dcn_tvm.tuning.show import origin
+
+    monkeypatch.setenv("DCN_TVM_TUNING_LOGS", str(tmp_path))  # no records: the default schedule
+    forward, backward = Workload.parse(WORKLOAD).tasks("llvm-znver4")[:2]
+    package = SimpleNamespace(root=tmp_path / "pkg", manifest={"kernels": {forward.spec.workload_key: {}}})
+    monkeypatch.setattr(prebuilt, "packages", lambda: (package,))
+    assert origin(forward.spec) == f"prebuilt {tmp_path / 'pkg'}"
+    assert origin(backward.spec) == "default"
