@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "tune": ("dcn_tvm.tuning.cli", "autotune workloads with MetaSchedule into tuning_logs/"),
     "build": ("dcn_tvm.prebuilt.cli", "compile tuned kernels into a package that loads without the compiler"),
+    "show": ("dcn_tvm.tuning.show", "which schedule each stage of a workload uses, and its generated code"),
 }
 
 

@@ -5,7 +5,9 @@
 | DCN_TVM_CACHE_DIR   | ~/.cache/dcn_tvm             | on-disk cache of compiled kernels                    |
 |                     | (no home: <temp>/dcn_tvm-UID)| (used only if no other user can write it)            |
 | DCN_TVM_NO_DISK_CACHE | 0                          | 1: compile in every process, never read/write disk   |
-| DCN_TVM_SHAPES      | static                       | static: one kernel per shape; dynamic: one kernel per|
+| DCN_TVM_SHAPES      | auto                         | auto: a layer's first size gets its own kernels, and |
+|                     |                              | its second switches it to kernels for every size;    |
+|                     |                              | static: one kernel per shape; dynamic: one kernel per|
 |                     |                              | layer for every batch/height/width                   |
 | DCN_TVM_PREBUILT    | (none)                       | prebuilt package folders (os.pathsep-separated),     |
 |                     |                              | searched before installed packages and the caches    |
@@ -70,11 +72,15 @@ def disk_cache_enabled() -> bool:
     return not _flag("DCN_TVM_NO_DISK_CACHE")
 
 
-def dynamic_shapes() -> bool:
-    value = os.environ.get("DCN_TVM_SHAPES", "static")
-    if value not in ("static", "dynamic"):
-        raise ValueError(f"DCN_TVM_SHAPES must be 'static' or 'dynamic', got {value!r}")
-    return value == "dynamic"
+SHAPE_POLICIES = ("auto", "static", "dynamic")
+
+
+def shapes_policy() -> str:
+    """DCN_TVM_SHAPES: "auto" (default), "static" or "dynamic" (see dcn_tvm.ops.shapes)."""
+    value = os.environ.get("DCN_TVM_SHAPES") or "auto"
+    if value not in SHAPE_POLICIES:
+        raise ValueError(f"DCN_TVM_SHAPES must be one of {SHAPE_POLICIES}, got {value!r}")
+    return value
 
 
 def prebuilt_paths() -> list[str]:

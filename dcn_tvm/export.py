@@ -7,8 +7,13 @@
   (custom domain `dcn_tvm`, version 1, schema in `DEFORM_ROI_POOL_SCHEMA`), which a runtime must
   implement itself (onnxruntime refuses a model holding one unless given such a custom op).
 
-`to_onnx` is `torch.onnx.export` with these translations and dynamic batch and spatial sizes;
-`onnx_translation_table()` gives the translations to pass to `torch.onnx.export` yourself.
+A plain `torch.onnx.export(model, args, dynamo=True)` gives these nodes with no extra argument: the ops
+emit them while the exporter traces them (dcn_tvm.ops.onnx_forms, through torch.onnx.ops.symbolic).
+The translation table here maps the torch ops to the same nodes where a graph holds the ops themselves:
+a torch.export.ExportedProgram captured outside an ONNX export, or an op that has no ONNX form of its
+own yet. `to_onnx` is `torch.onnx.export` with this table and dynamic batch and spatial sizes;
+`onnx_translation_table()` gives the table to pass to `torch.onnx.export` yourself.
+The TorchScript exporter (`dynamo=False`) is refused.
 Needs onnx, onnxscript (and onnxruntime to run the result): `pip install dcn_tvm[export]`.
 """
 
@@ -22,9 +27,11 @@ import torch
 from onnxscript import opset19
 from onnxscript.values import Op, Opset
 
+from dcn_tvm.ops import onnx_forms
+
 ONNX_OPSET = 19
 """The first opset with DeformConv."""
-DOMAIN = "dcn_tvm"
+DOMAIN = onnx_forms.DOMAIN
 
 _Schema = onnx.defs.OpSchema
 DEFORM_ROI_POOL_SCHEMA = _Schema(
@@ -66,19 +73,17 @@ def _static(name: str, value) -> int:
 def _deform_conv2d(input, offset, mask, weight, bias, stride: Sequence[int], padding: Sequence[int],
                    dilation: Sequence[int]):
     """dcn_tvm::deform_conv2d as DeformConv: weight [O, C/groups, KH, KW] and the channel counts are static."""
-    channels, (_, per_group, kh, kw) = _static("input channels", input.shape[1]), weight.shape
-    offset_groups = _static("offset channels", offset.shape[1]) // (2 * kh * kw)
-    return opset19.DeformConv(input, weight, offset, bias, mask, dilations=list(dilation),
-                              group=channels // per_group, kernel_shape=[kh, kw], offset_group=offset_groups,
-                              pads=[padding[0], padding[1], padding[0], padding[1]], strides=list(stride))
+    attributes = onnx_forms.deform_conv_attributes(_static("input channels", input.shape[1]), weight.shape,
+                                                   _static("offset channels", offset.shape[1]), stride, padding,
+                                                   dilation)
+    return opset19.DeformConv(input, weight, offset, bias, mask, **attributes)
 
 
 def _deform_roi_pool(input, rois, offset, output_size: int, spatial_scale: float, group_size: int,
                      part_size: int, sampling_ratio: int, gamma: float):
     """dcn_tvm::deform_roi_pool as dcn_tvm::DeformRoIPool, its arguments as attributes."""
-    return _DEFORM_ROI_POOL(input, rois, offset, output_size=output_size, spatial_scale=spatial_scale,
-                            group_size=group_size, part_size=part_size, sampling_ratio=sampling_ratio,
-                            gamma=gamma)
+    return _DEFORM_ROI_POOL(input, rois, offset, **onnx_forms.deform_roi_pool_attributes(
+        output_size, spatial_scale, group_size, part_size, sampling_ratio, gamma))
 
 
 def onnx_translation_table() -> dict[torch._ops.OpOverload, Callable]:

@@ -127,6 +127,48 @@ def test_functional_deform_conv2d_with_given_offsets_and_plain_torch_onnx_export
         assert relative_error(run_onnxruntime(program.model_proto, *args)[0], expected) < 1e-5
 
 
+class PackAndFunctional(nn.Module):
+    """A DeformConv2dPack, then deform_conv2d called with offsets computed in the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.pack = deforming(DeformConv2dPack(4, 6, 3, padding=1, modulated=True))
+        self.offset = nn.Conv2d(6, 18, 3, stride=2, padding=1)
+        self.weight = nn.Parameter(torch.randn(5, 6, 3, 3))
+
+    def forward(self, image):
+        features = self.pack(image)
+        return dcn_tvm.deform_conv2d(features, self.offset(features), self.weight, stride=2, padding=1)
+
+
+@needs_onnx
+@pytest.mark.slow
+def test_plain_torch_onnx_export_needs_no_extra_argument():
+    """torch.onnx.export(model, args, dynamo=True), as deploy scripts call it: standard DeformConv nodes that
+    onnxruntime runs at two sizes, and the RoI poolings as dcn_tvm::DeformRoIPool."""
+    torch.manual_seed(0)
+    model = PackAndFunctional().eval()
+    dynamic = torch.export.Dim.DYNAMIC
+    program = torch.onnx.export(model, (torch.randn(1, 4, 9, 11),), dynamo=True, verbose=False,
+                                dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic},))
+    assert len(nodes(program.model_proto, "DeformConv")) == 2
+    for shape in ((1, 4, 9, 11), (2, 4, 12, 7)):
+        image = torch.randn(shape)
+        with torch.no_grad():
+            expected = model(image)
+        assert relative_error(run_onnxruntime(program.model_proto, image)[0], expected) < 1e-5, shape
+    pools = nodes(torch.onnx.export(RoIHeads().eval(), (torch.randn(2, 8, 8, 8), rois(3, 2)), dynamo=True,
+                                    verbose=False).model_proto, "DeformRoIPool")
+    assert len(pools) == 4 and all(node.domain == "dcn_tvm" for node in pools)
+
+
+def test_the_torchscript_exporter_is_refused(tmp_path):
+    with pytest.raises(RuntimeError, match=r"through torch.onnx.export\(..., dynamo=True\).*not the TorchScript "
+                                           r"exporter \(dynamo=False\)"):
+        torch.onnx.export(DeformConv2dPack(4, 4, 3).eval(), (torch.randn(1, 4, 5, 5),), str(tmp_path / "m.onnx"),
+                          dynamo=False)
+
+
 @needs_onnx
 def test_opsets_without_deformconv_are_refused():
     from dcn_tvm.export import to_onnx

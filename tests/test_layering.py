@@ -33,15 +33,17 @@ LAYERS = (
         "dcn_tvm.kernels", "dcn_tvm.kernels.build", "dcn_tvm.kernels.cache", "dcn_tvm.kernels.manifest",
         "dcn_tvm.kernels.prebuilt", "dcn_tvm.kernels.records", "dcn_tvm.kernels.resources",
         "dcn_tvm.kernels.runtime", "dcn_tvm.kernels.spec", "dcn_tvm.kernels.targets", "dcn_tvm.kernels.workloads",
+        "dcn_tvm.kernels.threads",
     )),
     ("torch-facing ops", ("dcn_tvm.ops", "dcn_tvm.ops.deform_conv2d", "dcn_tvm.ops.deform_roi_pool",
-                          "dcn_tvm.ops.dispatch", "dcn_tvm.ops.scratch")),
+                          "dcn_tvm.ops.dispatch", "dcn_tvm.ops.scratch", "dcn_tvm.ops.shapes",
+                          "dcn_tvm.ops.onnx_forms")),
     ("tools and the public face", (
         "dcn_tvm", "dcn_tvm.__main__", "dcn_tvm.convert", "dcn_tvm.demo", "dcn_tvm.export", "dcn_tvm.tune",
         "dcn_tvm.models", "dcn_tvm.models.heads", "dcn_tvm.models.resnet",
         "dcn_tvm.prebuilt", "dcn_tvm.prebuilt.build", "dcn_tvm.prebuilt.cli",
         "dcn_tvm.tuning", "dcn_tvm.tuning.cli", "dcn_tvm.tuning.report", "dcn_tvm.tuning.store",
-        "dcn_tvm.tuning.target", "dcn_tvm.tuning.tuner",
+        "dcn_tvm.tuning.target", "dcn_tvm.tuning.tuner", "dcn_tvm.tuning.show",
     )),
 )
 LAYER = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}

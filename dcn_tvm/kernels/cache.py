@@ -39,7 +39,7 @@ from pathlib import Path
 from dcn_tvm import env
 from dcn_tvm._tvm import CompilerUnavailable
 from dcn_tvm.forksafe import ForkSafeLock
-from dcn_tvm.kernels import prebuilt
+from dcn_tvm.kernels import prebuilt, threads
 from dcn_tvm.kernels.runtime import digest, load_tvm_runtime, load_verified
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_kind
@@ -358,10 +358,11 @@ def get_kernel(spec: KernelSpec):
     if kernel is not None:
         with contextlib.suppress(KeyError):  # another thread may have dropped it just now
             _kernels.move_to_end(key)
-        return kernel
-    with _lock:
-        kernel = _kernels.get(key)
-        if kernel is None:
-            kernel = _resolve(spec)
-            _keep(key, kernel)
+    else:
+        with _lock:
+            kernel = _kernels.get(key)
+            if kernel is None:
+                kernel = _resolve(spec)
+                _keep(key, kernel)
+    threads.follow_torch(spec.target)
     return kernel

@@ -111,12 +111,13 @@ def check_lowered(kernels: dict) -> dict[str, int]:
 
 _ENTRY = re.compile(r"Compiling entry function '(\w+)'")
 _USAGE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _REFUSED = re.compile(r"uses too much|too many resources")
 
 
 def ptxas_usage(source: str, arch: str) -> dict[str, dict[str, int]]:
-    """{kernel: {"registers": per thread, "shared": static bytes}} of a CUDA source as ptxas assembles
-    it for `arch` ("sm_90"); KernelResourceError if ptxas refuses a kernel's resources, RuntimeError if
+    """{kernel: {"registers": per thread, "shared": static bytes, "spill_stores", "spill_loads": bytes}} of a
+    CUDA source as ptxas assembles it for `arch` ("sm_90"); KernelResourceError if ptxas refuses a kernel's resources, RuntimeError if
     nvcc cannot compile the source at all."""
     with tempfile.TemporaryDirectory(prefix="dcn_tvm_ptxas_") as scratch:
         path = Path(scratch) / "kernels.cu"
@@ -129,14 +130,18 @@ def ptxas_usage(source: str, arch: str) -> dict[str, dict[str, int]]:
         if _REFUSED.search(result.stderr):
             raise KernelResourceError(f"ptxas refuses a kernel for {arch}:\n{errors}")
         raise RuntimeError(f"nvcc cannot compile the generated CUDA source for {arch}:\n{errors}")
-    usage, kernel = {}, None
+    usage, kernel, spills = {}, None, (0, 0)
     for line in result.stderr.splitlines():
         entry = _ENTRY.search(line)
         if entry:
-            kernel = entry.group(1)
+            kernel, spills = entry.group(1), (0, 0)
+        spilled = _SPILLS.search(line)
+        if spilled:
+            spills = int(spilled.group(1)), int(spilled.group(2))
         used = _USAGE.search(line)
         if used and kernel is not None:
-            usage[kernel] = {"registers": int(used.group(1)), "shared": int(used.group(2) or 0)}
+            usage[kernel] = {"registers": int(used.group(1)), "shared": int(used.group(2) or 0),
+                             "spill_stores": spills[0], "spill_loads": spills[1]}
     return usage
 
 

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from dcn_tvm import env, schedules
+from dcn_tvm import schedules
 from dcn_tvm.geometry.arguments import ShapeError
 from dcn_tvm.geometry.arguments import expect_shape as _expect_shape
 from dcn_tvm.geometry.arguments import finite as _finite
@@ -26,7 +26,7 @@ from dcn_tvm.geometry.dtypes import DTYPES
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key, target_kind
-from dcn_tvm.ops import dispatch
+from dcn_tvm.ops import dispatch, onnx_forms, shapes
 from dcn_tvm.ops.scratch import scratch
 
 OP = "deform_conv2d"
@@ -75,10 +75,9 @@ def _check_bias(bias: Tensor, input: Tensor, geo: ConvGeometry) -> None:
 
 
 def _spec(stage: str, geo: ConvGeometry, input: Tensor) -> KernelSpec:
+    """The kernel of a stage for `input`'s sizes or for every size (dcn_tvm.ops.shapes)."""
     n, _, h, w = input.shape
-    if env.dynamic_shapes():
-        n = h = w = None
-    return KernelSpec(OP, stage, geo, (("n", n), ("h", h), ("w", w)), target_key(input.device))
+    return shapes.choose(KernelSpec(OP, stage, geo, (("n", n), ("h", h), ("w", w)), target_key(input.device)))
 
 
 def _positions(geo: ConvGeometry, input: Tensor) -> int:
@@ -255,6 +254,10 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | 
         stride, padding, dilation = _check_arguments(input, offset, weight, bias, mask, stride, padding, dilation)
     if bias is None:
         bias = weight.new_zeros([weight.shape[0]])
+    if not torch.jit.is_scripting():
+        if onnx_forms.exporting():
+            return onnx_forms.deform_conv2d(input, offset, mask, weight, bias, _int_list(stride), _int_list(padding),
+                                            _int_list(dilation))
     return torch.ops.dcn_tvm.deform_conv2d(input, offset, mask, weight, bias, _int_list(stride), _int_list(padding),
                                            _int_list(dilation))
 

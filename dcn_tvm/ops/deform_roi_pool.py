@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dcn_tvm import env, schedules
+from dcn_tvm import schedules
 from dcn_tvm.geometry.arguments import finite as _finite
 from dcn_tvm.geometry.arguments import positive_int as _positive_int
 from dcn_tvm.geometry.dtypes import DTYPES
@@ -21,7 +21,7 @@ from dcn_tvm.geometry.roi_pool import RoIPoolGeometry, resolve_layout, roi_pool_
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key, target_kind
-from dcn_tvm.ops import dispatch
+from dcn_tvm.ops import dispatch, onnx_forms, shapes
 from dcn_tvm.ops.deform_conv2d import OffsetConv2d, OffsetLinear, fx_leaf, is_fx_traced, offset_lr_multiplier
 from dcn_tvm.ops.scratch import scratch
 
@@ -122,15 +122,13 @@ def scatter_spec(geo: RoIPoolGeometry, target: str) -> KernelSpec:
 
 
 def _spec(stage: str, geo: RoIPoolGeometry, input: Tensor) -> KernelSpec:
-    """R is always symbolic; N, H, W too under DCN_TVM_SHAPES=dynamic, and for the scatter, which gains
-    nothing from static sizes."""
+    """R is always symbolic; N, H, W by the shape policy (dcn_tvm.ops.shapes), and for the scatter,
+    which gains nothing from static sizes, always."""
     if stage == "scatter":
         return scatter_spec(geo, target_key(input.device))
     n, _, h, w = input.shape
-    if env.dynamic_shapes():
-        n = h = w = None
-    return KernelSpec(OP, stage, geo, (("r", None), ("n", n), ("h", h), ("w", w)), target_key(input.device),
-                      acc_dtype=geo.acc_dtype)
+    return shapes.choose(KernelSpec(OP, stage, geo, (("r", None), ("n", n), ("h", h), ("w", w)),
+                                    target_key(input.device), acc_dtype=geo.acc_dtype))
 
 
 def _prepare(input, rois, offset, *parameters):
@@ -256,6 +254,9 @@ def deform_roi_pool(input: Tensor, rois: Tensor | list[Tensor], offset: Tensor |
                            gamma)
             output_size, spatial_scale, group_size = geo.output_size, geo.spatial_scale, geo.group_size
             part, sampling_ratio, gamma = geo.part_size or geo.output_size, geo.sampling_ratio, geo.gamma
+        if onnx_forms.exporting():
+            return onnx_forms.deform_roi_pool(input, rows, offset, output_size, spatial_scale, group_size, part,
+                                              sampling_ratio, gamma)
     return torch.ops.dcn_tvm.deform_roi_pool(input, rows, offset, output_size, spatial_scale, group_size, part,
                                              sampling_ratio, gamma)
 

@@ -1,0 +1,55 @@
+"""`dcn-tvm show`: the schedule each stage of a workload uses and its generated code, for a CPU and a CUDA
+target (no GPU needed); ptxas counts where nvcc is on PATH."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+from dcn_tvm.__main__ import main
+
+WORKLOAD = "deform_conv2d:n=1,c=4,h=6,w=6,o=4,k=3,pad=1"
+
+
+def test_cpu_target_shows_llvm_ir_and_assembly(capsys):
+    assert main(["show", "--target", "llvm", "--workload", WORKLOAD, "--stage", "forward"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^## forward: deform_conv2d_forward_float32_c4_o4_\w+_n1_h6_w6_llvm-\w+\nschedule: default$",
+                     text, re.M)
+    assert "## backward_data" not in text and "define " in text  # LLVM IR of the forward only
+    assert main(["show", "--target", "llvm", "--workload", WORKLOAD, "--stage", "forward", "--format", "asm"]) == 0
+    assert re.search(r"^\s+(vmov|vfmadd|ret)", capsys.readouterr().out, re.M)
+
+
+@pytest.mark.slow
+def test_cuda_target_shows_cuda_source_and_ptxas_counts(capsys):
+    assert main(["show", "--target", "nvidia/nvidia-h100", "--workload", WORKLOAD, "--stage", "forward"]) == 0
+    text = capsys.readouterr().out
+    assert "_cuda-sm_90\nschedule: default\n" in text and '__global__ void __launch_bounds__' in text
+    if shutil.which("nvcc"):
+        assert re.search(r"^ptxas: main_kernel\w*: \d+ registers/thread, \d+ B shared, 0 B spill stores, "
+                         r"0 B spill loads$", text, re.M)
+    else:
+        assert "nvcc is not on PATH" in text
+
+
+def test_a_bad_target_is_a_usage_error(capsys):
+    assert main(["show", "--target", "tpu", "--workload", WORKLOAD]) == 2
+    assert "dcn-tvm show: error: --target 'tpu'" in capsys.readouterr().err
+
+
+def test_a_prebuilt_kernel_is_named_as_the_origin(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from dcn_tvm.kernels import prebuilt
+    from dcn_tvm.kernels.workloads import Workload
+    from dcn_tvm.tuning.show import origin
+
+    monkeypatch.setenv("DCN_TVM_TUNING_LOGS", str(tmp_path))  # no records: the default schedule
+    forward, backward = Workload.parse(WORKLOAD).tasks("llvm-znver4")[:2]
+    package = SimpleNamespace(root=tmp_path / "pkg", manifest={"kernels": {forward.spec.workload_key: {}}})
+    monkeypatch.setattr(prebuilt, "packages", lambda: (package,))
+    assert origin(forward.spec) == f"prebuilt {tmp_path / 'pkg'}"
+    assert origin(backward.spec) == "default"
