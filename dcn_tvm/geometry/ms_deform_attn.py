@@ -53,12 +53,19 @@ def levels_text(levels, separator: str = "+") -> str:
     return separator.join(f"{h}x{w}" for h, w in levels)
 
 
-def parse_levels(text: str) -> tuple[tuple[int, int], ...]:
+class Levels(tuple):
+    """Level shapes ((H, W), ...) that print in the workload form, `100x167+50x84`."""
+
+    def __str__(self) -> str:
+        return levels_text(self)
+
+
+def parse_levels(text: str) -> Levels:
     """`HxW+HxW+...` (each >= 1) as level shapes; ValueError describing the form otherwise."""
     parts = text.split("+")
     if not all(re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", part) for part in parts):
         raise ValueError("level shapes HxW joined by '+', each >= 1 (e.g. 100x167+50x84)")
-    return tuple(tuple(int(size) for size in part.split("x")) for part in parts)
+    return Levels(tuple(int(size) for size in part.split("x")) for part in parts)
 
 
 def _levels(spatial_shapes) -> tuple[tuple[int, int], ...]:

@@ -17,10 +17,12 @@ from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_config, target_kind
 from dcn_tvm.ops.deform_conv2d import scatter_spec as conv_scatter_spec
 from dcn_tvm.ops.deform_roi_pool import scatter_spec as roi_scatter_spec
+from dcn_tvm.ops.ms_deform_attn import scatter_spec as msda_scatter_spec
 from dcn_tvm.render import render
 
 #: The input-gradient scatter beside each operator's kernels (generic in its sizes).
 SCATTER_SPECS = {"deform_conv2d": conv_scatter_spec, "deform_roi_pool": roi_scatter_spec}
+SCATTER_SPECS["ms_deform_attn"] = msda_scatter_spec
 
 
 def variants(target: str) -> list[dict]:
