@@ -36,11 +36,10 @@ def _check_tensor(name: str, value, rank: int, like: Tensor | None) -> None:
         raise ValueError(f"{name} is on {value.device} but value is on {like.device}")
 
 
-def geometry(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
-             attention_weights: Tensor) -> MSDeformAttnGeometry:
-    """Check the tensors of ms_deform_attn (kind, rank, dtype, device), read the level shapes and starts
-    (a host sync), check the shapes against them (dcn_tvm.geometry.ms_deform_attn) and return the
-    call's geometry."""
+def _check_tensors(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                   attention_weights: Tensor) -> torch.dtype:
+    """Check the tensors of ms_deform_attn (kind, rank, dtype, device); returns the dtype they are
+    computed in."""
     _check_tensor("value", value, 4, None)
     if value.dtype not in _TORCH_DTYPES:
         raise TypeError(f"value must have a floating dtype among {DTYPES}, got {value.dtype}")
@@ -57,6 +56,14 @@ def geometry(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, s
     for name, tensor in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
         if dispatch.compute_dtype(tensor) != dtype:
             raise TypeError(f"{name} must have value's dtype {value.dtype}, got {tensor.dtype}")
+    return dtype
+
+
+def geometry(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+             attention_weights: Tensor) -> MSDeformAttnGeometry:
+    """Check the tensors of ms_deform_attn, read the level shapes and starts (a host sync), check the
+    shapes against them (dcn_tvm.geometry.ms_deform_attn) and return the call's geometry."""
+    dtype = _check_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return ms_deform_attn_geometry(value.shape, spatial_shapes.tolist(), level_start_index.tolist(),
                                    sampling_locations.shape, attention_weights.shape, _TORCH_DTYPES[dtype])
 
@@ -162,6 +169,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     Returns Tensor[N, Lq, M*D]: per query and head, the weighted sum of the bilinear samples.
     Inconsistent shapes, dtypes or devices raise ValueError/TypeError.
     """
+    _check_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return _forward_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
