@@ -55,11 +55,30 @@ def forward(sch) -> None:
     sch.vectorize(sch.get_loops(output)[-1])
 
 
+def _lanes(sch, block, extent: int) -> int:
+    """Vector lanes for a loop of `extent` over the accumulator dtype of `block`: the widest power of two
+    up to one AVX-512 register dividing it."""
+    bits = sch.get(block).writes[0].source.dtype.bits
+    return next(lanes for lanes in (512 // bits, 256 // bits, 128 // bits, 2, 1) if extent % lanes == 0)
+
+
 def backward(sch) -> None:
-    """Both gradient stages in one task per (image, query), which computes the query's corner dots first."""
+    """Both gradient stages in one task per (image, query), which first computes the query's corner dots:
+    each a vector of partial sums over head_dim (rfactor), then their horizontal sum."""
+    dots = sch.get_sblock("corner_dots")
+    reduction = sch.get_loops(dots)[-1]
+    lanes = _lanes(sch, dots, int(sch.get(reduction).extent))
+    partial = sch.rfactor(sch.split(reduction, [None, lanes])[1], factor_axis=6)
     task = _query_tasks(sch, sch.get_sblock("grad_attention_weights"), sch.get_sblock("grad_sampling_locations"))
-    for name in ("corner_dots", "sample_index", "sample_pixels"):
-        sch.compute_at(sch.get_sblock(name), task)
+    for block in (dots, partial, sch.get_sblock("sample_index"), sch.get_sblock("sample_pixels")):
+        sch.compute_at(block, task)
+    _, lane, *corners, outer = sch.get_loops(partial)
+    sch.reorder(*corners, outer, lane)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(partial, outer)
+    sch.vectorize(sch.get_loops(init)[-1])
+    _, lane, *corners = sch.get_loops(dots)
+    sch.reorder(*corners, lane)
 
 
 def scatter(sch) -> None:
@@ -67,6 +86,7 @@ def scatter(sch) -> None:
     block = sch.get_sblock("scatter_grad_value")
     n, m, q, level, p, c, d = sch.get_loops(block)
     sch.parallel(sch.fuse(n, m))
+    sch.unroll(level)  # the level's sizes and start become constants
     sch.unroll(c)
     sch.vectorize(d)
 
