@@ -40,14 +40,17 @@ def peak_mib(fn) -> float:
     return (_status_kib("VmHWM:") - before) / 1024
 
 
-def median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> tuple[float, float]:
+    """Medians of the wall-clock and of the process's CPU time per call, in ms (one thread: the CPU time
+    is the wall time the call would take alone on its core)."""
     fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return sorted(walls)[len(walls) // 2] * 1e3, sorted(cpus)[len(cpus) // 2] * 1e3
 
 
 def reference_points(batch: int, queries: int, gen):
@@ -132,11 +135,14 @@ def measure(threads: int, batches, repeats: int, onnx: bool) -> None:
                                  peak_mib(forward), peak_mib(forward_backward))
             if onnx:
                 run = _onnx_session(batch, queries, [t.detach() for t in tensors])
-                results["onnxruntime (export)"] = (median_ms(run, repeats), float("nan"), peak_mib(run), float("nan"))
+                results["onnxruntime (export)"] = (median_ms(run, repeats), (float("nan"),) * 2, peak_mib(run),
+                                                   float("nan"))
             ours = results["dcn_tvm"]
             for name, (fwd, both, fwd_mib, both_mib) in results.items():
-                print(f"| {layer} (Lq={queries}) | {batch} | {threads} | {name} | {fwd:.1f} | {both:.1f} | "
-                      f"{fwd_mib:.0f} | {both_mib:.0f} | {fwd / ours[0]:.2f}x, {both / ours[1]:.2f}x | "
+                print(f"| {layer} (Lq={queries}) | {batch} | {threads} | {name} | {fwd[0]:.1f} ({fwd[1]:.1f}) | "
+                      f"{both[0]:.1f} ({both[1]:.1f}) | {fwd_mib:.0f} | {both_mib:.0f} | "
+                      f"{fwd[0] / ours[0][0]:.2f}x ({fwd[1] / ours[0][1]:.2f}x), "
+                      f"{both[0] / ours[1][0]:.2f}x ({both[1] / ours[1][1]:.2f}x) | "
                       f"{fwd_mib / max(ours[2], 1e-3):.1f}x, {both_mib / max(ours[3], 1e-3):.1f}x |", flush=True)
 
 
@@ -153,7 +159,8 @@ def main(argv=None) -> None:
         return
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown CPU")
-    print(f"device: {model} | float32 | median of {args.repeats} runs | peak = rise of the resident set\n")
+    print(f"device: {model} | float32 | median of {args.repeats} runs, wall ms (CPU ms of the process) | "
+          f"peak = rise of the resident set | load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print("| layer | batch | threads | method | forward ms | fwd+bwd ms | forward peak MiB | fwd+bwd peak MiB | "
           "dcn_tvm speed-up (fwd, fwd+bwd) | memory / dcn_tvm's (fwd, fwd+bwd) |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|", flush=True)

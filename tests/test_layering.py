@@ -41,7 +41,7 @@ LAYERS = (
                           "dcn_tvm.ops.ms_deform_attn")),
     ("tools and the public face", (
         "dcn_tvm", "dcn_tvm.__main__", "dcn_tvm.convert", "dcn_tvm.demo", "dcn_tvm.export", "dcn_tvm.tune",
-        "dcn_tvm.models", "dcn_tvm.models.heads", "dcn_tvm.models.resnet",
+        "dcn_tvm.models", "dcn_tvm.models.heads", "dcn_tvm.models.resnet", "dcn_tvm.models.deformable_detr",
         "dcn_tvm.prebuilt", "dcn_tvm.prebuilt.build", "dcn_tvm.prebuilt.cli",
         "dcn_tvm.tuning", "dcn_tvm.tuning.cli", "dcn_tvm.tuning.report", "dcn_tvm.tuning.store",
         "dcn_tvm.tuning.target", "dcn_tvm.tuning.tuner",

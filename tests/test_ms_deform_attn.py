@@ -189,3 +189,85 @@ def test_workloads_name_the_kernels_the_op_asks_for():
                                                                for stage in ("forward", "backward")]
     with pytest.raises(ValueError, match="levels='5x7x3' is not level shapes"):
         Workload.parse("ms_deform_attn:n=1,q=3,levels=5x7x3")
+
+
+@pytest.fixture
+def grid_sample_attention(monkeypatch):
+    """A context manager: inside it, the module computes ms_deform_attn by the grid_sample formulation."""
+
+    @contextlib.contextmanager
+    def patched():
+        with monkeypatch.context() as patch:
+            patch.setattr(msda_ops, "ms_deform_attn",
+                          lambda value, shapes, starts, locations, weights: ms_deform_attn_grid_sample(
+                              value, shapes, locations, weights))
+            yield
+
+    return patched
+
+
+def test_module_initialisation():
+    """Deformable DETR's: offsets of head m along angle 2*pi*m/M scaled to a unit max-norm, point p at
+    (p + 1) times that; uniform attention; Xavier projections with zero biases."""
+    module = dcn_tvm.MultiScaleDeformableAttention(embed_dims=16, num_levels=2, num_heads=4, num_points=3)
+    offsets = module.sampling_offsets.bias.view(4, 2, 3, 2)
+    expected_heads = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    torch.testing.assert_close(offsets[:, 1, 2], 3 * expected_heads, atol=1e-6, rtol=0)
+    torch.testing.assert_close(offsets[:, 0], offsets[:, 1])
+    assert (module.sampling_offsets.weight == 0).all() and (module.attention_weights.weight == 0).all()
+    assert (module.attention_weights.bias == 0).all() and (module.value_proj.bias == 0).all()
+    bound = (6 / 32) ** 0.5
+    assert module.output_proj.weight.abs().max() <= bound and module.output_proj.weight.std() > bound / 4
+    eight = dcn_tvm.MultiScaleDeformableAttention(embed_dims=16, num_levels=1, num_heads=8, num_points=1)
+    torch.testing.assert_close(eight.sampling_offsets.bias.view(8, 2)[1], torch.tensor([1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"embed_dims \(10\) must be a multiple of num_heads \(4\)"):
+        dcn_tvm.MultiScaleDeformableAttention(embed_dims=10, num_heads=4)
+
+
+@pytest.mark.parametrize("box_references", [False, True], ids=["points", "boxes"])
+def test_module_matches_grid_sample_formulation(box_references, grid_sample_attention):
+    """The module on CASE's sizes (float64): output and every parameter's gradient, reference points as
+    (x, y) and as boxes, with a padding mask."""
+    n, levels, heads, head_dim, points, queries = CASE
+    torch.manual_seed(11)
+    module = dcn_tvm.MultiScaleDeformableAttention(heads * head_dim, len(levels), heads, points).double()
+    torch.nn.init.normal_(module.sampling_offsets.weight, std=0.1)
+    torch.nn.init.normal_(module.attention_weights.weight, std=0.1)
+    shapes, starts = level_tensors(levels)
+    features = torch.randn(n, int((shapes[:, 0] * shapes[:, 1]).sum()), heads * head_dim, dtype=torch.float64)
+    query = torch.randn(n, queries, heads * head_dim, dtype=torch.float64)
+    references = torch.rand(n, queries, len(levels), 4 if box_references else 2, dtype=torch.float64)
+    mask = torch.rand(n, features.shape[1]) < 0.2
+    results = []
+    for context in (contextlib.nullcontext, grid_sample_attention):
+        module.zero_grad()
+        with context():
+            out = module(query, references, features, shapes, starts, mask)
+        out.square().sum().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in module.parameters()])
+    for ours, theirs in zip(*results):
+        assert relative_error(ours, theirs) <= 1e-12
+
+
+def test_encoder_layer(grid_sample_attention):
+    """DeformableEncoderLayer on float32 features of CASE's levels: its queries are every position,
+    whose reference points are the pixel centres; as with the grid_sample formulation."""
+    from dcn_tvm.models import DeformableEncoderLayer, encoder_reference_points
+
+    n, levels, heads, head_dim, points, _ = CASE
+    torch.manual_seed(12)
+    layer = DeformableEncoderLayer(heads * head_dim, 32, 0.0, len(levels), heads, points)
+    shapes, starts = level_tensors(levels)
+    references = encoder_reference_points(shapes, batch=n)
+    assert references.shape == (n, 48, 3, 2)
+    torch.testing.assert_close(references[0, 35, 0], torch.tensor([0.5 / 4, 0.5 / 3]))  # level 1's first pixel
+    src = torch.randn(n, 48, heads * head_dim, requires_grad=True)
+    pos = torch.randn(n, 48, heads * head_dim)
+    ours = layer(src, pos, references, shapes, starts)
+    with grid_sample_attention():
+        theirs = layer(src, pos, references, shapes, starts)
+    assert relative_error(ours, theirs) <= 1e-6
+    grad = torch.randn_like(ours)  # not the sum: a layer norm's outputs sum to 0
+    (grad_ours,) = torch.autograd.grad(ours, src, grad)
+    (grad_theirs,) = torch.autograd.grad(theirs, src, grad)
+    assert relative_error(grad_ours, grad_theirs) <= 1e-5
