@@ -11,7 +11,7 @@ The threads per block are tunable (`common.bind_threads`).
 
 from __future__ import annotations
 
-from .common import bind_remaining, bind_threads, count_iters, stage_names
+from .common import bind_remaining, bind_threads, stage_names
 
 #: The per-sample stages, inlined into their consumers (consumers first).
 SAMPLE_STAGES = ("sample_weight", "sample_index", "sample_pixels")
@@ -23,15 +23,13 @@ def _inline_samples(sch) -> None:
             sch.compute_inline(sch.get_sblock(name))
 
 
-def _reduce_in_registers(sch, name: str):
-    """Stage `name`: one thread per output element, accumulating in a register; returns the block that
-    stores the register to memory."""
+def _reduce_in_registers(sch, name: str) -> None:
+    """Stage `name`: one thread per output element, accumulating in a register that it then stores. The
+    store is bound first and the reduction computed at its thread: bound the other way round, the
+    store would cover every thread of the last block, past the end of the output."""
     block = sch.get_sblock(name)
-    reductions = count_iters(sch, block, reduction=True)
-    thread = bind_threads(sch, sch.get_loops(block)[:-reductions])
     store = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(store, thread)
-    return store
+    sch.compute_at(block, bind_threads(sch, sch.get_loops(store)))
 
 
 def forward(sch) -> None:

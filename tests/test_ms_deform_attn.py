@@ -271,3 +271,128 @@ def test_encoder_layer(grid_sample_attention):
     (grad_ours,) = torch.autograd.grad(ours, src, grad)
     (grad_theirs,) = torch.autograd.grad(theirs, src, grad)
     assert relative_error(grad_ours, grad_theirs) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------ CUDA schedules
+
+GPU_TARGET = "cuda-sm_90"
+#: The simulated-GPU matrix: one level of 1 head (D 8, 1 point); four levels down to 1x1, 8 heads of 32
+#: channels, 4 points; an odd head_dim beside a 1x1 level; and CASE (3 heads of 5).
+GPU_CASES = [(1, ((3, 4),), 1, 8, 1, 6), (2, ((4, 5), (2, 3), (1, 2), (1, 1)), 8, 32, 4, 3),
+             (1, ((5, 7), (1, 1)), 2, 5, 4, 4), CASE]
+
+
+def gpu_case_id(case):
+    n, levels, heads, head_dim, points, queries = case
+    return f"n{n}_l{'+'.join(f'{h}x{w}' for h, w in levels)}_m{heads}_d{head_dim}_p{points}_q{queries}"
+
+
+@pytest.fixture
+def simulated_gpu(monkeypatch):
+    """A context manager: inside it, ms_deform_attn on CPU tensors runs the simulated CUDA kernels."""
+    pytest.importorskip("pyopencl", reason="the simulated GPU needs pyopencl and an OpenCL device (PoCL)")
+    import gpusim
+
+    missing = gpusim.available()
+    if missing:
+        pytest.skip(f"the simulated GPU needs an OpenCL device: {missing}")
+
+    @contextlib.contextmanager
+    def gpu():
+        with monkeypatch.context() as patch:
+            patch.setattr(msda_ops, "target_key", lambda device: GPU_TARGET)
+            patch.setattr(msda_ops, "get_kernel", gpusim.get_kernel)
+            yield
+
+    return gpu
+
+
+def _results(value, shapes, starts, locations, weights, grad):
+    leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
+    out = dcn_tvm.ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2])
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad)]
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=gpu_case_id)
+def test_simulated_gpu_forward_and_gradients(case, simulated_gpu):
+    """Output against the loops, gradients against autograd of the grid_sample formulation (in float64
+    for CASE, else float32, then also against the CPU kernels); locations in [-0.25, 1.25] and non-finite;
+    the value gradient's adds are atomic (queries share pixels)."""
+    dtype = torch.float64 if case == CASE else torch.float32
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    value, shapes, starts, locations, weights = make_inputs(case, dtype=dtype, seed=13, non_finite=True)
+    grad = torch.randn(case[0], case[5], case[2] * case[3], dtype=dtype)
+    with simulated_gpu():
+        gpu = _results(value, shapes, starts, locations, weights, grad)
+    finite = torch.isfinite(locations)
+    leaves = [t.detach().double().requires_grad_() for t in (value, locations.where(finite, 9.0), weights)]
+    expected = [ms_deform_attn_loops(value, shapes, locations, weights),
+                *torch.autograd.grad(ms_deform_attn_grid_sample(leaves[0], shapes, leaves[1], leaves[2]), leaves,
+                                     grad.double())]
+    for name, ours, theirs in zip(("output", "value", "sampling_locations", "attention_weights"), gpu, expected):
+        assert torch.isfinite(ours).all() and relative_error(ours, theirs) <= tolerance, name
+    if dtype == torch.float32:
+        for name, ours, theirs in zip(("output", "value", "locations", "weights"), gpu,
+                                      _results(value, shapes, starts, locations, weights, grad)):
+            assert relative_error(ours, theirs) <= 1e-5, name
+
+
+def test_simulated_gpu_zero_queries(simulated_gpu):
+    value, shapes, starts, locations, weights = make_inputs(GPU_CASES[0], dtype=torch.float32)
+    with simulated_gpu():
+        leaves = [value.requires_grad_(), locations[:, :0].requires_grad_(), weights[:, :0].requires_grad_()]
+        out = dcn_tvm.ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2])
+        assert out.shape == (1, 0, 8)
+        out.sum().backward()
+    assert not value.grad.any()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="ptxas (nvcc) is not on PATH")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_cuda_kernels_fit_sm_90(dtype, monkeypatch):
+    """Every kernel the op asks for (forward and backward at static and symbolic sizes, the scatter) for
+    the widest GPU case, built for sm_90 in one module: ptxas accepts each within the register budget."""
+    from dcn_tvm.kernels import build, resources
+
+    n, levels, heads, head_dim, points, queries = GPU_CASES[1]
+    workload = Workload.parse(f"ms_deform_attn:n={n},q={queries},levels={'+'.join(f'{h}x{w}' for h, w in levels)},"
+                              f"heads={heads},head_dim={head_dim},points={points},dtype={dtype}")
+    specs = [spec for task in workload.tasks(GPU_TARGET) for spec in (task.spec, task.spec.symbolic())]
+    specs.append(msda_ops.scatter_spec(workload.geometry(), GPU_TARGET))
+    seen, check = [], resources.check_assembled
+    monkeypatch.setattr(resources, "check_assembled", lambda *args: seen.append(check(*args)) or seen[-1])
+    build.compile_functions({spec.workload_key: build.scheduled(spec) for spec in specs}, GPU_TARGET)
+    (usage,) = seen
+    assert len(usage) >= len(specs) and all(0 < used["registers"] <= 255 for used in usage.values())
+
+
+def test_onnx_export_of_an_encoder_layer_runs_in_onnxruntime():
+    """The exported graph holds only standard operators (GridSample per level, then the weighted sum)
+    and reproduces the layer in onnxruntime to 1e-5, also at another batch size (dynamic batch)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import onnx
+
+    from dcn_tvm.export import to_onnx
+    from dcn_tvm.models import DeformableEncoderLayer, encoder_reference_points
+
+    n, levels, heads, head_dim, points, _ = CASE
+    torch.manual_seed(14)
+    layer = DeformableEncoderLayer(heads * head_dim, 32, 0.0, len(levels), heads, points).eval()
+    torch.nn.init.normal_(layer.self_attn.sampling_offsets.weight, std=0.3)  # samples across the borders
+    shapes, starts = level_tensors(levels)
+
+    def arguments(batch):
+        return (torch.randn(batch, 48, heads * head_dim), torch.randn(batch, 48, heads * head_dim),
+                encoder_reference_points(shapes, batch=batch), shapes, starts)
+
+    dynamic = {0: torch.export.Dim.DYNAMIC}
+    model = to_onnx(layer, arguments(n), dynamic_shapes=(dynamic, dynamic, dynamic, None, None)).model_proto
+    onnx.checker.check_model(model, full_check=True)
+    assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
+    assert "GridSample" in {node.op_type for node in model.graph.node}
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (n, 1):
+        args = arguments(batch)
+        (out,) = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(out), layer(*args), atol=1e-5, rtol=1e-5)
