@@ -1,7 +1,9 @@
 """Default `cuda` schedules for ms_deform_attn: one thread per output element of every gather.
 
-The per-sample stages (sample_pixels, sample_index, sample_weight) are inlined into the gathers that read
-them: a thread recomputes its corners rather than reading a table from memory. The forward gives every
+The corner stages (sample_index, sample_weight) are inlined into the gathers that read them: a thread
+recomputes its corners from the sample's pixel position (sample_pixels, one thread per coordinate)
+rather than reading a table from memory. Inlining the pixel positions too would repeat their per-level
+expressions in every corner of every gradient: the backward then took minutes to compile. The forward gives every
 (image, query, head, channel) a thread that sums the L x P x 4 corners in a register and stores the
 output once; the backward gives every corner of every sample a thread for its dot product over
 head_dim, then one thread per gradient element. The value-gradient scatter gives every (image, query,
@@ -13,8 +15,8 @@ from __future__ import annotations
 
 from .common import bind_remaining, bind_threads, stage_names
 
-#: The per-sample stages, inlined into their consumers (consumers first).
-SAMPLE_STAGES = ("sample_weight", "sample_index", "sample_pixels")
+#: The corner stages, inlined into their consumers.
+SAMPLE_STAGES = ("sample_weight", "sample_index")
 
 
 def _inline_samples(sch) -> None:
