@@ -348,6 +348,7 @@ def test_simulated_gpu_zero_queries(simulated_gpu):
     assert not value.grad.any()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="ptxas (nvcc) is not on PATH")
 def test_cuda_kernels_fit_sm_90(monkeypatch):
     """Every kernel the op asks for on the widest GPU case (forward and backward at static sizes, also at
