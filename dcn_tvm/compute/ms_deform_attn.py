@@ -13,6 +13,8 @@ the map count. The level shapes are constants of the geometry.
 
 Stages, by the names schedules look up (corners c = 2 * row + column of the 2 x 2 neighbourhood):
 
+    sample_pixels  [N, Lq, M, L, P, 2]  (x, y) in pixels of the level, OUTSIDE (-2) along an axis
+                                        where the sample reads nothing (acc_dtype)
     sample_index   [N, Lq, M, L, P, 4]  int32 row of value each corner reads (clamped into its level)
     sample_weight  [N, Lq, M, L, P, 4]  A x the corner's bilinear weight, 0 outside (forward)
     sampled_sum    [N, Lq, M, D]        their weighted sum, in acc_dtype
