@@ -65,9 +65,9 @@ def reference_points(batch: int, queries: int, gen):
     return torch.cat(centres).expand(batch, -1, -1)
 
 
-def _ratio(peak: float, ours: float) -> str:
+def _ratio(peak: float | None, ours: float) -> str:
     """`peak` over dcn_tvm's peak, or "-" where dcn_tvm's is under 1 MiB (below the page-level resolution)."""
-    return f"{peak / ours:.1f}x" if ours >= 1 else "-"
+    return f"{peak / ours:.1f}x" if peak is not None and ours >= 1 else "-"
 
 
 def inputs(batch: int, queries: int):
@@ -138,17 +138,26 @@ def measure(threads: int, batches, repeats: int, onnx: bool) -> None:
 
                 results[name] = (median_ms(forward, repeats), median_ms(forward_backward, repeats),
                                  peak_mib(forward), peak_mib(forward_backward))
-            if onnx:
+            if onnx:  # forward only
                 run = _onnx_session(batch, queries, [t.detach() for t in tensors])
-                results["onnxruntime (export)"] = (median_ms(run, repeats), (float("nan"),) * 2, peak_mib(run),
-                                                   float("nan"))
+                results["onnxruntime (export)"] = (median_ms(run, repeats), None, peak_mib(run), None)
             ours = results["dcn_tvm"]
             for name, (fwd, both, fwd_mib, both_mib) in results.items():
-                print(f"| {layer} (Lq={queries}) | {batch} | {threads} | {name} | {fwd[0]:.1f} ({fwd[1]:.1f}) | "
-                      f"{both[0]:.1f} ({both[1]:.1f}) | {fwd_mib:.0f} | {both_mib:.0f} | "
-                      f"{fwd[0] / ours[0][0]:.2f}x ({fwd[1] / ours[0][1]:.2f}x), "
-                      f"{both[0] / ours[1][0]:.2f}x ({both[1] / ours[1][1]:.2f}x) | "
+                print(f"| {layer} (Lq={queries}) | {batch} | {threads} | {name} | {_times(fwd)} | {_times(both)} | "
+                      f"{_mib(fwd_mib)} | {_mib(both_mib)} | {_speedup(fwd, ours[0])}, {_speedup(both, ours[1])} | "
                       f"{_ratio(fwd_mib, ours[2])}, {_ratio(both_mib, ours[3])} |", flush=True)
+
+
+def _times(times) -> str:
+    return "-" if times is None else f"{times[0]:.1f} ({times[1]:.1f})"
+
+
+def _mib(peak) -> str:
+    return "-" if peak is None else f"{peak:.0f}"
+
+
+def _speedup(times, ours) -> str:
+    return "-" if times is None else f"{times[0] / ours[0]:.2f}x ({times[1] / ours[1]:.2f}x)"
 
 
 def main(argv=None) -> None:
