@@ -107,7 +107,8 @@ def _ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations
         end = op.Add(start, op.ReduceProd(size, _ints(1), keepdims=0))
         plane = op.Slice(planes, start, end, _ints(3))  # [N, M, D, H*W]
         plane = op.Reshape(plane, op.Concat(_ints(-1), head_dim, op.Reshape(size, _ints(2)), axis=0))
-        grid = op.Reshape(op.Gather(grids, _ints(level), axis=3), op.Concat(_ints(-1), queries, _ints(points, 2), axis=0))
+        grid_shape = op.Concat(_ints(-1), queries, _ints(points, 2), axis=0)  # [N*M, Lq, P, 2]
+        grid = op.Reshape(op.Gather(grids, _ints(level), axis=3), grid_shape)
         samples.append(op.GridSample(plane, grid, align_corners=0, mode="bilinear", padding_mode="zeros"))
     stacked = op.Concat(*samples, axis=3)  # [N*M, D, Lq, L*P]
     weights = op.Transpose(attention_weights, perm=[0, 2, 1, 3, 4])

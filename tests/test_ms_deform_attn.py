@@ -100,7 +100,8 @@ def test_gradcheck_float64():
 def test_opcheck():
     value, shapes, starts, locations, weights = make_inputs(seed=6)
     torch.library.opcheck(torch.ops.dcn_tvm.ms_deform_attn.default,
-                          (value.requires_grad_(), shapes, starts, locations.requires_grad_(), weights.requires_grad_()))
+                          (value.requires_grad_(), shapes, starts, locations.requires_grad_(),
+                           weights.requires_grad_()))
     grad = torch.randn(2, 6, 15, dtype=torch.float64)
     torch.library.opcheck(torch.ops.dcn_tvm.ms_deform_attn_backward.default,
                           (grad, value.detach(), shapes, starts, locations.detach(), weights.detach()))
@@ -153,8 +154,10 @@ def test_zero_queries_and_images():
 
 @pytest.mark.parametrize("change, error, message", [
     (lambda a: {**a, "value": a["value"][:, 1:]}, ValueError, r"value has S = 47 rows .* cover sum\(H\*W\) = 48"),
-    (lambda a: {**a, "spatial_shapes": a["spatial_shapes"].flip(0)}, ValueError, r"level_start_index must be \[0, 1, 13\]"),
-    (lambda a: {**a, "level_start_index": a["level_start_index"] + 1}, ValueError, r"level_start_index must be \[0, 35, 47\]"),
+    (lambda a: {**a, "spatial_shapes": a["spatial_shapes"].flip(0)}, ValueError,
+     r"level_start_index must be \[0, 1, 13\]"),
+    (lambda a: {**a, "level_start_index": a["level_start_index"] + 1}, ValueError,
+     r"level_start_index must be \[0, 35, 47\]"),
     (lambda a: {**a, "spatial_shapes": a["spatial_shapes"][:, :1]}, ValueError, r"spatial_shapes must be \[L, 2\]"),
     (lambda a: {**a, "spatial_shapes": a["spatial_shapes"] * 0}, ValueError, r"spatial_shapes must hold sizes >= 1"),
     (lambda a: {**a, "spatial_shapes": a["spatial_shapes"].double()}, TypeError, "spatial_shapes must have an integer"),
@@ -163,12 +166,14 @@ def test_zero_queries_and_images():
     (lambda a: {**a, "sampling_locations": a["sampling_locations"][:, :, :2]}, ValueError, "sampling_locations must"),
     (lambda a: {**a, "attention_weights": a["attention_weights"][..., :1]}, ValueError,
      r"attention_weights must have shape \(2, 6, 3, 3, 2\)"),
-    (lambda a: {**a, "attention_weights": a["attention_weights"].float()}, TypeError, "attention_weights must have value's dtype"),
+    (lambda a: {**a, "attention_weights": a["attention_weights"].float()}, TypeError,
+     "attention_weights must have value's dtype"),
     (lambda a: {**a, "value": a["value"].int()}, TypeError, "value must have a floating dtype"),
     (lambda a: {**a, "value": a["value"][0]}, ValueError, "value must have 4 dimensions"),
     (lambda a: {**a, "level_start_index": a["level_start_index"].to("meta")}, ValueError,
      "level_start_index is on meta but value is on cpu"),
-    (lambda a: {**a, "attention_weights": a["attention_weights"].tolist()}, TypeError, "attention_weights must be a torch.Tensor"),
+    (lambda a: {**a, "attention_weights": a["attention_weights"].tolist()}, TypeError,
+     "attention_weights must be a torch.Tensor"),
 ])
 def test_bad_arguments_are_named(change, error, message):
     value, shapes, starts, locations, weights = make_inputs()
