@@ -3,6 +3,9 @@
 - `dcn_tvm::deform_conv2d` becomes the standard `DeformConv` (opset >= 19): same offset layout
   ((dy, dx) pairs per kernel point and offset group), mask and bias inputs, the exporter's dynamic
   batch and spatial sizes. onnxruntime runs it on its CPU execution provider.
+- `dcn_tvm::ms_deform_attn` becomes standard operators: per level a GridSample (bilinear,
+  align_corners=0, zero padding) of the value's [N*M, D, H, W] view, then the attention-weighted sum
+  (the grid_sample formulation). Its level count and points must be static.
 - `dcn_tvm::deform_roi_pool` has no standard operator: it becomes `dcn_tvm::DeformRoIPool`
   (custom domain `dcn_tvm`, version 1, schema in `DEFORM_ROI_POOL_SCHEMA`), which a runtime must
   implement itself (onnxruntime refuses a model holding one unless given such a custom op).
@@ -66,7 +69,7 @@ _DEFORM_ROI_POOL = Op(Opset(DOMAIN, 1), "DeformRoIPool", DEFORM_ROI_POOL_SCHEMA)
 
 def _static(name: str, value) -> int:
     if not isinstance(value, int):
-        raise ValueError(f"ONNX DeformConv needs a static {name}, got {value!r}")
+        raise ValueError(f"ONNX export needs a static {name}, got {value!r}")
     return value
 
 
@@ -86,10 +89,45 @@ def _deform_roi_pool(input, rois, offset, output_size: int, spatial_scale: float
         output_size, spatial_scale, group_size, part_size, sampling_ratio, gamma))
 
 
+def _ints(*values: int):
+    return opset19.Constant(value_ints=list(values))
+
+
+def _ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """dcn_tvm::ms_deform_attn as GridSample per level and a weighted sum; value [N, S, M, D] ->
+    [N, Lq, M*D]. Levels L and points P are static (sampling_locations [N, Lq, M, L, P, 2])."""
+    op = opset19
+    levels, points = _static("levels", sampling_locations.shape[3]), _static("points", sampling_locations.shape[4])
+    batch = op.Shape(value, start=0, end=1)
+    queries = op.Shape(sampling_locations, start=1, end=2)
+    head_dim = op.Shape(value, start=3, end=4)
+    planes = op.Transpose(value, perm=[0, 2, 3, 1])  # [N, M, D, S]
+    two = op.CastLike(op.Constant(value_float=2.0), sampling_locations)
+    one = op.CastLike(op.Constant(value_float=1.0), sampling_locations)
+    grids = op.Transpose(op.Sub(op.Mul(sampling_locations, two), one), perm=[0, 2, 1, 3, 4, 5])  # [N, M, Lq, L, P, 2]
+    samples = []
+    for level in range(levels):
+        size = op.Gather(spatial_shapes, _ints(level), axis=0)  # [1, 2]: (H, W)
+        start = op.Gather(level_start_index, _ints(level), axis=0)
+        end = op.Add(start, op.ReduceProd(size, _ints(1), keepdims=0))
+        plane = op.Slice(planes, start, end, _ints(3))  # [N, M, D, H*W]
+        plane = op.Reshape(plane, op.Concat(_ints(-1), head_dim, op.Reshape(size, _ints(2)), axis=0))
+        grid_shape = op.Concat(_ints(-1), queries, _ints(points, 2), axis=0)  # [N*M, Lq, P, 2]
+        grid = op.Reshape(op.Gather(grids, _ints(level), axis=3), grid_shape)
+        samples.append(op.GridSample(plane, grid, align_corners=0, mode="bilinear", padding_mode="zeros"))
+    stacked = op.Concat(*samples, axis=3)  # [N*M, D, Lq, L*P]
+    weights = op.Transpose(attention_weights, perm=[0, 2, 1, 3, 4])
+    weights = op.Reshape(weights, op.Concat(_ints(-1, 1), queries, _ints(levels * points), axis=0))
+    summed = op.ReduceSum(op.Mul(stacked, weights), _ints(3), keepdims=0)  # [N*M, D, Lq]
+    summed = op.Reshape(summed, op.Concat(batch, _ints(-1), queries, axis=0))  # [N, M*D, Lq]
+    return op.Transpose(summed, perm=[0, 2, 1])
+
+
 def onnx_translation_table() -> dict[torch._ops.OpOverload, Callable]:
     """dcn_tvm's ops to their ONNX translations, for `torch.onnx.export(custom_translation_table=...)`."""
     return {torch.ops.dcn_tvm.deform_conv2d.default: _deform_conv2d,
-            torch.ops.dcn_tvm.deform_roi_pool.default: _deform_roi_pool}
+            torch.ops.dcn_tvm.deform_roi_pool.default: _deform_roi_pool,
+            torch.ops.dcn_tvm.ms_deform_attn.default: _ms_deform_attn}
 
 
 def dynamic_shapes(args: Sequence) -> tuple:

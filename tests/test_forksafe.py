@@ -8,7 +8,7 @@ import pytest
 
 from dcn_tvm.forksafe import ForkSafeLock
 from dcn_tvm.kernels import cache, runtime
-from dcn_tvm.ops import scratch
+from dcn_tvm.ops import scratch, shapes
 from dcn_tvm.tuning import store
 
 
@@ -52,6 +52,6 @@ def test_a_lock_held_by_another_thread_at_fork_is_free_in_the_child(reentrant):
 
 
 def test_every_process_wide_lock_is_fork_safe():
-    for lock in (cache._lock, runtime._lock, scratch._lock, store._folder_locks_guard):
+    for lock in (cache._lock, runtime._lock, scratch._lock, shapes._lock, store._folder_locks_guard):
         assert isinstance(lock, ForkSafeLock)
     assert _in_child_while_held(scratch._lock, scratch.release_scratch) == 0

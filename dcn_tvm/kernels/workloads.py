@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dcn_tvm.geometry.conv import ConvGeometry, conv_geometry
 from dcn_tvm.geometry.dtypes import DTYPES
+from dcn_tvm.geometry.ms_deform_attn import Levels, ms_deform_attn_geometry, parse_levels
 from dcn_tvm.geometry.roi_pool import RoIPoolGeometry, roi_pool_geometry
 from dcn_tvm.kernels.spec import KernelSpec
 
@@ -82,6 +84,55 @@ FIELDS = {
 }
 STAGES = {"deform_conv2d": ("forward", "backward_data", "backward_weight"), "deform_roi_pool": ("forward", "backward")}
 
+
+
+@dataclass(frozen=True)
+class OperatorWorkloads:
+    """What the workloads need to know of one operator, so that adding an operator adds an entry here
+    and no branch below: its FIELDS, its tunable STAGES, the geometry a workload's values describe
+    (built by the op's own checks), the sizes of the kernels the op asks for (None: the kernel serves
+    every size) and those the tuner measures them with, and a geometry's values (but the sizes)."""
+
+    fields: dict
+    stages: tuple[str, ...]
+    geometry: Callable[[dict], object]
+    sizes: Callable[[dict], tuple]
+    measured_sizes: Callable[[dict], tuple]
+    values: Callable[[object], dict]
+
+
+def _ms_deform_attn_geometry(v: dict):
+    n, q, heads, head_dim, levels, points = v["n"], v["q"], v["heads"], v["head_dim"], v["levels"], v["points"]
+    starts = [sum(h * w for h, w in levels[:index]) for index in range(len(levels))]
+    return ms_deform_attn_geometry((n, sum(h * w for h, w in levels), heads, head_dim), levels, starts,
+                                   (n, q, heads, len(levels), points, 2), (n, q, heads, len(levels), points),
+                                   v["dtype"])
+
+
+def _ms_deform_attn_sizes(v: dict) -> tuple:
+    return ("n", v["n"]), ("q", v["q"])
+
+
+#: The operators described by an OperatorWorkloads entry (deform_conv2d and deform_roi_pool are still
+#: handled inline below).
+OPERATORS = {
+    # value [n, sum(H*W), heads, head_dim] over the levels `HxW+HxW+...`; q queries of `points` samples per level
+    "ms_deform_attn": OperatorWorkloads(
+        fields={"n": (_size, None), "q": (_size, None), "levels": (parse_levels, None), "heads": (_size, "8"),
+                "head_dim": (_size, "32"), "points": (_size, "4"), "dtype": (str, "float32")},
+        stages=("forward", "backward"),
+        geometry=_ms_deform_attn_geometry,
+        sizes=_ms_deform_attn_sizes,
+        measured_sizes=_ms_deform_attn_sizes,
+        values=lambda geo: dict(levels=Levels(geo.levels), heads=geo.heads, head_dim=geo.head_dim,
+                                points=geo.points),
+    ),
+}
+FIELDS.update({op: entry.fields for op, entry in OPERATORS.items()})
+STAGES.update({op: entry.stages for op, entry in OPERATORS.items()})
+#: Deformable DETR's feature levels for an 800x1333 image: strides 8, 16, 32 and 64.
+_DETR_LEVELS = "100x167+50x84+25x42+13x21"
+
 PRESETS = {
     "tiny": (
         "deform_conv2d:n=1,c=64,h=32,w=32,o=64,k=3,stride=1,pad=1,dil=1,groups=1,offset_groups=1,mask=0,dtype=float32",
@@ -98,6 +149,12 @@ PRESETS = {
         "deform_roi_pool:r=300,n=1,c=1029,h=38,w=63,k=7,group_size=7,part_size=7,sampling_ratio=4,classes=21,"
         "spatial_scale=0.0625,gamma=0.1,dtype=float32",
     ),
+    # Deformable DETR's encoder layer (every one of the S = 22223 positions a query) and decoder layer
+    # (300 object queries), M=8 heads of 32 channels, 4 points per level.
+    "deformable-detr-encoder": (f"ms_deform_attn:n=1,q=22223,levels={_DETR_LEVELS},heads=8,head_dim=32,points=4,"
+                                f"dtype=float32",),
+    "deformable-detr-decoder": (f"ms_deform_attn:n=1,q=300,levels={_DETR_LEVELS},heads=8,head_dim=32,points=4,"
+                                f"dtype=float32",),
 }
 
 
@@ -152,6 +209,8 @@ class Workload:
         """The layer's geometry, built by the ops' own shape checks (dcn_tvm.geometry; ValueError/TypeError
         on bad shapes)."""
         v = dict(self.values)
+        if self.op in OPERATORS:
+            return OPERATORS[self.op].geometry(v)
         n, c, h, w, dtype = v["n"], v["c"], v["h"], v["w"], v["dtype"]
         if self.op == "deform_conv2d":
             (kh, kw), og, groups = v["k"], v["offset_groups"], v["groups"]
@@ -175,7 +234,10 @@ class Workload:
         v, geo = dict(self.values), self.geometry()
         tasks = []
         for stage in STAGES[self.op]:
-            if self.op == "deform_conv2d":
+            if self.op in OPERATORS:
+                spec = KernelSpec(self.op, stage, geo, OPERATORS[self.op].sizes(v), target, acc_dtype=geo.acc_dtype)
+                measured = dataclasses.replace(spec, sizes=OPERATORS[self.op].measured_sizes(v))
+            elif self.op == "deform_conv2d":
                 spec = KernelSpec(self.op, stage, geo, (("n", v["n"]), ("h", v["h"]), ("w", v["w"])), target)
                 measured = spec
             else:
@@ -194,7 +256,9 @@ def tunable(spec: KernelSpec) -> bool:
 
 def from_geometry(op: str, geo, **sizes) -> Workload:
     """The workload of an `op` call with geometry `geo` and sizes (n, h, w; and r for deform_roi_pool)."""
-    if op == "deform_conv2d":
+    if op in OPERATORS:
+        values = OPERATORS[op].values(geo)
+    elif op == "deform_conv2d":
         values = dict(c=geo.in_channels, o=geo.out_channels, k=geo.kernel, stride=geo.stride, pad=geo.padding,
                       dil=geo.dilation, groups=geo.groups, offset_groups=geo.offset_groups, mask=int(geo.with_mask))
     else:

@@ -16,26 +16,16 @@ costs one dictionary lookup.
 
 from __future__ import annotations
 
-import os
-import threading
-
 from dcn_tvm import env
+from dcn_tvm.forksafe import ForkSafeLock
 from dcn_tvm.kernels import prebuilt
 from dcn_tvm.kernels.records import Records
 from dcn_tvm.kernels.spec import KernelSpec
 
 _GENERIC = "generic"
-_lock = threading.Lock()
+_lock = ForkSafeLock()  # unheld again in a forked child
 _layers: dict[tuple, object] = {}  # layer -> the sizes of its first call, or _GENERIC once it met others
 _chosen: dict[tuple[str, KernelSpec], KernelSpec] = {}  # (policy, exact spec) -> the spec to run
-
-
-def _new_lock() -> None:
-    global _lock
-    _lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_lock)  # a lock held by another thread at fork would never be released
 
 
 def choose(spec: KernelSpec) -> KernelSpec:
