@@ -316,7 +316,8 @@ def backward_weight(sch) -> None:
 
 
 def scatter(sch) -> None:
-    """Every sample its own thread; the adds are atomic (see `scatter_grad_input`)."""
+    """Every sample its own thread, adding atomically; the deterministic scatter (no atomics) one thread
+    per (image, channel) plane (see `scatter_grad_input`)."""
     bind_threads(sch, sch.get_loops(sch.get_sblock("scatter_grad_input")))
 
 

@@ -20,7 +20,7 @@ def prim_func(spec: KernelSpec):
     # int64: a kernel for every size must index past 2^31 elements (see dcn_tvm.compute.indexing).
     sizes = [te.var(name, "int64") if value is None else value for name, value in spec.sizes]
     return compute.prim_func(spec.stage, spec.geometry, sizes, acc_dtype=spec.acc_dtype,
-                             position_align=schedules.position_tile(spec.op, kind), atomic=kind == "cuda",
+                             position_align=schedules.position_tile(spec.op, kind), atomic=kind == "cuda" and not spec.deterministic,
                              **schedules.compute_options(spec.op, kind))
 
 

@@ -3,7 +3,8 @@ the tuning record and the prebuilt artifact alike, e.g.
 
     deform_conv2d_forward_float32_c512_o512_k3x3_s1x1_p2x2_d2x2_g1_og1_m0_n1_h38_w50_llvm-znver5
 
-A batch/height/width of None is symbolic ("nany"): one kernel serves every size.
+A batch/height/width of None is symbolic ("nany"): one kernel serves every size. A kernel without
+floating-point atomics (asked for by torch.use_deterministic_algorithms) ends in `_deterministic`.
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ class KernelSpec:
     sizes: tuple[tuple[str, int | None], ...]
     target: str  # a target key, see dcn_tvm.kernels.targets
     acc_dtype: str = "float32"
+    #: No floating-point atomics: the same results bit for bit on every run (the GPU scatters).
+    deterministic: bool = False
 
     @property
     def workload_key(self) -> str:
         """The key without the target: a valid C symbol, used as the function name in libraries."""
+        variant = "_deterministic" if self.deterministic else ""
         if self.geometry is None:
-            return f"{self.op}_{self.stage}_{self.acc_dtype}"
+            return f"{self.op}_{self.stage}_{self.acc_dtype}{variant}"
         dims = "_".join(f"{name}{'any' if value is None else value}" for name, value in self.sizes)
-        return f"{self.op}_{self.stage}_{self.geometry.key}_{dims}"
+        return f"{self.op}_{self.stage}_{self.geometry.key}_{dims}{variant}"
 
     @property
     def key(self) -> str:
