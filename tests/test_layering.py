@@ -27,7 +27,7 @@ LAYERS = (
         "dcn_tvm.compute.indexing",
         "dcn_tvm.schedules", "dcn_tvm.schedules.common", "dcn_tvm.schedules.deform_conv2d_cuda",
         "dcn_tvm.schedules.deform_conv2d_llvm", "dcn_tvm.schedules.deform_roi_pool_cuda",
-        "dcn_tvm.schedules.deform_roi_pool_llvm", "dcn_tvm.schedules.wmma",
+        "dcn_tvm.schedules.deform_roi_pool_llvm", "dcn_tvm.schedules.wmma", "dcn_tvm.schedules.mma_tf32",
     )),
     ("kernel resolution", (
         "dcn_tvm.kernels", "dcn_tvm.kernels.build", "dcn_tvm.kernels.cache", "dcn_tvm.kernels.manifest",

@@ -7,7 +7,8 @@ A workload is the static shape of one operator call, e.g.
 
 (kernel/stride/pad/dil take `3` or `3x5`; omitted keys take the defaults in FIELDS; `deterministic=1`
 names a call under torch.use_deterministic_algorithms, whose CUDA input-gradient scatter has no atomics,
-and is written only when set). Its tasks are
+and `precision=high` or `medium` one under that torch.set_float32_matmul_precision, whose float32 CUDA
+GEMMs run on TF32 tensor cores; both are written only when set). Its tasks are
 the KernelSpecs of its tunable stages, exactly as the ops ask for them: deform_conv2d's forward,
 backward_data and backward_weight; deform_roi_pool's forward and backward. The input-gradient
 scatters are shape-generic and keep their default schedules. deform_roi_pool kernels serve every RoI
@@ -24,6 +25,7 @@ from dcn_tvm.geometry.conv import ConvGeometry, conv_geometry
 from dcn_tvm.geometry.dtypes import DTYPES
 from dcn_tvm.geometry.roi_pool import RoIPoolGeometry, roi_pool_geometry
 from dcn_tvm.kernels.spec import KernelSpec
+from dcn_tvm.kernels.targets import target_kind
 
 
 def _int(minimum: int, maximum: int | None = None):
@@ -69,6 +71,13 @@ def _flag(text: str) -> int | None:
     return int(text) or None
 
 
+def _precision(text: str) -> str | None:
+    """torch's float32 matmul precision; "highest" (exact) -> None, left out of the canonical string."""
+    if text not in ("highest", "high", "medium"):
+        raise ValueError("one of highest, high, medium")
+    return None if text == "highest" else text
+
+
 def _pair_text(pair) -> str:
     return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
 
@@ -81,7 +90,7 @@ FIELDS = {
         "n": (_size, None), "c": (_size, None), "h": (_size, None), "w": (_size, None), "o": (_size, None),
         "k": (_pair(1), None), "stride": (_pair(1), "1"), "pad": (_pair(0), "0"), "dil": (_pair(1), "1"),
         "groups": (_size, "1"), "offset_groups": (_size, "1"), "mask": (_int(0, 1), "0"), "dtype": (str, "float32"),
-        "deterministic": (_flag, "0"),
+        "deterministic": (_flag, "0"), "precision": (_precision, "highest"),
     },
     "deform_roi_pool": {
         "r": (_size, None), "n": (_size, None), "c": (_size, None), "h": (_size, None), "w": (_size, None),
@@ -186,7 +195,9 @@ class Workload:
         tasks = []
         for stage in STAGES[self.op]:
             if self.op == "deform_conv2d":
-                spec = KernelSpec(self.op, stage, geo, (("n", v["n"]), ("h", v["h"]), ("w", v["w"])), target)
+                exact = v["precision"] is None or v["dtype"] != "float32" or target_kind(target) != "cuda"
+                spec = KernelSpec(self.op, stage, geo, (("n", v["n"]), ("h", v["h"]), ("w", v["w"])), target,
+                                  precision="highest" if exact else v["precision"])
                 measured = spec
             else:
                 sizes = (("r", None), ("n", v["n"]), ("h", v["h"]), ("w", v["w"]))
@@ -202,9 +213,9 @@ def tunable(spec: KernelSpec) -> bool:
     return spec.stage in STAGES.get(spec.op, ()) and None not in sizes
 
 
-def from_geometry(op: str, geo, deterministic: bool = False, **sizes) -> Workload:
+def from_geometry(op: str, geo, deterministic: bool = False, precision: str = "highest", **sizes) -> Workload:
     """The workload of an `op` call with geometry `geo` and sizes (n, h, w; and r for deform_roi_pool),
-    `deterministic` under torch.use_deterministic_algorithms."""
+    `deterministic` under torch.use_deterministic_algorithms, at a float32 matmul `precision`."""
     if op == "deform_conv2d":
         values = dict(c=geo.in_channels, o=geo.out_channels, k=geo.kernel, stride=geo.stride, pad=geo.padding,
                       dil=geo.dilation, groups=geo.groups, offset_groups=geo.offset_groups, mask=int(geo.with_mask))
@@ -212,14 +223,14 @@ def from_geometry(op: str, geo, deterministic: bool = False, **sizes) -> Workloa
         values = dict(c=geo.in_channels, k=geo.output_size, group_size=geo.group_size,
                       part_size=geo.part_size or None, sampling_ratio=geo.sampling_ratio, classes=geo.num_classes,
                       spatial_scale=geo.spatial_scale, gamma=geo.gamma)
-    values.update(sizes, dtype=geo.dtype, deterministic=int(deterministic) or None)
+    values.update(sizes, dtype=geo.dtype, deterministic=int(deterministic) or None, precision=_precision(precision))
     return Workload(op, tuple((key, values[key]) for key in FIELDS[op]))
 
 
 def of_spec(spec: KernelSpec, rois: int = 300) -> Workload:
     """The workload whose tasks include `spec` (a deform_roi_pool spec is measured with `rois` RoIs)."""
     sizes = {name: rois if value is None else value for name, value in spec.sizes}
-    return from_geometry(spec.op, spec.geometry, spec.deterministic, **sizes)
+    return from_geometry(spec.op, spec.geometry, spec.deterministic, spec.precision, **sizes)
 
 
 def resolve(presets=(), strings=()) -> list[Workload]:

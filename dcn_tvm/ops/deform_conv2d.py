@@ -58,11 +58,19 @@ def geometry(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None,
                          padding, dilation, _TORCH_DTYPES[dtype])
 
 
+def precision(geo: ConvGeometry, target: str) -> str:
+    """The precision of `geo`'s GEMMs on a target key: torch.get_float32_matmul_precision() (read at call
+    time) for float32 on CUDA, where "high" and "medium" mean TF32 tensor cores; else "highest"."""
+    exact = geo.dtype != "float32" or target_kind(target) != "cuda"
+    return "highest" if exact else torch.get_float32_matmul_precision()
+
+
 def _spec(stage: str, geo: ConvGeometry, input: Tensor) -> KernelSpec:
     n, _, h, w = input.shape
     if env.dynamic_shapes():
         n = h = w = None
-    return KernelSpec(OP, stage, geo, (("n", n), ("h", h), ("w", w)), target_key(input.device))
+    target = target_key(input.device)
+    return KernelSpec(OP, stage, geo, (("n", n), ("h", h), ("w", w)), target, precision=precision(geo, target))
 
 
 def _positions(geo: ConvGeometry, input: Tensor) -> int:
