@@ -143,10 +143,11 @@ for case in t.CPU_ROI_CASES:
         digest.update(tensor.numpy().tobytes())
 print(tvm_ffi.get_global_func("runtime.NumThreads")(), digest.hexdigest())
 """
-# Channels-first and channels-last graphs (the CPU rules pick by shape), plain and PS RoI pooling (the
-# channels-last and channels-first scatters).
-CPU_CONV_CASES = [CONV_CASE, (1, 16, 9, 9, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, False)]
-CPU_ROI_CASES = [ROI_CASE, (2, 16, 10, 8, 3, 1, 2, 2, 2, 0.5)]
+# The channels-last graphs (CONV_CASE) and the channels-first ones (a stride over the kernel: the CPU rules
+# pick by shape, dcn_tvm.geometry.conv.resolve_layout); RoI pooling channels-last (its scatter's chunks
+# in parallel).
+CPU_CONV_CASES = [CONV_CASE, (2, 8, 9, 9, 8, (1, 2), (2, 2), (0, 1), (1, 1), 2, 2, True)]
+CPU_ROI_CASES = [(2, 16, 10, 8, 3, 1, 2, 2, 2, 0.5)]
 
 
 def _cpu_digest(threads: int) -> str:
