@@ -29,6 +29,10 @@ step its threads stage A and B in shared memory, row-major as the fragment loads
   over the images in turn: the gather writes each step's columns straight into shared memory,
   transposed to [positions, K].
 
+float32 at torch's float32 matmul precision "high" or "medium" (the function's `mma_tf32.PRECISION_ATTR`)
+takes the same tiles on TF32 tensor cores (`mma_tf32`: PTX mma.sync m16n8k8, A and B read from the shared
+tiles and rounded to TF32 by each lane, the accumulators in a warp buffer in the PTX fragment layout).
+
 Other shapes and dtypes keep the CUDA-core schedules above (the backward ones one thread per element);
 for shapes that fit, the tuning space holds both for each GEMM (`choose(..., GEMM_OPTIONS)`) and
 samples the K step.

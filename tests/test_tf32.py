@@ -171,3 +171,19 @@ def test_tf32_kernels_assemble_for_sm_90():
                               precision=precision_name)
             source = build(spec).mod.imports[0].inspect_source("cuda")
             assert source.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == count, spec.key
+
+
+def test_tuning_space_holds_tf32_and_cuda_cores():
+    """A precision=high workload's GEMM tasks have two CUDA design spaces where fragments fit: TF32 tensor
+    cores first (the default), then CUDA cores; both replay random decisions and pass ptxas for sm_90."""
+    from test_cuda_resources import _decided
+
+    from dcn_tvm.kernels.build import compile_functions
+
+    workload = Workload.parse("deform_conv2d:n=1,c=16,h=6,w=7,o=16,k=3,pad=1,precision=high")
+    for task in workload.tasks(GPU_TARGET):
+        functions = _decided(task, "random")
+        assert len(functions) == 2, task.spec.key
+        for function, count in zip(functions, (1, 0)):
+            source = compile_functions({"main": function}, GPU_TARGET).mod.imports[0].inspect_source("cuda")
+            assert source.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == count, task.spec.key
