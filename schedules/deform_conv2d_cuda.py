@@ -326,7 +326,8 @@ def backward_weight(sch) -> None:
     channel, ck, _, _ = sch.get_loops(gemm)
     _, c, kh, kw, _ = sch.get_loops(sch.get_sblock("deform_columns"))
     groups = _extent(sch, c) // (_extent(sch, ck) // (_extent(sch, kh) * _extent(sch, kw)))
-    if _on_tensor_cores(sch, "backward_weight_gemm", _dtype(sch, gemm), _extent(sch, channel) // groups, _extent(sch, ck)):
+    o_per_group = _extent(sch, channel) // groups
+    if _on_tensor_cores(sch, "backward_weight_gemm", _dtype(sch, gemm), o_per_group, _extent(sch, ck)):
         _tensor_core_backward_weight(sch, groups)
         return
     bind_remaining(sch)

@@ -27,6 +27,13 @@ of a block reach the same call sites, as the tensor-core schedules guarantee). A
 work-items of the flattened local id, as on the GPU. `Mutation` can load the fragments transposed or
 with a wrong leading dimension.
 
+TF32 tensor cores (schedules/mma_tf32.py): the accumulators are "warp" buffers, which LowerWarpMemory turns
+into each lane's registers with warps of 32 as for sm_90. A PTX `mma.sync.m16n8k8` tf32 is emulated per warp:
+between barriers the lanes write their A and B registers to per-warp __local scratch at the positions the
+PTX fragment layout gives them, then each lane computes its four accumulators from the operands truncated to
+TF32 (the hardware ignores their 13 low mantissa bits). `Mutation` can assume another A layout, or drop the
+kernels' own rounding to TF32 (the MMA then truncates).
+
 Half types: float16 and bfloat16 are stored as float32 (PoCL has no fp16, TVM's OpenCL codegen no
 bfloat16): their arguments travel as float32, and every conversion to them in a kernel rounds to the
 nearest float16 (`vstore_half_rte`) or bfloat16 (round to nearest even on the top 16 bits, as CUDA's
@@ -75,7 +82,9 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 @dataclass(frozen=True)
 class Mutation:
     """Deliberate bugs, to check that the tests catch them: drop every barrier, drop the n-th barrier of
-    the device code (in source order), or make the atomic adds plain read-modify-writes."""
+    the device code (in source order), make the atomic adds plain read-modify-writes, load fragments
+    transposed (a TF32 MMA: A's registers in another order) or with another leading dimension, or drop
+    the rounding of TF32 operands."""
 
     drop_barriers: bool = False
     drop_barrier: int | None = None
@@ -235,15 +244,16 @@ inline float gpusim_round_bfloat16(float value) {
 #define GPUSIM_TF32_BITS(x) as_float(as_uint(x) & 0xFFFFE000u)
 #define gpusim_mma_fill(size, c, ci) do { for (int r = 0; r < (size); ++r) (c)[(ci) + r] = 0.0f; } while (0)
 #define gpusim_mma_store(pointer, c, ci, stride) do { for (int r = 0; r < 8; ++r) \
-  (pointer)[(GPUSIM_LANE / 4 + 8 * (r % 4 / 2)) * (stride) + 8 * (r / 4) + 2 * (GPUSIM_LANE % 4) + r % 2] = (c)[(ci) + r]; \
-  } while (0)
+  (pointer)[(GPUSIM_LANE / 4 + 8 * (r % 4 / 2)) * (stride) + 8 * (r / 4) + 2 * (GPUSIM_LANE % 4) + r % 2] \
+    = (c)[(ci) + r]; } while (0)
 #define gpusim_mma_tf32(a, ai, b, bi, c, ci, swapped) do { \
   __local float* gpusim_a = gpusim_fragment_mma + GPUSIM_WARP * 192; \
   __local float* gpusim_b = gpusim_a + 128; \
   int g = GPUSIM_LANE / 4, t = GPUSIM_LANE % 4; \
   barrier(CLK_LOCAL_MEM_FENCE); \
   for (int r = 0; r < 4; ++r) \
-    gpusim_a[((swapped) ? g + 8 * (r / 2) : g + 8 * (r % 2)) * 8 + ((swapped) ? t + 4 * (r % 2) : t + 4 * (r / 2))] = (a)[(ai) + r]; \
+    gpusim_a[((swapped) ? g + 8 * (r / 2) : g + 8 * (r % 2)) * 8 + ((swapped) ? t + 4 * (r % 2) : t + 4 * (r / 2))] \
+      = (a)[(ai) + r]; \
   for (int r = 0; r < 2; ++r) gpusim_b[(t + 4 * r) * 8 + g] = (b)[(bi) + r]; \
   barrier(CLK_LOCAL_MEM_FENCE); \
   for (int r = 0; r < 4; ++r) { \

@@ -52,7 +52,8 @@ def _roi_gradients(case, dtype=torch.float32):
 def _scatter_specs(dtype: str, deterministic: bool):
     conv = conv_geometry((1, 6, 7, 8), (1, 54, 7, 8), (4, 6, 3, 3), (1, 27, 7, 8), 1, 1, 1, dtype)
     roi = roi_pool_geometry((1, 54, 8, 10), 9, (9, 6, 3, 3), 3, 0.25, 3, 3, 2, 0.1, dtype)
-    return [conv_ops.scatter_spec(conv, GPU_TARGET, deterministic), roi_ops.scatter_spec(roi, GPU_TARGET, deterministic)]
+    return [conv_ops.scatter_spec(conv, GPU_TARGET, deterministic),
+            roi_ops.scatter_spec(roi, GPU_TARGET, deterministic)]
 
 
 def _cuda_source(spec) -> str:

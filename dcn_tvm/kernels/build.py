@@ -22,7 +22,8 @@ def prim_func(spec: KernelSpec):
     sizes = [te.var(name, "int64") if value is None else value for name, value in spec.sizes]
     func = compute.prim_func(spec.stage, spec.geometry, sizes, acc_dtype=spec.acc_dtype,
                              position_align=schedules.position_tile(spec.op, kind),
-                             atomic=kind == "cuda" and not spec.deterministic, **schedules.compute_options(spec.op, kind))
+                             atomic=kind == "cuda" and not spec.deterministic,
+                             **schedules.compute_options(spec.op, kind))
     # The schedules read the precision from the function (schedules.mma_tf32.precision), and tuning records hash it.
     return func if spec.precision == "highest" else func.with_attr(PRECISION_ATTR, spec.precision)
 
