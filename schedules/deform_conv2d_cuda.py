@@ -29,6 +29,10 @@ step its threads stage A and B in shared memory, row-major as the fragment loads
   over the images in turn: the gather writes each step's columns straight into shared memory,
   transposed to [positions, K].
 
+float32 at torch's float32 matmul precision "high" or "medium" (the function's `mma_tf32.PRECISION_ATTR`)
+takes the same tiles on TF32 tensor cores (`mma_tf32`: PTX mma.sync m16n8k8, A and B read from the shared
+tiles and rounded to TF32 by each lane, the accumulators in a warp buffer in the PTX fragment layout).
+
 Other shapes and dtypes keep the CUDA-core schedules above (the backward ones one thread per element);
 for shapes that fit, the tuning space holds both for each GEMM (`choose(..., GEMM_OPTIONS)`) and
 samples the K step.
@@ -38,7 +42,7 @@ from __future__ import annotations
 
 from dcn_tvm.cuda_limits import SHARED_MEMORY_BYTES
 
-from . import wmma
+from . import mma_tf32, wmma
 from .common import bind_remaining, bind_threads, choose, decide, divisors
 
 #: The compute pads the positions to a multiple of this, so position tiles have no tails.
@@ -100,13 +104,15 @@ GEMM_OPTIONS = ("tensor_core", "cuda_core")
 
 
 wmma.register()
+mma_tf32.register()
 
 
-def _on_tensor_cores(name: str, dtype: str, o_per_group: int, k_per_group: int) -> bool:
-    """Whether GEMM `name` runs on tensor cores: its dtype has fragments, 16 divides the output
-    channels per group and (input channels per group x kernel points), and the tuning space's
-    choice (`name` among GEMM_OPTIONS) is tensor cores."""
-    fits = dtype in TENSOR_CORE_DTYPES and o_per_group % FRAGMENT == 0 and k_per_group % FRAGMENT == 0
+def _on_tensor_cores(sch, name: str, dtype: str, o_per_group: int, k_per_group: int) -> bool:
+    """Whether GEMM `name` runs on tensor cores: its dtype has fragments (float32 at TF32 precision,
+    `mma_tf32`), 16 divides the output channels per group and (input channels per group x kernel
+    points), and the tuning space's choice (`name` among GEMM_OPTIONS) is tensor cores."""
+    tf32 = dtype == "float32" and mma_tf32.precision(sch) in mma_tf32.TF32_PRECISIONS
+    fits = (dtype in TENSOR_CORE_DTYPES or tf32) and o_per_group % FRAGMENT == 0 and k_per_group % FRAGMENT == 0
     return fits and choose(name, GEMM_OPTIONS, GEMM_OPTIONS[0]) == "tensor_core"
 
 
@@ -152,26 +158,37 @@ def _gemm_on_fragments(sch, gemm, loops, fragments, k_steps, tiles, output_tile=
     for tile in tiles:
         sch.compute_at(tile, k_outer, preserve_unit_loops=True)
         _spread(sch, tile, 3 + len(serial), warps)  # under blockIdx, threadIdx.y, the serial loops, k_outer
-    a_fragment = sch.cache_read(fragment_gemm, 0, "wmma.matrix_a")
-    b_fragment = sch.cache_read(fragment_gemm, 1, "wmma.matrix_b")
-    for fragment in (a_fragment, b_fragment):
+    tf32 = dtype == "float32"  # TF32 MMAs read A and B from shared memory, accumulate in a warp buffer
+    fragments = [] if tf32 else [sch.cache_read(fragment_gemm, 0, "wmma.matrix_a"),
+                                 sch.cache_read(fragment_gemm, 1, "wmma.matrix_b")]
+    for fragment in fragments:
         sch.compute_at(fragment, k_frag)
-    accumulator = sch.cache_write(fragment_gemm, 0, "wmma.accumulator")
+    accumulator = sch.cache_write(fragment_gemm, 0, "warp" if tf32 else "wmma.accumulator")
     sch.reverse_compute_at(accumulator, warp)
+    if tf32:
+        sch.transform_layout(accumulator, ("read", 0), lambda *index: (
+            *index[:-2], index[-2] // FRAGMENT, index[-1] // FRAGMENT,
+            *mma_tf32.accumulator_lane(index[-2] % FRAGMENT, index[-1] % FRAGMENT)))
     if output_tile is not None:
         sch.reverse_compute_at(output_tile, block, preserve_unit_loops=True)
         _spread(sch, output_tile, 1, warps)
     init = sch.decompose_reduction(fragment_gemm, (serial or [k_outer])[0])
-    for stage in (a_fragment, b_fragment, accumulator):
+    for stage in (*fragments, accumulator):
         i, j = sch.get_loops(stage)[-2:]
         i_outer, i_inner = sch.split(i, [None, FRAGMENT])
         j_outer, j_inner = sch.split(j, [None, FRAGMENT])
         sch.reorder(i_outer, j_outer, i_inner, j_inner)
-    sch.tensorize(sch.get_loops(a_fragment)[-2], wmma.name("load_a", dtype))
-    sch.tensorize(sch.get_loops(b_fragment)[-2], wmma.name("load_b", dtype))
     store_scope = "global" if output_tile is None else "shared"
+    init_fill = sch.get_loops(sch.get_child_blocks(init)[0])[-2]
+    if tf32:
+        sch.tensorize(sch.get_loops(accumulator)[-2], mma_tf32.name(f"store_{store_scope}"))
+        sch.tensorize(init_fill, mma_tf32.name("fill"))
+        sch.tensorize(sch.get_loops(gemm)[-3], mma_tf32.name("mma"))
+        return
+    sch.tensorize(sch.get_loops(fragments[0])[-2], wmma.name("load_a", dtype))
+    sch.tensorize(sch.get_loops(fragments[1])[-2], wmma.name("load_b", dtype))
     sch.tensorize(sch.get_loops(accumulator)[-2], wmma.name(f"store_{store_scope}", "float32"))
-    sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], wmma.name("fill", "float32"))
+    sch.tensorize(init_fill, wmma.name("fill", "float32"))
     sch.tensorize(sch.get_loops(gemm)[-3], wmma.name("mma", dtype))
 
 
@@ -214,7 +231,7 @@ def forward(sch) -> None:
     groups = _extent(sch, sch.get_loops(columns)[1]) // _extent(sch, rc)
     dtype = str(sch.get(columns).writes[0].source.dtype)
     k_per_group = _extent(sch, rc) * _extent(sch, rkh) * _extent(sch, rkw)
-    if _on_tensor_cores("forward_gemm", dtype, _extent(sch, channel) // groups, k_per_group):
+    if _on_tensor_cores(sch, "forward_gemm", dtype, _extent(sch, channel) // groups, k_per_group):
         _tensor_core_forward(sch, groups)
         return
     block_channels = _largest_divisor(_extent(sch, channel) // groups, MAX_BLOCK_CHANNELS)
@@ -275,7 +292,7 @@ def backward_data(sch) -> None:
     _, c, kh, kw, _, ro = sch.get_loops(gemm)
     c_per_group = int(sch.get(gemm).reads[0].source.shape[1])
     k_per_group = c_per_group * _extent(sch, kh) * _extent(sch, kw)
-    if _on_tensor_cores("backward_data_gemm", _dtype(sch, gemm), _extent(sch, ro), k_per_group):
+    if _on_tensor_cores(sch, "backward_data_gemm", _dtype(sch, gemm), _extent(sch, ro), k_per_group):
         _tensor_core_backward_data(sch, _extent(sch, c) // c_per_group)
         return
     sch.compute_inline(sch.get_sblock("grad_output_padded"))
@@ -309,14 +326,16 @@ def backward_weight(sch) -> None:
     channel, ck, _, _ = sch.get_loops(gemm)
     _, c, kh, kw, _ = sch.get_loops(sch.get_sblock("deform_columns"))
     groups = _extent(sch, c) // (_extent(sch, ck) // (_extent(sch, kh) * _extent(sch, kw)))
-    if _on_tensor_cores("backward_weight_gemm", _dtype(sch, gemm), _extent(sch, channel) // groups, _extent(sch, ck)):
+    o_per_group = _extent(sch, channel) // groups
+    if _on_tensor_cores(sch, "backward_weight_gemm", _dtype(sch, gemm), o_per_group, _extent(sch, ck)):
         _tensor_core_backward_weight(sch, groups)
         return
     bind_remaining(sch)
 
 
 def scatter(sch) -> None:
-    """Every sample its own thread; the adds are atomic (see `scatter_grad_input`)."""
+    """Every sample its own thread, adding atomically; the deterministic scatter (no atomics) one thread
+    per (image, channel) plane (see `scatter_grad_input`)."""
     bind_threads(sch, sch.get_loops(sch.get_sblock("scatter_grad_input")))
 
 

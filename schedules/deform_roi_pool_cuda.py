@@ -31,7 +31,8 @@ def stages(sch) -> None:
 
 
 def scatter(sch) -> None:
-    """Every (RoI, output channel, bin, sample) its own thread; the adds are atomic."""
+    """Every (RoI, output channel, bin, sample) its own thread, adding atomically; the deterministic
+    scatter (no atomics) one thread per input channel."""
     bind_threads(sch, sch.get_loops(sch.get_sblock("scatter_grad_input")))
 
 

@@ -27,6 +27,13 @@ of a block reach the same call sites, as the tensor-core schedules guarantee). A
 work-items of the flattened local id, as on the GPU. `Mutation` can load the fragments transposed or
 with a wrong leading dimension.
 
+TF32 tensor cores (schedules/mma_tf32.py): the accumulators are "warp" buffers, which LowerWarpMemory turns
+into each lane's registers with warps of 32 as for sm_90. A PTX `mma.sync.m16n8k8` tf32 is emulated per warp:
+between barriers the lanes write their A and B registers to per-warp __local scratch at the positions the
+PTX fragment layout gives them, then each lane computes its four accumulators from the operands truncated to
+TF32 (the hardware ignores their 13 low mantissa bits). `Mutation` can assume another A layout, or drop the
+kernels' own rounding to TF32 (the MMA then truncates).
+
 Half types: float16 and bfloat16 are stored as float32 (PoCL has no fp16, TVM's OpenCL codegen no
 bfloat16): their arguments travel as float32, and every conversion to them in a kernel rounds to the
 nearest float16 (`vstore_half_rte`) or bfloat16 (round to nearest even on the top 16 bits, as CUDA's
@@ -75,13 +82,16 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 @dataclass(frozen=True)
 class Mutation:
     """Deliberate bugs, to check that the tests catch them: drop every barrier, drop the n-th barrier of
-    the device code (in source order), or make the atomic adds plain read-modify-writes."""
+    the device code (in source order), make the atomic adds plain read-modify-writes, load fragments
+    transposed (a TF32 MMA: A's registers in another order) or with another leading dimension, or drop
+    the rounding of TF32 operands."""
 
     drop_barriers: bool = False
     drop_barrier: int | None = None
     plain_adds: bool = False
     transposed_fragments: bool = False
     fragment_stride: int | None = None
+    unrounded_tf32: bool = False
 
 
 _mutation = contextvars.ContextVar("gpusim_mutation", default=Mutation())
@@ -145,7 +155,32 @@ def _lower_mma(call):
     return tirx.call_extern("int32", "gpusim_wmma_mma", *call.args)
 
 
-for _op, _lowering in (("tvm_load_matrix_sync", _lower_matrix_sync("load")),
+def _lower_ptx_mma(call):
+    """`ptx_legacy.mma(shape, layouts, dtypes, a, a_offset, b, b_offset, c, c_offset, saturate)`: only
+    m16n8k8 row.col tf32 x tf32 + f32, as `gpusim_mma_tf32(a, b, c, swapped)` on the lane's registers."""
+    shape, layouts, dtypes = call.args[0].value, [a.value for a in call.args[1:3]], [a.value for a in call.args[3:6]]
+    if (shape, layouts, dtypes) != ("m16n8k8", ["row", "col"], ["tf32", "tf32", "fp32"]):
+        raise NotImplementedError(f"ptx mma {shape} {layouts} {dtypes}")
+    a, a_offset, b, b_offset, c, c_offset = call.args[6:12]
+    swapped = int(_mutation.get().transposed_fragments)
+    return tirx.call_extern("int32", "gpusim_mma_tf32", a, a_offset, b, b_offset, c, c_offset, swapped)
+
+
+def _lower_mma_fill(call):
+    size, pointer, offset = call.args
+    return tirx.call_extern("int32", "gpusim_mma_fill", size, pointer, offset)
+
+
+def _lower_mma_store(call):
+    """`mma_store_legacy(16, 16, destination, accumulator, offset, stride)`: the lane's 8 registers."""
+    if (int(call.args[0].value), int(call.args[1].value)) != (16, 16):
+        raise NotImplementedError(f"mma_store of {call.args[0]} x {call.args[1]}")
+    return tirx.call_extern("int32", "gpusim_mma_store", *call.args[2:])
+
+
+for _op, _lowering in (("ptx_legacy.mma", _lower_ptx_mma), ("mma_fill_legacy", _lower_mma_fill),
+                       ("mma_store_legacy", _lower_mma_store),
+                       ("tvm_load_matrix_sync", _lower_matrix_sync("load")),
                        ("tvm_store_matrix_sync", _lower_matrix_sync("store")),
                        ("tvm_fill_fragment", _lower_fill), ("tvm_mma_sync", _lower_mma)):
     tirx.op.register_intrin_lowering(f"tirx.{_op}", "opencl", f=_lowering, level=99)
@@ -205,7 +240,32 @@ inline float gpusim_round_bfloat16(float value) {
     for (int k = 0; k < 16; ++k) sum += (a)[(ai) * 256 + e / 16 * 16 + k] * (b)[(bi) * 256 + k * 16 + e % 16]; \
     (d)[(di) * 256 + e] = sum; \
   } barrier(CLK_LOCAL_MEM_FENCE); } while (0)
+#define GPUSIM_LANE (GPUSIM_FLAT_ID % 32)
+#define GPUSIM_TF32_BITS(x) as_float(as_uint(x) & 0xFFFFE000u)
+#define gpusim_mma_fill(size, c, ci) do { for (int r = 0; r < (size); ++r) (c)[(ci) + r] = 0.0f; } while (0)
+#define gpusim_mma_store(pointer, c, ci, stride) do { for (int r = 0; r < 8; ++r) \
+  (pointer)[(GPUSIM_LANE / 4 + 8 * (r % 4 / 2)) * (stride) + 8 * (r / 4) + 2 * (GPUSIM_LANE % 4) + r % 2] \
+    = (c)[(ci) + r]; } while (0)
+#define gpusim_mma_tf32(a, ai, b, bi, c, ci, swapped) do { \
+  __local float* gpusim_a = gpusim_fragment_mma + GPUSIM_WARP * 192; \
+  __local float* gpusim_b = gpusim_a + 128; \
+  int g = GPUSIM_LANE / 4, t = GPUSIM_LANE % 4; \
+  barrier(CLK_LOCAL_MEM_FENCE); \
+  for (int r = 0; r < 4; ++r) \
+    gpusim_a[((swapped) ? g + 8 * (r / 2) : g + 8 * (r % 2)) * 8 + ((swapped) ? t + 4 * (r % 2) : t + 4 * (r / 2))] \
+      = (a)[(ai) + r]; \
+  for (int r = 0; r < 2; ++r) gpusim_b[(t + 4 * r) * 8 + g] = (b)[(bi) + r]; \
+  barrier(CLK_LOCAL_MEM_FENCE); \
+  for (int r = 0; r < 4; ++r) { \
+    int i = g + 8 * (r / 2), j = 2 * t + r % 2; \
+    float sum = (c)[(ci) + r]; \
+    for (int k = 0; k < 8; ++k) sum += GPUSIM_TF32_BITS(gpusim_a[i * 8 + k]) * GPUSIM_TF32_BITS(gpusim_b[k * 8 + j]); \
+    (c)[(ci) + r] = sum; \
+  } \
+  barrier(CLK_LOCAL_MEM_FENCE); } while (0)
 """
+#: Scratch of the emulated TF32 MMAs: per warp, A [16, 8] and B [8, 8] (as the fragments' registers say).
+_MMA_SCRATCH = 192
 
 
 def lower(func):
@@ -229,7 +289,8 @@ def lower(func):
     if len(devices) != 1:
         raise RuntimeError(f"expected one device module, got {len(devices)}: a stage is not bound to threads")
     (device,) = devices.values()
-    opencl = tvm.target.Target({"kind": "opencl"})
+    # Warps of 32, as CUDA's: LowerWarpMemory gives a "warp" buffer's lane its registers, as for sm_90.
+    opencl = tvm.target.Target({"kind": "opencl", "thread_warp_size": 32})
     device = tvm.tirx.transform.Apply(lambda f: f.with_attr("target", opencl))(device)
     with opencl:
         device = finalize_device()(device)
@@ -271,6 +332,20 @@ def _emulate_fragments(source: str, threads: dict[str, int]) -> str:
                         f"  __local float* {name} = {_FRAGMENTS}{name} + GPUSIM_WARP * {size};")
 
             text = _LOCAL_ARRAY.sub(per_warp, text)
+        out.append(text)
+    return "".join(out)
+
+
+def _emulate_mma(source: str, threads: dict[str, int]) -> str:
+    """Give each kernel that calls gpusim_mma_tf32 its per-warp scratch (`_MMA_SCRATCH` floats a warp)."""
+    out = []
+    for text in _split_kernels(source):
+        kernel = re.match(r"__kernel void (\w+)\([^;]*\) \{\n", text)
+        if kernel and "gpusim_mma_tf32(" in text:
+            if threads[kernel.group(1)] % 32:
+                raise NotImplementedError(f"{kernel.group(1)}: {threads[kernel.group(1)]} threads, not whole warps")
+            scratch = f"  __local float {_FRAGMENTS}mma[{threads[kernel.group(1)] // 32 * _MMA_SCRATCH}];\n"
+            text = text[:kernel.end()] + scratch + text[kernel.end():]
         out.append(text)
     return "".join(out)
 
@@ -324,6 +399,8 @@ def _shared_bytes(source: str) -> dict[str, int]:
     return usage
 
 
+#: The TF32 rounding of schedules.mma_tf32 as printed (`+ (uint)4096)`, half of the 13 dropped bits).
+_TF32_ROUNDING = re.compile(r"(\+ )\(uint\)4096\)")
 _BARRIER = re.compile(r"^\s*barrier\(CLK_LOCAL_MEM_FENCE\);\n", re.M)
 _COUNTED_LOOP = re.compile(r"for \(int (\w+) = 0; \1 < ([^;]+); \+\+\1\)")
 
@@ -359,8 +436,13 @@ def opencl_source(device, bfloat16: bool = False) -> str:
     float32 (rounded as bfloat16 where it stands in for bfloat16), poisoned arrays and the mutation."""
     threads = {gv.name_hint: block_threads(func) for gv, func in device.functions.items()}
     rounding = "gpusim_round_bfloat16" if bfloat16 else "gpusim_round_half"
-    source = _half_as_float(_emulate_fragments(printed_source(device), threads), rounding)
+    source = _half_as_float(_emulate_mma(_emulate_fragments(printed_source(device), threads), threads), rounding)
     mutation = _mutation.get()
+    if mutation.unrounded_tf32:
+        rounded = _TF32_ROUNDING.subn(r"\1(uint)0)", source)
+        if "gpusim_mma_tf32(" in source and not rounded[1]:
+            raise ValueError("the TF32 kernels round nothing")
+        source = rounded[0]
     barriers = list(_BARRIER.finditer(source))
     if (mutation.drop_barriers or mutation.drop_barrier is not None) and not barriers:
         raise ValueError("the kernels have no barrier to drop")
@@ -457,6 +539,11 @@ class Kernel:
     def fragment_operations(self) -> set[str]:
         """The emulated WMMA operations its kernels call (fill, load, mma, store): tensor cores on a GPU."""
         return set(re.findall(r"\bgpusim_wmma_(fill|load|mma|store)\(", self.source[len(_PRELUDE):]))
+
+    @property
+    def tf32_operations(self) -> set[str]:
+        """The emulated TF32 MMA operations its kernels call (mma_tf32, mma_fill, mma_store)."""
+        return set(re.findall(r"\bgpusim_(mma_tf32|mma_fill|mma_store)\(", self.source[len(_PRELUDE):]))
 
     def __call__(self, *tensors):
         context, queue = _device()

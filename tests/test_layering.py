@@ -28,7 +28,7 @@ LAYERS = (
         "dcn_tvm.compute.indexing",
         "dcn_tvm.schedules", "dcn_tvm.schedules.common", "dcn_tvm.schedules.deform_conv2d_cuda",
         "dcn_tvm.schedules.deform_conv2d_llvm", "dcn_tvm.schedules.deform_roi_pool_cuda",
-        "dcn_tvm.schedules.deform_roi_pool_llvm", "dcn_tvm.schedules.wmma",
+        "dcn_tvm.schedules.deform_roi_pool_llvm", "dcn_tvm.schedules.wmma", "dcn_tvm.schedules.mma_tf32",
         "dcn_tvm.compute.ms_deform_attn", "dcn_tvm.schedules.ms_deform_attn_cuda", "dcn_tvm.schedules.ms_deform_attn_llvm",
     )),
     ("kernel resolution", (

@@ -517,7 +517,8 @@ def scatter_grad_input(acc_dtype: str, atomic: bool):
     Channel c of image n only ever receives from grad_columns[n, c], so the (n, c) planes partition
     the work: on the CPU one thread owns a plane and plain adds are race-free (`atomic=False`); on
     the GPU there are too few planes to fill the device, so every (n, c, kh, kw, p) sample gets a
-    thread and the adds are atomic (`atomic=True`).
+    thread and the adds are atomic (`atomic=True`), unless torch asks for deterministic algorithms: then
+    the GPU too runs a thread per plane, adding in a fixed order (KernelSpec.deterministic).
     """
     from tvm.script import tirx as T
 

@@ -410,7 +410,8 @@ def scatter_grad_input(geo: RoIPoolGeometry, atomic: bool):
     Input channel ch only ever receives from output channel ch // G² at the bins of its group
     (ch // G % G, ch % G), from every RoI. On the CPU one thread owns a channel and plain adds are
     race-free (`atomic=False`). On the GPU every (RoI, output channel, bin, sample) gets a thread
-    and the adds are atomic (`atomic=True`): RoIs overlap, so any two threads may meet.
+    and the adds are atomic (`atomic=True`): RoIs overlap, so any two threads may meet. Where torch asks
+    for deterministic algorithms the GPU too runs a thread per channel (KernelSpec.deterministic).
     """
     from tvm.script import tirx as T
 

@@ -13,15 +13,19 @@ from dcn_tvm.kernels.targets import target_config, target_kind
 def prim_func(spec: KernelSpec):
     """The PrimFunc of a spec, from `dcn_tvm.compute.<op>` (symbolic sizes where the spec has None)."""
     from dcn_tvm import schedules
+    from dcn_tvm.schedules.mma_tf32 import PRECISION_ATTR
 
     te = tvm().te
     compute = importlib.import_module(f"dcn_tvm.compute.{spec.op}")
     kind = target_kind(spec.target)
     # int64: a kernel for every size must index past 2^31 elements (see dcn_tvm.compute.indexing).
     sizes = [te.var(name, "int64") if value is None else value for name, value in spec.sizes]
-    return compute.prim_func(spec.stage, spec.geometry, sizes, acc_dtype=spec.acc_dtype,
-                             position_align=schedules.position_tile(spec.op, kind), atomic=kind == "cuda",
+    func = compute.prim_func(spec.stage, spec.geometry, sizes, acc_dtype=spec.acc_dtype,
+                             position_align=schedules.position_tile(spec.op, kind),
+                             atomic=kind == "cuda" and not spec.deterministic,
                              **schedules.compute_options(spec.op, kind))
+    # The schedules read the precision from the function (schedules.mma_tf32.precision), and tuning records hash it.
+    return func if spec.precision == "highest" else func.with_attr(PRECISION_ATTR, spec.precision)
 
 
 def scheduled(spec: KernelSpec):

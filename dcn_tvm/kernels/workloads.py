@@ -5,7 +5,10 @@ A workload is the static shape of one operator call, e.g.
     deform_conv2d:n=1,c=64,h=32,w=32,o=64,k=3,stride=1,pad=1,dil=1,groups=1,offset_groups=1,mask=0,dtype=float32
     deform_roi_pool:r=300,n=1,c=1029,h=38,w=63,k=7,group_size=7,part_size=7,sampling_ratio=4,classes=21,spatial_scale=0.0625,gamma=0.1,dtype=float32
 
-(kernel/stride/pad/dil take `3` or `3x5`; omitted keys take the defaults in FIELDS). Its tasks are
+(kernel/stride/pad/dil take `3` or `3x5`; omitted keys take the defaults in FIELDS; `deterministic=1`
+names a call under torch.use_deterministic_algorithms, whose CUDA input-gradient scatter has no atomics,
+and `precision=high` or `medium` one under that torch.set_float32_matmul_precision, whose float32 CUDA
+GEMMs run on TF32 tensor cores; both are written only when set). Its tasks are
 the KernelSpecs of its tunable stages, exactly as the ops ask for them: deform_conv2d's forward,
 backward_data and backward_weight; deform_roi_pool's forward and backward. The input-gradient
 scatters are shape-generic and keep their default schedules. deform_roi_pool kernels serve every RoI
@@ -24,6 +27,7 @@ from dcn_tvm.geometry.dtypes import DTYPES
 from dcn_tvm.geometry.ms_deform_attn import Levels, ms_deform_attn_geometry, parse_levels
 from dcn_tvm.geometry.roi_pool import RoIPoolGeometry, roi_pool_geometry
 from dcn_tvm.kernels.spec import KernelSpec
+from dcn_tvm.kernels.targets import target_kind
 
 
 def _int(minimum: int, maximum: int | None = None):
@@ -62,6 +66,20 @@ def _number(text: str) -> float:
         raise ValueError("a number") from None
 
 
+def _flag(text: str) -> int | None:
+    """`1` -> 1; `0` -> None, so that an unset flag is left out of the canonical string."""
+    if text not in ("0", "1"):
+        raise ValueError("0 or 1")
+    return int(text) or None
+
+
+def _precision(text: str) -> str | None:
+    """torch's float32 matmul precision; "highest" (exact) -> None, left out of the canonical string."""
+    if text not in ("highest", "high", "medium"):
+        raise ValueError("one of highest, high, medium")
+    return None if text == "highest" else text
+
+
 def _pair_text(pair) -> str:
     return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
 
@@ -74,12 +92,13 @@ FIELDS = {
         "n": (_size, None), "c": (_size, None), "h": (_size, None), "w": (_size, None), "o": (_size, None),
         "k": (_pair(1), None), "stride": (_pair(1), "1"), "pad": (_pair(0), "0"), "dil": (_pair(1), "1"),
         "groups": (_size, "1"), "offset_groups": (_size, "1"), "mask": (_int(0, 1), "0"), "dtype": (str, "float32"),
+        "deterministic": (_flag, "0"), "precision": (_precision, "highest"),
     },
     "deform_roi_pool": {
         "r": (_size, None), "n": (_size, None), "c": (_size, None), "h": (_size, None), "w": (_size, None),
         "k": (_size, None), "group_size": (_size, "1"), "part_size": (_size, ""), "sampling_ratio": (_size, "4"),
         "classes": (_int(0), "0"), "spatial_scale": (_number, "1.0"), "gamma": (_number, "0.1"),
-        "dtype": (str, "float32"),
+        "dtype": (str, "float32"), "deterministic": (_flag, "0"),
     },
 }
 STAGES = {"deform_conv2d": ("forward", "backward_data", "backward_weight"), "deform_roi_pool": ("forward", "backward")}
@@ -238,7 +257,9 @@ class Workload:
                 spec = KernelSpec(self.op, stage, geo, OPERATORS[self.op].sizes(v), target, acc_dtype=geo.acc_dtype)
                 measured = dataclasses.replace(spec, sizes=OPERATORS[self.op].measured_sizes(v))
             elif self.op == "deform_conv2d":
-                spec = KernelSpec(self.op, stage, geo, (("n", v["n"]), ("h", v["h"]), ("w", v["w"])), target)
+                exact = v["precision"] is None or v["dtype"] != "float32" or target_kind(target) != "cuda"
+                spec = KernelSpec(self.op, stage, geo, (("n", v["n"]), ("h", v["h"]), ("w", v["w"])), target,
+                                  precision="highest" if exact else v["precision"])
                 measured = spec
             else:
                 sizes = (("r", None), ("n", v["n"]), ("h", v["h"]), ("w", v["w"]))
@@ -254,8 +275,9 @@ def tunable(spec: KernelSpec) -> bool:
     return spec.stage in STAGES.get(spec.op, ()) and None not in sizes
 
 
-def from_geometry(op: str, geo, **sizes) -> Workload:
-    """The workload of an `op` call with geometry `geo` and sizes (n, h, w; and r for deform_roi_pool)."""
+def from_geometry(op: str, geo, deterministic: bool = False, precision: str = "highest", **sizes) -> Workload:
+    """The workload of an `op` call with geometry `geo` and sizes (n, h, w; and r for deform_roi_pool),
+    `deterministic` under torch.use_deterministic_algorithms, at a float32 matmul `precision`."""
     if op in OPERATORS:
         values = OPERATORS[op].values(geo)
     elif op == "deform_conv2d":
@@ -265,14 +287,14 @@ def from_geometry(op: str, geo, **sizes) -> Workload:
         values = dict(c=geo.in_channels, k=geo.output_size, group_size=geo.group_size,
                       part_size=geo.part_size or None, sampling_ratio=geo.sampling_ratio, classes=geo.num_classes,
                       spatial_scale=geo.spatial_scale, gamma=geo.gamma)
-    values.update(sizes, dtype=geo.dtype)
+    values.update(sizes, dtype=geo.dtype, deterministic=int(deterministic) or None, precision=_precision(precision))
     return Workload(op, tuple((key, values[key]) for key in FIELDS[op]))
 
 
 def of_spec(spec: KernelSpec, rois: int = 300) -> Workload:
     """The workload whose tasks include `spec` (a deform_roi_pool spec is measured with `rois` RoIs)."""
     sizes = {name: rois if value is None else value for name, value in spec.sizes}
-    return from_geometry(spec.op, spec.geometry, **sizes)
+    return from_geometry(spec.op, spec.geometry, spec.deterministic, spec.precision, **sizes)
 
 
 def resolve(presets=(), strings=()) -> list[Workload]:

@@ -74,10 +74,19 @@ def _check_bias(bias: Tensor, input: Tensor, geo: ConvGeometry) -> None:
     _expect_shape("bias", bias.shape, (geo.out_channels,), "O")
 
 
+def precision(geo: ConvGeometry, target: str) -> str:
+    """The precision of `geo`'s GEMMs on a target key: torch.get_float32_matmul_precision() (read at call
+    time) for float32 on CUDA, where "high" and "medium" mean TF32 tensor cores; else "highest"."""
+    exact = geo.dtype != "float32" or target_kind(target) != "cuda"
+    return "highest" if exact else torch.get_float32_matmul_precision()
+
+
 def _spec(stage: str, geo: ConvGeometry, input: Tensor) -> KernelSpec:
     """The kernel of a stage for `input`'s sizes or for every size (dcn_tvm.ops.shapes)."""
     n, _, h, w = input.shape
-    return shapes.choose(KernelSpec(OP, stage, geo, (("n", n), ("h", h), ("w", w)), target_key(input.device)))
+    target = target_key(input.device)
+    return shapes.choose(KernelSpec(OP, stage, geo, (("n", n), ("h", h), ("w", w)), target,
+                                    precision=precision(geo, target)))
 
 
 def _positions(geo: ConvGeometry, input: Tensor) -> int:
@@ -93,10 +102,12 @@ def layout(geo: ConvGeometry, target: str) -> str:
     return resolve_layout(geo, schedules.compute_options(OP, target_kind(target)).get("layout", "channels_first"))
 
 
-def scatter_spec(geo: ConvGeometry, target: str) -> KernelSpec:
-    """The input-gradient scatter for `geo`'s column gradient (generic in every size)."""
+def scatter_spec(geo: ConvGeometry, target: str, deterministic: bool = False) -> KernelSpec:
+    """The input-gradient scatter for `geo`'s column gradient (generic in every size); `deterministic`:
+    without the atomic adds a CUDA scatter makes otherwise (the CPU's adds are never atomic)."""
     stage = "scatter_channels_last" if layout(geo, target) == "channels_last" else "scatter"
-    return KernelSpec(OP, stage, None, (), target, acc_dtype=geo.acc_dtype)
+    return KernelSpec(OP, stage, None, (), target, acc_dtype=geo.acc_dtype,
+                      deterministic=deterministic and target_kind(target) == "cuda")
 
 
 def _contiguous(*tensors):
@@ -146,6 +157,7 @@ def _backward_op(grad_output: Tensor, input: Tensor, offset: Tensor, mask: Tenso
     (kh, kw), og, p, c = geo.kernel, geo.offset_groups, _positions(geo, input), geo.in_channels
     target = target_key(input.device)
     channels_last = layout(geo, target) == "channels_last"
+    scatter = get_kernel(scatter_spec(geo, target, torch.are_deterministic_algorithms_enabled()))
     # Channels-last: [N, P, KH, KW, G, C/G] from backward_data, the scatter's [N, P, KH, KW, C].
     grad_columns = scratch("grad_columns", (n, p, kh, kw, geo.groups, c // geo.groups) if channels_last else
                            (n, c, kh, kw, p), acc, input.device)
@@ -157,11 +169,11 @@ def _backward_op(grad_output: Tensor, input: Tensor, offset: Tensor, mask: Tenso
 
     if channels_last:  # the scatter's [N, H, W, C] becomes a new NCHW tensor below
         grad_input = scratch("grad_input", (n, input.shape[2], input.shape[3], c), acc, input.device).zero_()
-        get_kernel(scatter_spec(geo, target))(grad_columns.view(n, p, kh, kw, c), rows, cols, weights, grad_input)
+        scatter(grad_columns.view(n, p, kh, kw, c), rows, cols, weights, grad_input)
         grad_input = grad_input.permute(0, 3, 1, 2)
     else:
         grad_input = torch.zeros(input.shape, dtype=acc, device=input.device)
-        get_kernel(scatter_spec(geo, target))(grad_columns, rows, cols, weights, grad_input)
+        scatter(grad_columns, rows, cols, weights, grad_input)
 
     grad_weight, grad_bias = torch.empty_like(weight), weight.new_empty(weight.shape[0])
     get_kernel(_spec("backward_weight", geo, input))(*_present(input, offset, mask, grad_output), grad_weight,

@@ -115,17 +115,19 @@ def layout(geo: RoIPoolGeometry, target: str) -> str:
     return resolve_layout(geo, schedules.compute_options(OP, target_kind(target)).get("layout", "channels_first"))
 
 
-def scatter_spec(geo: RoIPoolGeometry, target: str) -> KernelSpec:
-    """The input-gradient scatter of `geo` (every size symbolic)."""
+def scatter_spec(geo: RoIPoolGeometry, target: str, deterministic: bool = False) -> KernelSpec:
+    """The input-gradient scatter of `geo` (every size symbolic); `deterministic`: without the atomic
+    adds a CUDA scatter makes otherwise (the CPU's adds are never atomic)."""
     sizes = (("r", None), ("n", None), ("h", None), ("w", None))
-    return KernelSpec(OP, "scatter", geo, sizes, target, acc_dtype=geo.acc_dtype)
+    return KernelSpec(OP, "scatter", geo, sizes, target, acc_dtype=geo.acc_dtype,
+                      deterministic=deterministic and target_kind(target) == "cuda")
 
 
 def _spec(stage: str, geo: RoIPoolGeometry, input: Tensor) -> KernelSpec:
     """R is always symbolic; N, H, W by the shape policy (dcn_tvm.ops.shapes), and for the scatter,
     which gains nothing from static sizes, always."""
     if stage == "scatter":
-        return scatter_spec(geo, target_key(input.device))
+        return scatter_spec(geo, target_key(input.device), torch.are_deterministic_algorithms_enabled())
     n, _, h, w = input.shape
     return shapes.choose(KernelSpec(OP, stage, geo, (("r", None), ("n", n), ("h", h), ("w", w)),
                                     target_key(input.device), acc_dtype=geo.acc_dtype))

@@ -57,14 +57,15 @@ def variants(target: str) -> list[dict]:
 
 def expand(specs: list[KernelSpec]) -> dict[str, KernelSpec]:
     """Every kernel the package holds: each spec, its symbolic twin (for every other shape) and the
-    scatter of each accumulation dtype; keyed by function name."""
+    scatters of each accumulation dtype (atomic and deterministic); keyed by function name."""
     kernels: dict[str, KernelSpec] = {}
     for spec in specs:
         for kernel in (spec, spec.symbolic()):
             kernels.setdefault(kernel.workload_key, kernel)
         if spec.op in SCATTER_SPECS and spec.geometry is not None:
-            scatter = SCATTER_SPECS[spec.op](spec.geometry, spec.target)  # the scatter the op asks for
-            kernels.setdefault(scatter.workload_key, scatter)
+            for deterministic in (False, True):  # the scatters the op asks for
+                scatter = SCATTER_SPECS[spec.op](spec.geometry, spec.target, deterministic)
+                kernels.setdefault(scatter.workload_key, scatter)
     return kernels
 
 
