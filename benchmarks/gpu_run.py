@@ -277,26 +277,26 @@ def render_summary(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The correctness tables: (key in results, caption, first column, the peer each result is compared with).
+ERROR_TABLES = (
+    ("conv", "deform_conv2d against torchvision in the same dtype, and both against torchvision in float64 on "
+             "the same (rounded) inputs: relative L2 errors", "case", "torchvision"),
+    ("roi", "deform_roi_pool on the GPU against the CPU kernels, and both against float64", "pooling", "CPU kernels"),
+)
+
+
 def _correctness_lines(found: dict) -> list[str]:
     lines = []
     if found["pytest"]:
         lines += ["", "## b. Correctness", "", f"- `pytest -m cuda`: {found['pytest'].get('result')}"]
     for tool, result in found["sanitizer"].items():
         lines.append(f"- compute-sanitizer {tool}: {result.get('result')}")
-    if found["conv"]:
-        lines += ["", "deform_conv2d against torchvision, relative errors (L2) per result; float64 = torchvision in "
-                  "float64 on the same (rounded) inputs:", "",
-                  "| case | dtype | result | vs torchvision | vs float64 | torchvision vs float64 | ok |",
-                  "|---|---|---|---:|---:|---:|---|"]
-        lines += [f"| {r['case']} | {r['dtype']} | {r['result']} | {_err(r['vs_torchvision'])} | "
-                  f"{_err(r['vs_float64'])} | {_err(r['torchvision_vs_float64'])} | {'yes' if r['ok'] else '**NO**'} |"
-                  for r in found["conv"]]
-    if found["roi"]:
-        lines += ["", "deform_roi_pool on the GPU against the CPU kernels (and both against float64):", "",
-                  "| pooling | dtype | result | vs CPU kernels | vs float64 | CPU vs float64 | ok |",
-                  "|---|---|---|---:|---:|---:|---|"]
-        lines += [f"| {r['case']} | {r['dtype']} | {r['result']} | {_err(r['vs_cpu'])} | {_err(r['vs_float64'])} | "
-                  f"{_err(r['cpu_vs_float64'])} | {'yes' if r['ok'] else '**NO**'} |" for r in found["roi"]]
+    for key, caption, first, peer in ERROR_TABLES:
+        if found[key]:
+            lines += ["", caption + ":", "", f"| {first} | dtype | result | vs {peer} | vs float64 | {peer} vs float64 "
+                      "| ok |", "|---|---|---|---:|---:|---:|---|"]
+            lines += [f"| {r['case']} | {r['dtype']} | {r['result']} | {_err(r['vs_peer'])} | {_err(r['vs_float64'])} "
+                      f"| {_err(r['peer_vs_float64'])} | {'yes' if r['ok'] else '**NO**'} |" for r in found[key]]
     return lines
 
 
@@ -369,7 +369,7 @@ def _target_lines(data: dict) -> list[str]:
     sanitizer = data["correctness"]["sanitizer"]
     if "memcheck" in sanitizer:
         clean = all(r["ok"] for r in sanitizer.values())
-        lines.append(f"| compute-sanitizer clean | " + ", ".join(f"{t}: {r['result']}" for t, r in sanitizer.items())
+        lines.append("| compute-sanitizer clean | " + ", ".join(f"{t}: {r['result']}" for t, r in sanitizer.items())
                      + f" | - | {'met' if clean else '**missed**'} |")
     if not lines:
         return []
@@ -391,6 +391,12 @@ def run_capture(command: list[str], timeout: float, env: dict | None = None) -> 
             os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         return None, output
+
+
+def cuda_tool(name: str) -> str | None:
+    """A CUDA toolkit program: on PATH, else in /usr/local/cuda/bin; None if neither has it."""
+    path = Path("/usr/local/cuda/bin") / name
+    return shutil.which(name) or (str(path) if path.is_file() else None)
 
 
 def log(message: str, file=None) -> None:
@@ -665,9 +671,9 @@ def versions() -> dict:
     if torch.cuda.is_available():
         found["CUDA (torch)"] = torch.version.cuda
         found["cuDNN"] = str(torch.backends.cudnn.version())
-    if shutil.which("nvcc"):
-        rc, output = run_capture(["nvcc", "--version"], 20)
-        found["nvcc"] = output.strip().splitlines()[-1] if rc == 0 else "failed"
+    if cuda_tool("nvcc"):
+        rc, output = run_capture([cuda_tool("nvcc"), "--version"], 20)
+        found["nvcc"] = next((line for line in output.splitlines() if "release" in line), f"exit {rc}")
     found["torch DLPack C exchange API"] = str(hasattr(torch.Tensor, "__dlpack_c_exchange_api__"))
     return found
 
@@ -701,13 +707,7 @@ def step_device(plan: Plan, results: Results, deadline: float) -> tuple[str, str
         log(f"a: prebuilt kernels: {report['summary']}")
     timer = Timer(device, 10)
     gen = torch.Generator(device).manual_seed(0)
-    elements = (2**29 if device.type == "cuda" else 2**24)  # float32: 2 GiB on the GPU, 64 MiB on the CPU
-    source = torch.randn(elements, device=device, generator=gen)
-    target = torch.empty_like(source)
-    ms, _, _ = timer(lambda: target.copy_(source))
-    ceilings = [dict(name="copy (device to device)", value=2 * source.numel() * 4 / ms / 1e6, unit="GB/s",
-                     how=f"{source.numel() * 4 / 2**30:.2f} GiB copied, bytes read + written, median")]
-    del source, target
+    ceilings = [_copy_rate(device, timer, gen)]
     size = 8192 if device.type == "cuda" else 512
     for dtype, tf32 in (("bfloat16", False), ("float16", False), ("float32", False), ("float32", True)):
         if time.time() > deadline - 5 or (tf32 and device.type != "cuda"):
@@ -724,6 +724,17 @@ def step_device(plan: Plan, results: Results, deadline: float) -> tuple[str, str
             "clocks.sm,clocks.mem,power.draw,temperature.gpu")}))
     found = "; ".join(f"{c['name']} {c['value']:.3g} {c['unit']}" for c in ceilings)
     return "ok", found
+
+
+def _copy_rate(device, timer: Timer, gen) -> dict:
+    """A large device-to-device copy: 2 GiB of float32 on the GPU, 64 MiB on the CPU."""
+    import torch
+
+    source = torch.randn(2**29 if device.type == "cuda" else 2**24, device=device, generator=gen)
+    target = torch.empty_like(source)
+    ms, _, _ = timer(lambda: target.copy_(source))
+    return dict(name="copy (device to device)", value=2 * source.numel() * 4 / ms / 1e6, unit="GB/s",
+                how=f"{source.numel() * 4 / 2**30:.2f} GiB copied, bytes read + written, median")
 
 
 @contextlib.contextmanager
@@ -796,13 +807,12 @@ def check_conv(plan: Plan, device, gpu, results: Results, deadline: float) -> li
         names = ["output", "grad input", "grad offset", "grad weight", "grad bias", "grad mask"][:len(ours)]
         tolerance = TOLERANCE[dtype_name]
         rows = [dict(case=f"CASES[{index}]", dtype=dtype_name, result=name,
-                     vs_torchvision=None if b is None else relative_error(a, b),
-                     vs_float64=relative_error(a, ref),
-                     torchvision_vs_float64=None if b is None else relative_error(b, ref))
+                     vs_peer=None if b is None else relative_error(a, b), vs_float64=relative_error(a, ref),
+                     peer_vs_float64=None if b is None else relative_error(b, ref))
                 for name, a, b, ref in zip(names, ours, theirs, reference)]
         for row in rows:
             own = row["vs_float64"]
-            row["ok"] = math.isfinite(own) and own <= max(tolerance, 2 * (row["torchvision_vs_float64"] or 0))
+            row["ok"] = math.isfinite(own) and own <= max(tolerance, 2 * (row["peer_vs_float64"] or 0))
         found += rows
         results.update(lambda data: data["correctness"]["conv"].extend(rows))
         log(f"b: deform_conv2d CASES[{index}] {dtype_name}: worst vs float64 "
@@ -848,12 +858,12 @@ def check_roi(plan: Plan, device, gpu, results: Results, deadline: float) -> lis
         for name, a, b, ref in zip(("output", "grad input", "grad offset"), ours, cpu, reference):
             vs_cpu = relative_error(a, b)
             rows.append(dict(case=f"{labels.get(index, '')} CASES[{index}]", dtype=dtype_name, result=name,
-                             vs_cpu=vs_cpu, vs_float64=relative_error(a, ref), cpu_vs_float64=relative_error(b, ref),
+                             vs_peer=vs_cpu, vs_float64=relative_error(a, ref), peer_vs_float64=relative_error(b, ref),
                              ok=math.isfinite(vs_cpu) and vs_cpu <= TOLERANCE[dtype_name]))
         found += rows
         results.update(lambda data: data["correctness"]["roi"].extend(rows))
         log(f"b: deform_roi_pool CASES[{index}] {dtype_name}: worst vs CPU kernels "
-            f"{max(r['vs_cpu'] for r in rows):.1e}, {'ok' if all(r['ok'] for r in rows) else 'MISMATCH'}")
+            f"{max(r['vs_peer'] for r in rows):.1e}, {'ok' if all(r['ok'] for r in rows) else 'MISMATCH'}")
     return found
 
 
@@ -863,7 +873,7 @@ SANITIZER_SUMMARY = {"memcheck": r"ERROR SUMMARY: (\d+) error", "racecheck": r"R
 def check_sanitizer(plan: Plan, deadline: float) -> dict:
     """compute-sanitizer memcheck and racecheck on `--sanitized-run` (a small forward and backward).
     Without compute-sanitizer (the rehearsal) the run goes without it, so that it is exercised."""
-    sanitizer = shutil.which("compute-sanitizer")
+    sanitizer = cuda_tool("compute-sanitizer")
     run = [sys.executable, str(SCRIPT), "--sanitized-run", plan.mode]
     # Every tensor its own cudaMalloc: an access past a tensor leaves its allocation, which memcheck sees.
     env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
