@@ -53,6 +53,8 @@ DIRECTIONS = ("forward", "forward+backward")
 #: torchvision's own error passes too.
 TOLERANCE = {"float32": 1e-4, "float16": 3e-3, "bfloat16": 2e-2}
 GPU_TARGET = "cuda-sm_90"
+#: The first bytes of a CUDA fatbin (0xba55ed50, little-endian).
+FATBIN_MAGIC = b"\x50\xed\x55\xba"
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -571,6 +573,11 @@ def verify_package(plan: Plan, coverage: bool = True) -> dict:
             if not any(any(lib["kind"] == kind for lib in p.manifest["libraries"])
                        and spec.workload_key in p.manifest["kernels"] for p in packages):
                 missing.append(f"{kind}: {spec.workload_key}")
+    for package in packages:  # CUDA source would need the compiler to load: a fatbin, not source
+        for library in package.manifest["libraries"]:
+            data = (package.root / library["file"]).read_bytes()
+            if library["kind"] == "cuda" and (FATBIN_MAGIC not in data or b"__global__" in data):
+                missing.append(f"{package.root.name}/{library['file']}: CUDA source, not compiled code")
     report["missing"] = missing
     report["summary"] = (f"{len(packages)} package(s) verified, {sum(p['kernels'] for p in report['packages'])} "
                          f"kernels: " + ", ".join(Path(p["root"]).name for p in report["packages"]))
