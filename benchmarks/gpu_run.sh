@@ -12,7 +12,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 PY="${PYTHON:-python3}"
 if [ "${1:-}" != "--rehearse" ]; then
-  export DCN_TVM_CACHE_DIR="${DCN_TVM_CACHE_DIR:-/tmp/dcn_tvm_cache}" PYTHONUNBUFFERED=1
+  # TVM (step d) compiles CUDA with nvcc, which the host has; its default, NVRTC, needs the headers found
+  export DCN_TVM_CACHE_DIR="${DCN_TVM_CACHE_DIR:-/tmp/dcn_tvm_cache}" PYTHONUNBUFFERED=1 \
+    TVM_CUDA_COMPILE_MODE="${TVM_CUDA_COMPILE_MODE:-nvcc}"
   if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dcn_site \
       .gpu/wheels/*.whl || exit 1

@@ -18,12 +18,20 @@ import gpu_run  # noqa: E402
 
 def _expected_rows(plan) -> set[tuple]:
     """(op, shape, dtype, direction, method) of every row the plan's speed step writes."""
-    conv = {(("deform_conv2d", shape.label, dtype, direction, method)) for shape in plan.conv_shapes
+    conv = {("deform_conv2d", shape.label, dtype, direction, method) for shape in plan.conv_shapes
             for dtype in plan.conv_dtypes for direction in gpu_run.DIRECTIONS
             for method in ("dcn_tvm", "torchvision", "dense conv2d")}
     roi = {("deform_roi_pool", case.label, dtype, direction, method) for case in plan.roi_cases
            for dtype in plan.roi_dtypes for direction in gpu_run.DIRECTIONS for method in ("dcn_tvm", "torchvision")}
     return conv | roi
+
+
+def _simulator_available() -> bool:
+    try:
+        import gpusim
+    except ImportError:
+        return False
+    return gpusim.available() is None
 
 
 @pytest.mark.slow
@@ -35,7 +43,7 @@ def test_rehearsal_runs_every_step_and_writes_both_files(tmp_path):
     data = json.loads((out / "results.json").read_text())
     statuses = {name: step["status"] for name, step in data["steps"].items()}
     # Step b needs the simulated GPU's OpenCL device; without one it says so and is skipped.
-    b_ok = "ok" if gpu_run_simulator_available() else "skipped"
+    b_ok = "ok" if _simulator_available() else "skipped"
     assert statuses == {"a": "ok", "b": b_ok, "c": "ok", "d": "ok", "e": "ok"}, data["steps"]
 
     plan = gpu_run.PLANS["rehearse"]
@@ -64,14 +72,6 @@ def test_rehearsal_runs_every_step_and_writes_both_files(tmp_path):
     assert "| c. speed | ok |" in summary
     assert sorted(path.name for path in out.iterdir()) == ["results.json", "run.log", "summary.md",
                                                            "tuning_logs.tar.gz"]
-
-
-def gpu_run_simulator_available() -> bool:
-    try:
-        import gpusim
-    except ImportError:
-        return False
-    return gpusim.available() is None
 
 
 def test_a_step_past_its_budget_is_killed_and_what_it_wrote_stays(tmp_path, monkeypatch):
