@@ -321,3 +321,26 @@ def test_a_rebuild_in_place_replaces_the_package_whole(copy, use_package, monkey
     use_package(copy)
     (package,) = loader.packages()
     assert spec().workload_key in package.manifest["kernels"]
+
+
+# --- a CUDA package must hold compiled code -----------------------------------------------------------
+
+@pytest.mark.parametrize("device_code, refused", [(b"extern \"C\" __global__ void k() {}", True),
+                                                  (build.FATBIN_MAGIC + b"\0sass", False)])
+def test_a_cuda_library_holding_source_is_never_packaged(tmp_path, monkeypatch, device_code, refused):
+    """Without a GPU driver TVM keeps CUDA kernels as source, which the deployment host could load only with
+    the compiler: `dcn-tvm build` refuses such a library (one-line error, exit 2) and writes no package."""
+    class Executable:
+        def export_library(self, path):
+            Path(path).write_bytes(b"\x7fELF host code " + device_code)
+
+    monkeypatch.setattr(build, "compile_functions", lambda functions, target: Executable())
+    monkeypatch.setattr(build, "scheduled", lambda spec: None)
+    out = tmp_path / "package"
+    if refused:
+        with pytest.raises(build.CudaSourceError, match="holds CUDA source"):
+            build.build_package([spec()], "cuda-sm_90", out)
+        assert not any(out.rglob("manifest.json"))
+    else:
+        build.build_package([spec()], "cuda-sm_90", out)
+        assert any(out.rglob("manifest.json"))

@@ -42,6 +42,25 @@ class PackageFolderError(RuntimeError):
     """An --out folder that cannot take a package: not writable, or holding something else."""
 
 
+class CudaSourceError(RuntimeError):
+    """A CUDA library that holds kernel source instead of compiled code (no GPU driver where it was built)."""
+
+
+#: The first bytes of a CUDA fatbin (0xba55ed50, little-endian).
+FATBIN_MAGIC = b"\x50\xed\x55\xba"
+
+
+def _require_compiled_cuda(library: Path) -> None:
+    """Refuse a CUDA library whose device code is source: where no GPU driver is, TVM keeps CUDA kernels as
+    source, and loading them on the deployment host would need the compiler a package exists to avoid."""
+    data = library.read_bytes()
+    if FATBIN_MAGIC not in data or b"__global__" in data:
+        raise CudaSourceError(
+            f"{library} holds CUDA source, not compiled code: TVM compiles CUDA kernels to binaries only where "
+            f"its CUDA runtime loads, beside a GPU driver's libcuda.so.1. Build on a machine with the driver "
+            f"(or see benchmarks/gpu_prepare.sh, which builds beside a stand-in libcuda.so.1 with nvcc)")
+
+
 def variants(target: str) -> list[dict]:
     """The libraries to build for a `--target` kind: both x86-64 levels for llvm, one arch for CUDA."""
     kind = target_kind(target)
@@ -175,6 +194,8 @@ def _build(kernels: dict[str, KernelSpec], target: str, module: str, package: Pa
         with tempfile.TemporaryDirectory() as scratch:
             staged = Path(scratch) / "library.so"
             executable.export_library(str(staged))
+            if variant["kind"] == "cuda":
+                _require_compiled_cuda(staged)
             shutil.move(staged, package / file)
         libraries.append({**variant, "file": file, "target_json": target_config(variant["target"])})
         progress(f"compiled {file}")

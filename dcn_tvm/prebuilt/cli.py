@@ -23,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dcn_tvm.kernels.targets import target_kind
     from dcn_tvm.kernels.workloads import resolve
-    from dcn_tvm.prebuilt.build import PackageFolderError, build_package
+    from dcn_tvm.prebuilt.build import CudaSourceError, PackageFolderError, build_package
     from dcn_tvm.tuning.target import resolve as resolve_target
 
     def error(message: str) -> int:
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         package = build_package(specs, "llvm" if target_kind(target) == "llvm" else target, args.out,
                                 progress=lambda message: print(f"[{time.perf_counter() - start:6.1f}s] {message}"))
-    except PackageFolderError as problem:
+    except (PackageFolderError, CudaSourceError) as problem:
         return error(str(problem))
     print(f"wrote {package}; install it with: pip install {args.out}")
     return 0
