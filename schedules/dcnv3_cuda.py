@@ -1,0 +1,30 @@
+"""Default `cuda` schedules for dcnv3 (DCNv3 and DCNv4's aggregation): one thread per output element.
+
+The sampling tables are inlined into their readers (a thread recomputes its sample's corners: a few
+dozen flops against global-memory round trips), the reductions accumulate in registers and store once
+(the stage rule of deform_roi_pool, `stages`), and the scatter gives every (sample, channel) its own
+thread, adding the four corners atomically; neighbouring threads add neighbouring channels.
+"""
+
+from __future__ import annotations
+
+from .common import bind_threads, stage_names
+from .deform_roi_pool_cuda import stages as one_thread_per_element
+
+TABLES = ("sample_rows", "sample_cols", "sample_weights")
+
+
+def stages(sch) -> None:
+    for name in sorted(set(TABLES) & stage_names(sch)):  # the backward graph has no sample_weights
+        sch.compute_inline(sch.get_sblock(name))
+    one_thread_per_element(sch)
+
+
+def scatter(sch) -> None:
+    """A thread per (sample, channel), adding the four corners in turn."""
+    *sample, corner, c = sch.get_loops(sch.get_sblock("scatter_grad_input"))
+    sch.reorder(c, corner)
+    bind_threads(sch, [*sample, c])
+
+
+RULES = {"forward": stages, "backward": stages, "scatter": scatter}
