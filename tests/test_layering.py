@@ -21,6 +21,7 @@ LAYERS = (
         "dcn_tvm.env", "dcn_tvm.cuda_limits", "dcn_tvm.render", "dcn_tvm.templates",
         "dcn_tvm.geometry", "dcn_tvm.geometry.arguments", "dcn_tvm.geometry.conv", "dcn_tvm.geometry.dtypes",
         "dcn_tvm.geometry.roi_pool",
+        "dcn_tvm.geometry.dcnv3",
     )),
     ("compute and schedules", (
         "dcn_tvm.compute", "dcn_tvm.compute.deform_conv2d", "dcn_tvm.compute.deform_roi_pool",
@@ -28,6 +29,7 @@ LAYERS = (
         "dcn_tvm.schedules", "dcn_tvm.schedules.common", "dcn_tvm.schedules.deform_conv2d_cuda",
         "dcn_tvm.schedules.deform_conv2d_llvm", "dcn_tvm.schedules.deform_roi_pool_cuda",
         "dcn_tvm.schedules.deform_roi_pool_llvm", "dcn_tvm.schedules.wmma",
+        "dcn_tvm.compute.dcnv3", "dcn_tvm.schedules.dcnv3_cuda", "dcn_tvm.schedules.dcnv3_llvm",
     )),
     ("kernel resolution", (
         "dcn_tvm.kernels", "dcn_tvm.kernels.build", "dcn_tvm.kernels.cache", "dcn_tvm.kernels.manifest",
@@ -35,7 +37,8 @@ LAYERS = (
         "dcn_tvm.kernels.runtime", "dcn_tvm.kernels.spec", "dcn_tvm.kernels.targets", "dcn_tvm.kernels.workloads",
     )),
     ("torch-facing ops", ("dcn_tvm.ops", "dcn_tvm.ops.deform_conv2d", "dcn_tvm.ops.deform_roi_pool",
-                          "dcn_tvm.ops.dispatch", "dcn_tvm.ops.scratch")),
+                          "dcn_tvm.ops.dispatch", "dcn_tvm.ops.scratch",
+                          "dcn_tvm.ops.dcnv3")),
     ("tools and the public face", (
         "dcn_tvm", "dcn_tvm.__main__", "dcn_tvm.convert", "dcn_tvm.demo", "dcn_tvm.export", "dcn_tvm.tune",
         "dcn_tvm.models", "dcn_tvm.models.heads", "dcn_tvm.models.resnet",
