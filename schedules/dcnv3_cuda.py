@@ -1,15 +1,15 @@
 """Default `cuda` schedules for dcnv3 (DCNv3 and DCNv4's aggregation): one thread per output element.
 
 The sampling tables are inlined into their readers (a thread recomputes its sample's corners: a few
-dozen flops against global-memory round trips), the reductions accumulate in registers and store once
-(the stage rule of deform_roi_pool, `stages`), and the scatter gives every (sample, channel) its own
-thread, adding the four corners atomically; neighbouring threads add neighbouring channels.
+dozen flops against global-memory round trips); every other stage gets one thread per element of its
+spatial loops, a reduction (the aggregate over the points, the corner dot products over the group's
+channels) running serially in its thread. The scatter gives every (sample, channel) its own thread,
+adding the four corners atomically; neighbouring threads add neighbouring channels.
 """
 
 from __future__ import annotations
 
-from .common import bind_threads, stage_names
-from .deform_roi_pool_cuda import stages as one_thread_per_element
+from .common import bind_threads, count_iters, stage_names
 
 TABLES = ("sample_rows", "sample_cols", "sample_weights")
 
@@ -17,7 +17,8 @@ TABLES = ("sample_rows", "sample_cols", "sample_weights")
 def stages(sch) -> None:
     for name in sorted(set(TABLES) & stage_names(sch)):  # the backward graph has no sample_weights
         sch.compute_inline(sch.get_sblock(name))
-    one_thread_per_element(sch)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        bind_threads(sch, sch.get_loops(block)[:count_iters(sch, block, reduction=False)])
 
 
 def scatter(sch) -> None:

@@ -252,11 +252,11 @@ def backward(geo: DCNv3Geometry, batch, height, width):
     return [data, *sampling, grad_output], outputs
 
 
-def scatter_grad_input(geo: DCNv3Geometry, atomic: bool):
+def scatter_grad_input(geo: DCNv3Geometry, sizes, atomic: bool):
     """PrimFunc adding every sample's mask x bilinear weights x grad_output into the input gradient.
 
     (offset, mask, grad_output) or (offset_mask, grad_output) -> grad_input [N, H, W, G*GC] in acc_dtype,
-    which the caller zero-fills; N, H, W symbolic (int64). Each sample's pixels and weights come from
+    which the caller zero-fills; N, H, W as `sizes` (None: symbolic, int64). Each sample's pixels and weights come from
     the offsets and mask with the forward's expressions, computed where they are added (no tables).
 
     Stage scatter_grad_input, loops (n, g, ho, wo, p, corner, c), each adding one corner. Group g
@@ -292,21 +292,19 @@ def scatter_grad_input(geo: DCNv3Geometry, atomic: bool):
         @T.prim_func(s_tir=True)
         def scatter(offset_mask_h: T.handle, grad_output_h: T.handle, grad_input_h: T.handle):
             T.func_attr({"tirx.noalias": True})
-            n, h, w = T.int64(), T.int64(), T.int64()
-            offset_mask = T.match_buffer(offset_mask_h, sampling_shapes(geo, n, *geo.output_size(h, w))[0], geo.dtype)
-            grad_output = T.match_buffer(grad_output_h, (n, *geo.output_size(h, w), channels), geo.dtype)
-            grad_input = T.match_buffer(grad_input_h, (n, h, w, channels), acc)
-            body(offset_mask, offset_mask, grad_output, grad_input, n, h, w)
+            offset_mask = T.match_buffer(offset_mask_h, sampling_shapes(geo, *sizes[:1], *geo.output_size(*sizes[1:]))[0], geo.dtype)
+            grad_output = T.match_buffer(grad_output_h, (sizes[0], *geo.output_size(*sizes[1:]), channels), geo.dtype)
+            grad_input = T.match_buffer(grad_input_h, (*sizes, channels), acc)
+            body(offset_mask, offset_mask, grad_output, grad_input, *sizes)
     else:
         @T.prim_func(s_tir=True)
         def scatter(offset_h: T.handle, mask_h: T.handle, grad_output_h: T.handle, grad_input_h: T.handle):
             T.func_attr({"tirx.noalias": True})
-            n, h, w = T.int64(), T.int64(), T.int64()
-            offset = T.match_buffer(offset_h, sampling_shapes(geo, n, *geo.output_size(h, w))[0], geo.dtype)
-            mask = T.match_buffer(mask_h, sampling_shapes(geo, n, *geo.output_size(h, w))[1], geo.dtype)
-            grad_output = T.match_buffer(grad_output_h, (n, *geo.output_size(h, w), channels), geo.dtype)
-            grad_input = T.match_buffer(grad_input_h, (n, h, w, channels), acc)
-            body(offset, mask, grad_output, grad_input, n, h, w)
+            offset = T.match_buffer(offset_h, sampling_shapes(geo, *sizes[:1], *geo.output_size(*sizes[1:]))[0], geo.dtype)
+            mask = T.match_buffer(mask_h, sampling_shapes(geo, *sizes[:1], *geo.output_size(*sizes[1:]))[1], geo.dtype)
+            grad_output = T.match_buffer(grad_output_h, (sizes[0], *geo.output_size(*sizes[1:]), channels), geo.dtype)
+            grad_input = T.match_buffer(grad_input_h, (*sizes, channels), acc)
+            body(offset, mask, grad_output, grad_input, *sizes)
 
     return scatter
 
@@ -328,11 +326,10 @@ def _corner(geo: DCNv3Geometry, offset, mask, at, height, width, t):
 
 
 def prim_func(stage: str, geo: DCNv3Geometry, sizes, *, acc_dtype: str, position_align: int, atomic: bool):
-    """The PrimFunc of one stage: forward or backward (sizes = N, H, W), or the scatter (N, H, W symbolic;
-    `atomic` for GPUs). Accumulation follows `geo.acc_dtype`; there is no position axis to pad, so
+    """The PrimFunc of one stage, forward, backward or the scatter (`atomic` for GPUs); sizes = N, H, W. Accumulation follows `geo.acc_dtype`; there is no position axis to pad, so
     `acc_dtype` and `position_align` are unused."""
     if stage == "scatter":
-        return scatter_grad_input(geo, atomic)
+        return scatter_grad_input(geo, sizes, atomic)
     stages = {"forward": forward, "backward": backward}
     if stage not in stages:
         raise ValueError(f"unknown dcnv3 stage {stage!r}")
