@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .common import bind_threads, count_iters, stage_names
 
-TABLES = ("sample_rows", "sample_cols", "sample_weights")
+TABLES = ("sample_positions", "sample_rows", "sample_cols", "sample_weights")
 
 
 def stages(sch) -> None:

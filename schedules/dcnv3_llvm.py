@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from .common import stage_names
 
-#: The sampling tables of the forward and backward graphs.
+#: The sampling tables of the forward and backward graphs, inlined into their readers: they are
+#: invariant in the channel vector, so each is computed once per sample and corner.
 TABLES = ("sample_rows", "sample_cols", "sample_weights")
 
 
@@ -21,10 +22,13 @@ def _extent(sch, loop) -> int:
     return int(sch.get(loop).extent)
 
 
-def _tables_at(sch, loop, names) -> None:
-    """The tables among `names` that the graph has, computed under `loop` (just before their reader)."""
-    for name in sorted(set(names) & stage_names(sch)):
-        sch.compute_at(sch.get_sblock(name), loop)
+def _tables_at(sch, loop) -> None:
+    """The sampling tables inlined, the positions of the samples computed under `loop`."""
+    for name in sorted(set(TABLES) & stage_names(sch)):
+        sch.compute_inline(sch.get_sblock(name))
+    positions = sch.get_sblock("sample_positions")
+    sch.compute_at(positions, loop)
+    sch.unroll(sch.get_loops(positions)[-1])
 
 
 def forward(sch) -> None:
@@ -35,7 +39,7 @@ def forward(sch) -> None:
     n, y, x, g, c = sch.get_loops(aggregate)[:5]
     sch.parallel(sch.fuse(n, y))
     sch.reverse_compute_at(output, g)
-    _tables_at(sch, g, TABLES)
+    _tables_at(sch, g)
     c, p = sch.get_loops(aggregate)[-2:]
     sch.reorder(p, c)
     sch.vectorize(c)
@@ -44,19 +48,22 @@ def forward(sch) -> None:
 
 
 def backward(sch) -> None:
-    """Parallel over (n, ho); per (wo, g): the tables, the corner dot products over the group's
+    """Parallel over (n, ho); per wo: the positions, the corner dot products over each group's
     channels, the gradients of every sample, and their place in the outputs."""
     if "grad_offset_mask" in stage_names(sch):  # DCNv4: one output, its producers moved under its loops
         n, y, x, _ = sch.get_loops(sch.get_sblock("grad_offset_mask"))
         sch.parallel(sch.fuse(n, y))
         for name in ("grad_sample", "corner_dots"):
             sch.compute_at(sch.get_sblock(name), x)
+        _tables_at(sch, x)
+        sch.unroll(sch.get_loops(sch.get_sblock("grad_sample"))[-1])
     else:  # DCNv3: two outputs, moved under their producers' loops
         n, y, x = sch.get_loops(sch.get_sblock("corner_dots"))[:3]
         sch.parallel(sch.fuse(n, y))
+        _tables_at(sch, x)
         for name in ("grad_sample", "grad_offset", "grad_mask"):
             sch.reverse_compute_at(sch.get_sblock(name), x)
-    _tables_at(sch, sch.get_loops(sch.get_sblock("corner_dots"))[2], TABLES)
+        sch.unroll(sch.get_loops(sch.get_sblock("grad_sample"))[-1])
 
 
 def scatter(sch) -> None:

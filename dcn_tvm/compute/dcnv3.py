@@ -22,6 +22,7 @@ Where the offsets and mask values are read is the only difference between DCNv3 
 
 Stages, by the names schedules look up (GC = group_channels, P = points):
 
+    sample_positions [N, Ho, Wo, G, P, 2] (y, x) of every sample, -2 for both where it samples nothing
     sample_rows     [N, Ho, Wo, G, P, 2]  int32 rows of the floor / floor + 1 corners, clamped in range
     sample_cols     [N, Ho, Wo, G, P, 2]  int32 columns likewise
     sample_weights  [N, Ho, Wo, G, P, 4]  mask x bilinear weight of corner 2*row + column, 0 outside
@@ -103,8 +104,13 @@ class _Sample(NamedTuple):
     mask: object
 
 
-def _sample(geo: DCNv3Geometry, readers: _Readers, n, y, x, g, p, height, width) -> _Sample:
-    """Sample p of group g at output (n, y, x), by the module docstring's rules."""
+#: Where nothing is sampled, the position of both axes: both corners outside, every weight zero.
+_NOWHERE = -2
+
+
+def _position(geo: DCNv3Geometry, readers: _Readers, n, y, x, g, p, height, width):
+    """(y, x) of sample p of group g at output (n, y, x) by the module docstring's rules, or (_NOWHERE,
+    _NOWHERE) unless -1 < y < H and -1 < x < W (NaN and inf included)."""
     acc, (kh, kw) = geo.acc_dtype, geo.kernel
     centre = (kw // 2) * kh + kh // 2
     q = tirx.Select(p >= centre, p + 1, p) if geo.remove_center else p
@@ -118,20 +124,39 @@ def _sample(geo: DCNv3Geometry, readers: _Readers, n, y, x, g, p, height, width)
         shift = _cast(index * dilation, acc) + readers.offset(n, y, x, g, p, axis).astype(acc)
         positions.append((base + shift * scale, _cast(size, acc)))
     (pos_x, size_x), (pos_y, size_y) = positions
-    minus_one, zero, one = _const(-1, acc), _const(0, acc), _const(1, acc)
+    minus_one, nowhere = _const(-1, acc), _const(_NOWHERE, acc)
     taken = tirx.all(pos_y > minus_one, pos_x > minus_one, pos_y < size_y, pos_x < size_x)
+    return tirx.Select(taken, pos_y, nowhere), tirx.Select(taken, pos_x, nowhere)
 
-    def axis(position, size) -> _Axis:
-        # Untaken positions (NaN and inf included) become 0, so floor and the integer casts are defined.
-        position = tirx.Select(taken, position, zero)
-        low = te.floor(position)
-        frac = position - low
-        inside = (tirx.Select(tirx.all(taken, low >= zero), one, zero),
-                  tirx.Select(tirx.all(taken, low + one <= size - one), one, zero))
-        pixels = (tirx.max(low, zero).astype("int32"), tirx.min(low + one, size - one).astype("int32"))
-        return _Axis(pixels, (inside[0] * (one - frac), inside[1] * frac), (-inside[0], inside[1]))
 
-    return _Sample(axis(pos_y, size_y), axis(pos_x, size_x), readers.mask(n, y, x, g, p).astype(acc))
+def _axis(position, size, acc) -> _Axis:
+    """The corners along one axis of `size` pixels of a sample at `position` (-1 < position < size,
+    or _NOWHERE)."""
+    zero, one = _const(0, acc), _const(1, acc)
+    size = _cast(size, acc)
+    low = te.floor(position)
+    frac = position - low
+    inside = (tirx.Select(low >= zero, one, zero), tirx.Select(low + one <= size - one, one, zero))
+    pixels = (tirx.max(low, zero).astype("int32"), tirx.max(tirx.min(low + one, size - one), zero).astype("int32"))
+    return _Axis(pixels, (inside[0] * (one - frac), inside[1] * frac), (-inside[0], inside[1]))
+
+
+def _sample(geo: DCNv3Geometry, readers: _Readers, n, y, x, g, p, height, width, positions=None) -> _Sample:
+    """Sample p of group g at output (n, y, x): its position from the stage `positions` (sample_positions)
+    if given, else from the offsets."""
+    if positions is None:
+        pos_y, pos_x = _position(geo, readers, n, y, x, g, p, height, width)
+    else:
+        pos_y, pos_x = positions[n, y, x, g, p, 0], positions[n, y, x, g, p, 1]
+    acc = geo.acc_dtype
+    return _Sample(_axis(pos_y, height, acc), _axis(pos_x, width, acc), readers.mask(n, y, x, g, p).astype(acc))
+
+
+def _positions_stage(geo: DCNv3Geometry, readers: _Readers, batch, out_h, out_w, height, width) -> te.Tensor:
+    """sample_positions [N, Ho, Wo, G, P, 2]: (y, x) of every sample (`_position`)."""
+    return te.compute((batch, out_h, out_w, geo.group, geo.points, 2),
+                      lambda n, y, x, g, p, a: _pick(_position(geo, readers, n, y, x, g, p, height, width), a),
+                      name="sample_positions")
 
 
 def _pick(pair, index):
@@ -139,14 +164,13 @@ def _pick(pair, index):
     return tirx.Select(index == 0, pair[0], pair[1])
 
 
-def _tables(geo: DCNv3Geometry, readers: _Readers, batch, out_h, out_w, height, width, with_weights: bool):
-    """The stages sample_rows, sample_cols (and sample_weights with `with_weights`)."""
-    g_count, p_count = geo.group, geo.points
+def _tables(geo: DCNv3Geometry, readers: _Readers, positions: te.Tensor, height, width, with_weights: bool):
+    """The stages sample_rows, sample_cols (and sample_weights with `with_weights`) from sample_positions."""
 
     def table(name, entries, value):
-        return te.compute((batch, out_h, out_w, g_count, p_count, entries),
-                          lambda n, y, x, g, p, t: value(_sample(geo, readers, n, y, x, g, p, height, width), t),
-                          name=name)
+        return te.compute((*positions.shape[:5], entries),
+                          lambda n, y, x, g, p, t: value(_sample(geo, readers, n, y, x, g, p, height, width,
+                                                                 positions=positions), t), name=name)
 
     rows = table("sample_rows", 2, lambda s, t: _pick(s.rows.pixels, t))
     cols = table("sample_cols", 2, lambda s, t: _pick(s.cols.pixels, t))
@@ -164,7 +188,8 @@ def forward(geo: DCNv3Geometry, batch, height, width):
     out_h, out_w = geo.output_size(height, width)
     data = te.placeholder((batch, height, width, geo.channels), geo.dtype, name="input")
     sampling, readers = _sampling_operands(geo, batch, out_h, out_w)
-    rows, cols, weights = _tables(geo, readers, batch, out_h, out_w, height, width, with_weights=True)
+    positions = _positions_stage(geo, readers, batch, out_h, out_w, height, width)
+    rows, cols, weights = _tables(geo, readers, positions, height, width, with_weights=True)
     p = te.reduce_axis((0, geo.points), name="p")
 
     def aggregate(n, y, x, g, c):
@@ -201,7 +226,8 @@ def backward(geo: DCNv3Geometry, batch, height, width):
     data = te.placeholder((batch, height, width, geo.channels), geo.dtype, name="input")
     sampling, readers = _sampling_operands(geo, batch, out_h, out_w)
     grad_output = te.placeholder((batch, out_h, out_w, geo.channels), geo.dtype, name="grad_output")
-    rows, cols = _tables(geo, readers, batch, out_h, out_w, height, width, with_weights=False)
+    positions = _positions_stage(geo, readers, batch, out_h, out_w, height, width)
+    rows, cols = _tables(geo, readers, positions, height, width, with_weights=False)
     c = te.reduce_axis((0, gc), name="c")
     four_sum = te.comm_reducer(lambda a, b: tuple(x + y for x, y in zip(a, b)),
                                lambda *dtypes: tuple(_const(0, d) for d in dtypes), name="four_sum")
@@ -217,6 +243,8 @@ def backward(geo: DCNv3Geometry, batch, height, width):
     scale = _const(geo.offset_scale, acc)
 
     def gradient(n, y, x, g, p, k):
+        # From the offsets again, not sample_positions: a schedule can then move this stage under the
+        # corner dot products' loops, whose producer sample_positions is.
         s = _sample(geo, readers, n, y, x, g, p, height, width)
         terms = [[], [], []]  # mask, offset x, offset y
         for ty in range(2):
