@@ -9,16 +9,42 @@ adding the four corners atomically; neighbouring threads add neighbouring channe
 
 from __future__ import annotations
 
-from .common import bind_threads, count_iters, stage_names
+from .common import THREADS, bind_threads, count_iters, stage_names
 
-TABLES = ("sample_positions", "sample_rows", "sample_cols", "sample_weights")
+#: Inlined into their readers; grad_sample too (each of a sample's three gradients is a thread of the
+#: outputs).
+INLINED = ("sample_positions", "sample_rows", "sample_cols", "sample_weights", "grad_sample")
 
 
 def stages(sch) -> None:
-    for name in sorted(set(TABLES) & stage_names(sch)):  # the backward graph has no sample_weights
+    names = stage_names(sch)
+    for name in [name for name in INLINED if name in names]:
         sch.compute_inline(sch.get_sblock(name))
+    if "grad_offset_mask" in names:  # DCNv4: one kernel, a sample's corner dots in the thread of each of its
+        output = sch.get_sblock("grad_offset_mask")  # three gradients (TVM 0.27's CSE hoisted an index
+        thread = bind_threads(sch, sch.get_loops(output))  # expression of two kernels into the host)
+        sch.compute_at(sch.get_sblock("corner_dots"), thread)
+        return
     for block in sch.get_child_blocks(sch.get_sblock("root")):
-        bind_threads(sch, sch.get_loops(block)[:count_iters(sch, block, reduction=False)])
+        _bind(sch, sch.get_loops(block)[:count_iters(sch, block, reduction=False)])
+
+
+def _bind(sch, loops) -> None:
+    """bind_threads, or one block of exactly the loops' threads where they are static and fewer than a
+    block (TVM 0.27 leaves the thread variables of a partial single block unbound: a build error)."""
+    extents = [sch.get(loop).extent for loop in loops]
+    if all(hasattr(e, "value") for e in extents) and _product(extents) < THREADS:
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        sch.bind(fused, "threadIdx.x")
+    else:
+        bind_threads(sch, loops)
+
+
+def _product(extents) -> int:
+    total = 1
+    for extent in extents:
+        total *= int(extent.value)
+    return total
 
 
 def scatter(sch) -> None:
