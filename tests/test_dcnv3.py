@@ -9,6 +9,7 @@ swaps them: the cases with pad_h != pad_w check that.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -371,3 +372,19 @@ def test_simulated_gpu_forward_and_gradients(case, packed, simulated_gpu):
                                rtol=1e-4, atol=1e-4)
     for name, a, b in zip(("input", "offset", "mask"), ours, expected):
         assert torch.isfinite(a).all() and relative_error(a, b) < 1e-4, name
+
+
+def test_workloads_name_the_ops_kernels():
+    """A preset's workload gives the very specs the op asks for (forward, backward, scatter), and back."""
+    from dcn_tvm.kernels import workloads
+
+    (workload,) = [w for w in workloads.resolve(["flashinternimage-t"]) if dict(w.values)["h"] == 56]
+    x = torch.randn(1, 56, 56, 64)
+    packed = torch.randn(1, 56, 56, 112)
+    geo = ops.geometry(x, [packed], ops._arguments(3, 3, 1, 1, 1, 1, 1, 1, 4, 16, 1.0, False), packed=True)
+    tasks = workload.tasks("llvm-znver4")
+    assert [t.spec for t in tasks] == [
+        dataclasses.replace(ops._spec(stage, geo, x), target="llvm-znver4") for stage in ("forward", "backward", "scatter")]
+    assert workloads.of_spec(tasks[0].spec) == workload and workloads.Workload.parse(str(workload)) == workload
+    with pytest.raises(ValueError, match="remove_center needs an odd kernel"):
+        workloads.Workload.parse("dcnv3:n=1,h=8,w=8,group=2,group_channels=4,k=2,remove_center=1")

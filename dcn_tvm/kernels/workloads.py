@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 
 from dcn_tvm.geometry.conv import ConvGeometry, conv_geometry
+from dcn_tvm.geometry.dcnv3 import DCNv3Geometry, dcnv3_geometry
 from dcn_tvm.geometry.dtypes import DTYPES
 from dcn_tvm.geometry.roi_pool import RoIPoolGeometry, roi_pool_geometry
 from dcn_tvm.kernels.spec import KernelSpec
@@ -79,8 +80,15 @@ FIELDS = {
         "classes": (_int(0), "0"), "spatial_scale": (_number, "1.0"), "gamma": (_number, "0.1"),
         "dtype": (str, "float32"),
     },
+    "dcnv3": {
+        "n": (_size, None), "h": (_size, None), "w": (_size, None), "group": (_size, None),
+        "group_channels": (_size, None), "k": (_pair(1), "3"), "stride": (_pair(1), "1"), "pad": (_pair(0), "1"),
+        "dil": (_pair(1), "1"), "offset_scale": (_number, "1.0"), "remove_center": (_int(0, 1), "0"),
+        "packed": (_int(0, 1), "0"), "dtype": (str, "float32"),
+    },
 }
 STAGES = {"deform_conv2d": ("forward", "backward_data", "backward_weight"), "deform_roi_pool": ("forward", "backward")}
+STAGES["dcnv3"] = ("forward", "backward", "scatter")
 
 PRESETS = {
     "tiny": (
@@ -99,6 +107,45 @@ PRESETS = {
         "spatial_scale=0.0625,gamma=0.1,dtype=float32",
     ),
 }
+# InternImage-T / -B's DCNv3 layers (3x3, pad 1; groups of 16 channels), stages 1-4 at 224x224 and at an
+# 800x1216 detection image (strides 4-32); packed=1 is FlashInternImage's DCNv4 on the same shapes.
+_INTERNIMAGE = {"t": (64, 4), "b": (112, 7)}
+for _name, (_channels, _groups) in _INTERNIMAGE.items():
+    PRESETS[f"internimage-{_name}"] = tuple(
+        f"dcnv3:n=1,h={side_h // stride},w={side_w // stride},group={_groups * 2**level},group_channels=16,"
+        f"k=3,pad=1,dtype=float32"
+        for side_h, side_w in ((224, 224), (800, 1216)) for level, stride in enumerate((4, 8, 16, 32)))
+PRESETS["flashinternimage-t"] = tuple(text + ",packed=1" for text in PRESETS["internimage-t"])
+
+
+@dataclass(frozen=True)
+class Operator:
+    """How the workloads of an operator map to its geometry and back: `geometry(values)` builds it from
+    the parsed FIELDS values (through the op's own checks), `values(geo)` gives the FIELDS values of a
+    geometry (sizes excluded); every size is in the kernel specs, in FIELDS order, static."""
+
+    geometry: object
+    values: object
+    sizes: tuple[str, ...]
+
+
+def _dcnv3_geometry(v: dict) -> DCNv3Geometry:
+    window = DCNv3Geometry(v["group"], v["group_channels"], v["k"], v["stride"], v["pad"], v["dil"], 1.0,
+                           bool(v["remove_center"]), bool(v["packed"]), v["dtype"])
+    out_h, out_w = (max(size, 1) for size in window.output_size(v["h"], v["w"]))
+    return dcnv3_geometry((v["n"], v["h"], v["w"], window.channels), window.sampling_shapes(v["n"], out_h, out_w),
+                          v["k"], v["stride"], v["pad"], v["dil"], v["group"], v["group_channels"],
+                          v["offset_scale"], bool(v["remove_center"]), bool(v["packed"]), v["dtype"])
+
+
+def _dcnv3_values(geo: DCNv3Geometry) -> dict:
+    return dict(group=geo.group, group_channels=geo.group_channels, k=geo.kernel, stride=geo.stride,
+                pad=geo.padding, dil=geo.dilation, offset_scale=geo.offset_scale,
+                remove_center=int(geo.remove_center), packed=int(geo.packed))
+
+
+#: Operators described by an Operator entry (the others by the branches below).
+OPERATORS = {"dcnv3": Operator(_dcnv3_geometry, _dcnv3_values, ("n", "h", "w"))}
 
 
 @dataclass(frozen=True)
@@ -148,10 +195,12 @@ class Workload:
         text = {tuple: _pair_text, type(None): lambda _: ""}
         return f"{self.op}:" + ",".join(f"{k}={text.get(type(v), str)(v)}" for k, v in self.values if v is not None)
 
-    def geometry(self) -> ConvGeometry | RoIPoolGeometry:
+    def geometry(self) -> ConvGeometry | RoIPoolGeometry | DCNv3Geometry:
         """The layer's geometry, built by the ops' own shape checks (dcn_tvm.geometry; ValueError/TypeError
         on bad shapes)."""
         v = dict(self.values)
+        if self.op in OPERATORS:
+            return OPERATORS[self.op].geometry(v)
         n, c, h, w, dtype = v["n"], v["c"], v["h"], v["w"], v["dtype"]
         if self.op == "deform_conv2d":
             (kh, kw), og, groups = v["k"], v["offset_groups"], v["groups"]
@@ -175,7 +224,11 @@ class Workload:
         v, geo = dict(self.values), self.geometry()
         tasks = []
         for stage in STAGES[self.op]:
-            if self.op == "deform_conv2d":
+            if self.op in OPERATORS:
+                spec = KernelSpec(self.op, stage, geo, tuple((name, v[name]) for name in OPERATORS[self.op].sizes),
+                                  target)
+                measured = spec
+            elif self.op == "deform_conv2d":
                 spec = KernelSpec(self.op, stage, geo, (("n", v["n"]), ("h", v["h"]), ("w", v["w"])), target)
                 measured = spec
             else:
@@ -194,7 +247,9 @@ def tunable(spec: KernelSpec) -> bool:
 
 def from_geometry(op: str, geo, **sizes) -> Workload:
     """The workload of an `op` call with geometry `geo` and sizes (n, h, w; and r for deform_roi_pool)."""
-    if op == "deform_conv2d":
+    if op in OPERATORS:
+        values = OPERATORS[op].values(geo)
+    elif op == "deform_conv2d":
         values = dict(c=geo.in_channels, o=geo.out_channels, k=geo.kernel, stride=geo.stride, pad=geo.padding,
                       dil=geo.dilation, groups=geo.groups, offset_groups=geo.offset_groups, mask=int(geo.with_mask))
     else:
