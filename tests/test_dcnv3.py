@@ -388,3 +388,38 @@ def test_workloads_name_the_ops_kernels():
     assert workloads.of_spec(tasks[0].spec) == workload and workloads.Workload.parse(str(workload)) == workload
     with pytest.raises(ValueError, match="remove_center needs an odd kernel"):
         workloads.Workload.parse("dcnv3:n=1,h=8,w=8,group=2,group_channels=4,k=2,remove_center=1")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
+def test_onnx_export_to_grid_sample_runs_in_onnxruntime(packed):
+    """The modules export to standard ops (GridSample + weighted sum); onnxruntime matches them, DCNv3's
+    at a second image size too (dynamic batch and spatial sizes)."""
+    pytest.importorskip("onnxruntime")
+    from test_export import run_onnxruntime
+
+    from dcn_tvm.export import to_onnx
+
+    torch.manual_seed(0)
+    layer = dcn_tvm.DCNv4(channels=16, group=2, dw_kernel_size=3) if packed else dcn_tvm.DCNv3(channels=24, group=3)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.normal_(std=0.3)  # offsets past the borders
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(x, (5, 6)) if packed else self.layer(x)
+
+    model = Model().eval()
+    x = torch.randn(2, 5 * 6, 16) if packed else torch.randn(2, 5, 6, 24)
+    dynamic = torch.export.Dim.DYNAMIC  # channels-last: the channels are the last dimension
+    shapes = None if packed else ({0: dynamic, 1: dynamic, 2: dynamic},)
+    program = to_onnx(model, (x,), dynamic=not packed, dynamic_shapes=shapes)
+    kinds = {node.op_type for node in program.model_proto.graph.node}
+    assert "GridSample" in kinds and not {node.domain for node in program.model_proto.graph.node} - {""}
+    for sample in [x] if packed else [x, torch.randn(1, 7, 4, 24)]:
+        torch.testing.assert_close(torch.from_numpy(run_onnxruntime(program.model_proto, sample)[0]), model(sample),
+                                   rtol=1e-4, atol=1e-4)
