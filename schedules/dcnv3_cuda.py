@@ -23,7 +23,10 @@ def stages(sch) -> None:
     if "grad_offset_mask" in names:  # DCNv4: one kernel, a sample's corner dots in the thread of each of its
         output = sch.get_sblock("grad_offset_mask")  # three gradients (TVM 0.27's CSE hoisted an index
         thread = bind_threads(sch, sch.get_loops(output))  # expression of two kernels into the host)
-        sch.compute_at(sch.get_sblock("corner_dots"), thread)
+        dots = sch.get_sblock("corner_dots")
+        sch.compute_at(dots, thread)
+        for index in range(len(sch.get(dots).writes)):  # a thread's own registers
+            sch.set_scope(dots, index, "local")
         return
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         _bind(sch, sch.get_loops(block)[:count_iters(sch, block, reduction=False)])
