@@ -1,13 +1,14 @@
 """Benchmark dcnv3_core / dcnv4_core against the grid_sample formulation (InternImage's PyTorch path).
 
-    python benchmarks/bench_dcnv34.py [--threads 1 2] [--repeats 7] [--sizes 800x1216 224x224] [--no-memory]
+    python benchmarks/bench_dcnv34.py [--threads 1 2] [--repeats 7] [--sizes 800x1216 224x224] [--stages 1 2 3 4]
+                                      [--no-memory]
 
 The DCNv3 layers of InternImage-T's four stages (channels 64/128/256/512, groups 4/8/16/32, 3x3, stride 1,
 pad 1) at a detection image (800x1216: 200x304 ... 25x38 at strides 4 ... 32) and a classification image
 (224x224), batch 1, float32: forward and forward+backward (input, offset and mask gradients), medians
 after a warm-up (which compiles dcn_tvm's kernels; they are cached on disk). Each thread count runs in a
 fresh process (TVM's pool size is fixed at start). Peak memory is the rise of the process's peak RSS
-over one call, in a fresh child process per (layer, method) whose kernels come from the disk cache.
+over one call after a first one, in a fresh child process per (layer, method).
 Prints the CPU and a Markdown table; ratios are last.
 """
 
@@ -82,11 +83,11 @@ def _peak_rss_kib() -> int:
 
 
 def measure_memory(name: str, size: str, stage: int, backward: bool) -> float:
-    """MiB: the peak RSS rise over one call (after loading the TVM runtime; kernels from the disk cache)."""
-    from dcn_tvm.kernels.runtime import load_tvm_runtime
-
-    load_tvm_runtime()
+    """MiB: the peak RSS rise over one call, after a first call (which loads the kernels). The parent sets
+    MALLOC_MMAP_THRESHOLD_ so that glibc returns every freed block over 64 KiB to the system: the first
+    call's memory is not reused unseen by the second."""
     run = _call(name, size, stage, backward)
+    run()
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS restarts from the current RSS
     before = _peak_rss_kib()
     run()
@@ -108,7 +109,7 @@ def _median_ms(run, repeats: int) -> float:
 
 def _child(args, *extra) -> str:
     env = dict(os.environ, TVM_NUM_THREADS=str(args.threads[0]), OMP_NUM_THREADS=str(args.threads[0]),
-               OMP_WAIT_POLICY="PASSIVE", TVM_THREAD_POOL_SPIN_COUNT="0")
+               OMP_WAIT_POLICY="PASSIVE", TVM_THREAD_POOL_SPIN_COUNT="0", MALLOC_MMAP_THRESHOLD_="65536")
     command = [sys.executable, __file__, "--threads", str(args.threads[0]), "--repeats", str(args.repeats), *extra]
     return subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
 
@@ -127,7 +128,7 @@ def run_threads(args) -> None:
           "speed-up vs grid_sample (fwd, fwd+bwd) | memory vs grid_sample (fwd, fwd+bwd) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes:
-        for stage in range(len(STAGES)):
+        for stage in [stage - 1 for stage in args.stages]:
             rows = {}
             for name in METHODS:
                 times = [_median_ms(_call(name, size, stage, backward), args.repeats) for backward in (False, True)]
@@ -148,6 +149,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sizes", nargs="+", default=["800x1216", "224x224"])
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--memory-of", nargs=4, metavar=("METHOD", "SIZE", "STAGE", "BACKWARD"))
     args = parser.parse_args(argv)
@@ -156,7 +158,7 @@ def main(argv=None) -> None:
         print(json.dumps(measure_memory(name, size, int(stage), bool(int(backward)))))
     elif len(args.threads) > 1 or os.environ.get("TVM_NUM_THREADS") != str(args.threads[0]):
         for threads in args.threads:  # each in a fresh process
-            extra = ["--sizes", *args.sizes] + ([] if args.memory else ["--no-memory"])
+            extra = ["--sizes", *args.sizes, "--stages", *map(str, args.stages)] + ([] if args.memory else ["--no-memory"])
             print(_child(argparse.Namespace(threads=[threads], repeats=args.repeats), *extra), end="", flush=True)
     else:
         run_threads(args)
