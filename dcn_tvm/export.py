@@ -3,14 +3,16 @@
 - `dcn_tvm::deform_conv2d` becomes the standard `DeformConv` (opset >= 19): same offset layout
   ((dy, dx) pairs per kernel point and offset group), mask and bias inputs, the exporter's dynamic
   batch and spatial sizes. onnxruntime runs it on its CPU execution provider.
-- `dcn_tvm::ms_deform_attn` becomes standard operators: per level a GridSample (bilinear,
-  align_corners=0, zero padding) of the value's [N*M, D, H, W] view, then the attention-weighted sum
-  (the grid_sample formulation). Its level count and points must be static.
 - `dcn_tvm::deform_roi_pool` has no standard operator: it becomes `dcn_tvm::DeformRoIPool`
   (custom domain `dcn_tvm`, version 1, schema in `DEFORM_ROI_POOL_SCHEMA`), which a runtime must
   implement itself (onnxruntime refuses a model holding one unless given such a custom op).
+- `dcn_tvm::ms_deform_attn`, `dcn_tvm::dcnv3_core` and `dcn_tvm::dcnv4_core` have no operator of their own:
+  they become standard ops, GridSample (bilinear, zeros, align_corners=0) at the sampling positions and the
+  weighted sum of the samples (`_ms_deform_attn`, `_dcnv3_core`), through this module's translation table
+  (`to_onnx`); they have no ONNX form for a plain `torch.onnx.export` yet. ms_deform_attn: per level a
+  GridSample of the value's [N*M, D, H, W] view; its level count and points must be static.
 
-A plain `torch.onnx.export(model, args, dynamo=True)` gives these nodes with no extra argument: the ops
+For the first two, a plain `torch.onnx.export(model, args, dynamo=True)` gives these nodes with no extra argument: the ops
 emit them while the exporter traces them (dcn_tvm.ops.onnx_forms, through torch.onnx.ops.symbolic).
 The translation table here maps the torch ops to the same nodes where a graph holds the ops themselves:
 a torch.export.ExportedProgram captured outside an ONNX export, or an op that has no ONNX form of its
@@ -25,6 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import onnx
 import torch
 from onnxscript import opset19
@@ -123,11 +126,93 @@ def _ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations
     return op.Transpose(summed, perm=[0, 2, 1])
 
 
+def _dcnv3_aggregate(input, offset, mask, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int,
+                     pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
+                     offset_scale: float, remove_center: bool):
+    """The aggregation of dcn_tvm.compute.dcnv3 in standard ops: offset as [N, Ho, Wo, G, P, 2] (x, y),
+    mask as [N, Ho, Wo, G, P]; -> [N, Ho, Wo, G*GC]. Sizes other than G, GC and P are dynamic."""
+    op = opset19
+    points = [(i, j) for i in range(kernel_w) for j in range(kernel_h)
+              if not (remove_center and (i, j) == (kernel_w // 2, kernel_h // 2))]
+    half_h, half_w = dilation_h * (kernel_h - 1) // 2, dilation_w * (kernel_w - 1) // 2
+    grid = _floats([[i * dilation_w - half_w, j * dilation_h - half_h] for i, j in points])
+    size = op.Shape(input)
+    height, width = op.Slice(size, [1], [2]), op.Slice(size, [2], [3])
+    out_size = op.Shape(mask)
+    out_h, out_w = op.Slice(out_size, [1], [2]), op.Slice(out_size, [2], [3])
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+
+    def centres(count, stride, pad, half):
+        steps = op.Cast(op.Range(zero, op.Squeeze(count, [0]), one), to=onnx.TensorProto.FLOAT)
+        return op.Add(op.Mul(steps, op.Constant(value_float=float(stride))), op.Constant(value_float=float(half - pad)))
+
+    centre_x = op.Reshape(centres(out_w, stride_w, pad_w, half_w), [1, 1, -1, 1, 1, 1])
+    centre_y = op.Reshape(centres(out_h, stride_h, pad_h, half_h), [1, -1, 1, 1, 1, 1])
+    centre = op.Concat(op.Add(centre_x, op.Mul(centre_y, op.Constant(value_float=0.0))),
+                       op.Add(centre_y, op.Mul(centre_x, op.Constant(value_float=0.0))), axis=-1)  # [1, Ho, Wo, 1, 1, 2]
+    offset32 = op.Cast(offset, to=onnx.TensorProto.FLOAT)
+    positions = op.Add(centre, op.Mul(op.Add(grid, offset32), op.Constant(value_float=float(offset_scale))))
+    extent = op.Cast(op.Concat(width, height, axis=0), to=onnx.TensorProto.FLOAT)  # (W, H)
+    normalised = op.Sub(op.Div(op.Add(op.Mul(positions, op.Constant(value_float=2.0)), op.Constant(value_float=1.0)),
+                               extent), op.Constant(value_float=1.0))
+    batch = op.Slice(size, [0], [1])
+    # [N, Ho, Wo, G, P, 2] -> [N, G, Ho*Wo, P, 2] -> [N*G, Ho*Wo, P, 2]
+    sample_grid = op.Reshape(op.Transpose(normalised, perm=[0, 3, 1, 2, 4, 5]), [-1, 0, 0, len(points), 2],
+                             allowzero=0)
+    sample_grid = op.Reshape(sample_grid, op.Concat(op.Mul(batch, _ints(group)), _ints(-1, len(points), 2), axis=0))
+    planes = op.Reshape(op.Transpose(op.Reshape(input, op.Concat(batch, height, width, _ints(group, group_channels),
+                                                                  axis=0)), perm=[0, 3, 4, 1, 2]),
+                        op.Concat(op.Mul(batch, _ints(group)), _ints(group_channels), height, width, axis=0))
+    samples = op.GridSample(planes, op.CastLike(sample_grid, planes), mode="bilinear", padding_mode="zeros",
+                            align_corners=0)  # [N*G, GC, Ho*Wo, P]
+    weights = op.Reshape(op.Transpose(mask, perm=[0, 3, 1, 2, 4]), op.Concat(op.Mul(batch, _ints(group)),
+                                                                             _ints(1, -1, len(points)), axis=0))
+    total = op.ReduceSum(op.Mul(samples, op.CastLike(weights, samples)), [-1], keepdims=0)  # [N*G, GC, Ho*Wo]
+    total = op.Reshape(total, op.Concat(batch, _ints(group * group_channels), out_h, out_w, axis=0))
+    return op.Transpose(total, perm=[0, 2, 3, 1])
+
+
+def _ints(*values):
+    """An int64 ONNX constant of `values`."""
+    return opset19.Constant(value_ints=list(values))
+
+
+def _floats(rows):
+    """A float32 ONNX constant of nested lists."""
+    return opset19.Constant(value=onnx.numpy_helper.from_array(np.array(rows, dtype="float32")))
+
+
+def _dcnv3_core(input, offset, mask, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int,
+                pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int, offset_scale: float,
+                remove_center: bool):
+    """dcn_tvm::dcnv3_core as GridSample and a weighted sum (`_dcnv3_aggregate`)."""
+    points = kernel_h * kernel_w - int(remove_center)
+    offset = opset19.Reshape(offset, [0, 0, 0, group, points, 2])
+    mask = opset19.Reshape(mask, [0, 0, 0, group, points])
+    return _dcnv3_aggregate(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                            dilation_w, group, group_channels, offset_scale, remove_center)
+
+
+def _dcnv4_core(input, offset_mask, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int,
+                pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int, offset_scale: float,
+                remove_center: bool):
+    """dcn_tvm::dcnv4_core: DCNv4's packed offset_mask split into offset and mask, then `_dcnv3_aggregate`."""
+    points = kernel_h * kernel_w - int(remove_center)
+    used = opset19.Slice(offset_mask, [0], [group * points * 3], [3])
+    per_group = opset19.Reshape(used, [0, 0, 0, group, 3 * points])
+    offset = opset19.Reshape(opset19.Slice(per_group, [0], [2 * points], [4]), [0, 0, 0, group, points, 2])
+    mask = opset19.Slice(per_group, [2 * points], [3 * points], [4])
+    return _dcnv3_aggregate(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                            dilation_w, group, group_channels, offset_scale, remove_center)
+
+
 def onnx_translation_table() -> dict[torch._ops.OpOverload, Callable]:
     """dcn_tvm's ops to their ONNX translations, for `torch.onnx.export(custom_translation_table=...)`."""
     return {torch.ops.dcn_tvm.deform_conv2d.default: _deform_conv2d,
             torch.ops.dcn_tvm.deform_roi_pool.default: _deform_roi_pool,
-            torch.ops.dcn_tvm.ms_deform_attn.default: _ms_deform_attn}
+            torch.ops.dcn_tvm.ms_deform_attn.default: _ms_deform_attn,
+            torch.ops.dcn_tvm.dcnv3_core.default: _dcnv3_core,
+            torch.ops.dcn_tvm.dcnv4_core.default: _dcnv4_core}
 
 
 def dynamic_shapes(args: Sequence) -> tuple:

@@ -21,7 +21,7 @@ LAYERS = (
         "dcn_tvm.env", "dcn_tvm.forksafe", "dcn_tvm.cuda_limits", "dcn_tvm.render", "dcn_tvm.templates",
         "dcn_tvm.geometry", "dcn_tvm.geometry.arguments", "dcn_tvm.geometry.conv", "dcn_tvm.geometry.dtypes",
         "dcn_tvm.geometry.roi_pool",
-        "dcn_tvm.geometry.ms_deform_attn",
+        "dcn_tvm.geometry.ms_deform_attn", "dcn_tvm.geometry.dcnv3",
     )),
     ("compute and schedules", (
         "dcn_tvm.compute", "dcn_tvm.compute.deform_conv2d", "dcn_tvm.compute.deform_roi_pool",
@@ -30,6 +30,7 @@ LAYERS = (
         "dcn_tvm.schedules.deform_conv2d_llvm", "dcn_tvm.schedules.deform_roi_pool_cuda",
         "dcn_tvm.schedules.deform_roi_pool_llvm", "dcn_tvm.schedules.wmma", "dcn_tvm.schedules.mma_tf32",
         "dcn_tvm.compute.ms_deform_attn", "dcn_tvm.schedules.ms_deform_attn_cuda", "dcn_tvm.schedules.ms_deform_attn_llvm",
+        "dcn_tvm.compute.dcnv3", "dcn_tvm.schedules.dcnv3_cuda", "dcn_tvm.schedules.dcnv3_llvm",
     )),
     ("kernel resolution", (
         "dcn_tvm.kernels", "dcn_tvm.kernels.build", "dcn_tvm.kernels.cache", "dcn_tvm.kernels.manifest",
@@ -39,7 +40,7 @@ LAYERS = (
     )),
     ("torch-facing ops", ("dcn_tvm.ops", "dcn_tvm.ops.deform_conv2d", "dcn_tvm.ops.deform_roi_pool",
                           "dcn_tvm.ops.dispatch", "dcn_tvm.ops.scratch", "dcn_tvm.ops.shapes",
-                          "dcn_tvm.ops.onnx_forms", "dcn_tvm.ops.ms_deform_attn")),
+                          "dcn_tvm.ops.onnx_forms", "dcn_tvm.ops.ms_deform_attn", "dcn_tvm.ops.dcnv3")),
     ("tools and the public face", (
         "dcn_tvm", "dcn_tvm.__main__", "dcn_tvm.convert", "dcn_tvm.demo", "dcn_tvm.export", "dcn_tvm.tune",
         "dcn_tvm.models", "dcn_tvm.models.heads", "dcn_tvm.models.resnet", "dcn_tvm.models.deformable_detr",

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dcn_tvm.geometry.conv import ConvGeometry, conv_geometry
+from dcn_tvm.geometry.dcnv3 import DCNv3Geometry, dcnv3_geometry
 from dcn_tvm.geometry.dtypes import DTYPES
 from dcn_tvm.geometry.ms_deform_attn import Levels, ms_deform_attn_geometry, parse_levels
 from dcn_tvm.geometry.roi_pool import RoIPoolGeometry, roi_pool_geometry
@@ -104,7 +105,6 @@ FIELDS = {
 STAGES = {"deform_conv2d": ("forward", "backward_data", "backward_weight"), "deform_roi_pool": ("forward", "backward")}
 
 
-
 @dataclass(frozen=True)
 class OperatorWorkloads:
     """What the workloads need to know of one operator, so that adding an operator adds an entry here
@@ -132,6 +132,25 @@ def _ms_deform_attn_sizes(v: dict) -> tuple:
     return ("n", v["n"]), ("q", v["q"])
 
 
+def _dcnv3_geometry(v: dict) -> DCNv3Geometry:
+    window = DCNv3Geometry(v["group"], v["group_channels"], v["k"], v["stride"], v["pad"], v["dil"], 1.0,
+                           bool(v["remove_center"]), bool(v["packed"]), v["dtype"])
+    out_h, out_w = (max(size, 1) for size in window.output_size(v["h"], v["w"]))
+    return dcnv3_geometry((v["n"], v["h"], v["w"], window.channels), window.sampling_shapes(v["n"], out_h, out_w),
+                          v["k"], v["stride"], v["pad"], v["dil"], v["group"], v["group_channels"],
+                          v["offset_scale"], bool(v["remove_center"]), bool(v["packed"]), v["dtype"])
+
+
+def _dcnv3_values(geo: DCNv3Geometry) -> dict:
+    return dict(group=geo.group, group_channels=geo.group_channels, k=geo.kernel, stride=geo.stride,
+                pad=geo.padding, dil=geo.dilation, offset_scale=geo.offset_scale,
+                remove_center=int(geo.remove_center), packed=int(geo.packed))
+
+
+def _dcnv3_sizes(v: dict) -> tuple:
+    return ("n", v["n"]), ("h", v["h"]), ("w", v["w"])
+
+
 #: The operators described by an OperatorWorkloads entry (deform_conv2d and deform_roi_pool are still
 #: handled inline below).
 OPERATORS = {
@@ -145,6 +164,20 @@ OPERATORS = {
         measured_sizes=_ms_deform_attn_sizes,
         values=lambda geo: dict(levels=Levels(geo.levels), heads=geo.heads, head_dim=geo.head_dim,
                                 points=geo.points),
+    ),
+    # DCNv3 / DCNv4 (packed=1): input [n, h, w, group*group_channels], channels-last
+    "dcnv3": OperatorWorkloads(
+        fields={
+            "n": (_size, None), "h": (_size, None), "w": (_size, None), "group": (_size, None),
+            "group_channels": (_size, None), "k": (_pair(1), "3"), "stride": (_pair(1), "1"), "pad": (_pair(0), "1"),
+            "dil": (_pair(1), "1"), "offset_scale": (_number, "1.0"), "remove_center": (_int(0, 1), "0"),
+            "packed": (_int(0, 1), "0"), "dtype": (str, "float32"),
+        },
+        stages=("forward", "backward", "scatter"),
+        geometry=_dcnv3_geometry,
+        sizes=_dcnv3_sizes,
+        measured_sizes=_dcnv3_sizes,
+        values=_dcnv3_values,
     ),
 }
 FIELDS.update({op: entry.fields for op, entry in OPERATORS.items()})
@@ -175,6 +208,16 @@ PRESETS = {
     "deformable-detr-decoder": (f"ms_deform_attn:n=1,q=300,levels={_DETR_LEVELS},heads=8,head_dim=32,points=4,"
                                 f"dtype=float32",),
 }
+# InternImage-T / -B's DCNv3 layers (3x3, pad 1; groups of 16 channels), stages 1-4 at 224x224 and at an
+# 800x1216 detection image (strides 4-32); packed=1 is FlashInternImage's DCNv4 on the same shapes.
+_INTERNIMAGE = {"t": (64, 4), "b": (112, 7)}
+for _name, (_channels, _groups) in _INTERNIMAGE.items():
+    PRESETS[f"internimage-{_name}"] = tuple(
+        f"dcnv3:n=1,h={side_h // stride},w={side_w // stride},group={_groups * 2**level},group_channels=16,"
+        f"k=3,pad=1,dtype=float32"
+        for side_h, side_w in ((224, 224), (800, 1216)) for level, stride in enumerate((4, 8, 16, 32)))
+PRESETS["flashinternimage-t"] = tuple(text + ",packed=1" for text in PRESETS["internimage-t"])
+
 
 
 @dataclass(frozen=True)
@@ -224,7 +267,7 @@ class Workload:
         text = {tuple: _pair_text, type(None): lambda _: ""}
         return f"{self.op}:" + ",".join(f"{k}={text.get(type(v), str)(v)}" for k, v in self.values if v is not None)
 
-    def geometry(self) -> ConvGeometry | RoIPoolGeometry:
+    def geometry(self) -> ConvGeometry | RoIPoolGeometry | DCNv3Geometry:
         """The layer's geometry, built by the ops' own shape checks (dcn_tvm.geometry; ValueError/TypeError
         on bad shapes)."""
         v = dict(self.values)
