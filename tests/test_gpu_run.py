@@ -4,6 +4,7 @@ comes: every step runs (step b on the simulated GPU), and both result files hold
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ def _simulator_available() -> bool:
 def test_rehearsal_runs_every_step_and_writes_both_files(tmp_path):
     out = tmp_path / "out"
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--rehearse", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=1200)
+                         capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHON": sys.executable})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     statuses = {name: step["status"] for name, step in data["steps"].items()}
