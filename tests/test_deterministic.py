@@ -166,3 +166,36 @@ def test_cpu_results_are_bitwise_repeatable_across_runs_and_thread_counts():
     assert two.startswith("2 ") and _cpu_digest(2) == two
     assert _cpu_digest(1) == "1 " + two.split()[1]
 
+
+
+def test_atomic_scatters_follow_torchs_not_deterministic_rule(monkeypatch):
+    """ms_deform_attn and DCNv3/v4 have no deterministic CUDA scatter: under
+    torch.use_deterministic_algorithms(True) their CUDA backward raises (warns with warn_only) as torch's
+    own nondeterministic ops do, never silently varying; the CPU (race-free ownership) is unaffected."""
+    from test_dcnv3 import CASES as DCNV3_CASES
+    from test_dcnv3 import make_inputs as dcnv3_inputs
+    from test_ms_deform_attn import make_inputs as msda_inputs
+
+    from dcn_tvm.ops import dispatch
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="dcn_tvm.ms_deform_attn backward on CUDA"):
+            dispatch.alert_atomic_scatter("ms_deform_attn", cuda)
+        dispatch.alert_atomic_scatter("ms_deform_attn", cpu)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="dcn_tvm.dcnv3 backward on CUDA"):
+            dispatch.alert_atomic_scatter("dcnv3", cuda)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    dispatch.alert_atomic_scatter("dcnv3", cuda)  # the flag off: nothing
+
+    asked = []
+    monkeypatch.setattr(dispatch, "alert_atomic_scatter", lambda op, device: asked.append((op, device.type)))
+    value, shapes, starts, locations, weights = (t.requires_grad_(t.is_floating_point()) for t in msda_inputs())
+    dcn_tvm.ms_deform_attn(value, shapes, starts, locations, weights).sum().backward()
+    x, offset, mask = (t.requires_grad_() for t in dcnv3_inputs(DCNV3_CASES[0]))
+    _, _, _, g, gc, k, s, p, d, scale, rc = DCNV3_CASES[0]
+    dcn_tvm.dcnv3_core(x, offset, mask, *k, *s, *p, *d, g, gc, scale, rc).sum().backward()
+    assert asked == [("ms_deform_attn", "cpu"), ("dcnv3", "cpu")]

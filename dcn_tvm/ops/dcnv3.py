@@ -108,6 +108,7 @@ def _backward(grad_output: Tensor, input: Tensor, sampling: list[Tensor], parame
         return [grad_input.to(input.dtype), *(g.zero_() for g in grads)]
     grad_output, views = grad_output.contiguous(), _kernel_views(geo, sampling)
     get_kernel(_spec("backward", geo, input))(input, *views, grad_output, *_kernel_views(geo, grads))
+    dispatch.alert_atomic_scatter(OP, input.device)
     get_kernel(_spec("scatter", geo, input))(*views, grad_output, grad_input)
     return [grad_input.to(input.dtype), *grads]
 

@@ -124,6 +124,7 @@ def _backward_op(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, lev
                 grad_output.contiguous().view(n, q, geo.heads, geo.head_dim))
     get_kernel(_spec("backward", geo, sampling_locations))(value.contiguous(), *operands, grad_locations,
                                                             grad_weights)
+    dispatch.alert_atomic_scatter(OP, value.device)
     get_kernel(_spec("scatter", geo, sampling_locations))(*operands, grad_value)
     return grad_value.to(value.dtype), grad_locations, grad_weights
 
