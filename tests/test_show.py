@@ -25,9 +25,13 @@ def test_cpu_target_shows_llvm_ir_and_assembly(capsys):
 
 @pytest.mark.slow
 def test_cuda_target_shows_cuda_source_and_ptxas_counts(capsys):
-    assert main(["show", "--target", "nvidia/nvidia-h100", "--workload", WORKLOAD, "--stage", "forward"]) == 0
+    """At torch's float32 matmul precision "high" the forward GEMM is on TF32 tensor cores: the source shows
+    the PTX mma with tf32 operands (issue 24)."""
+    workload = "deform_conv2d:n=1,c=16,h=6,w=6,o=16,k=3,pad=1,precision=high"  # 16 | O and C*KH*KW: fragments fit
+    assert main(["show", "--target", "nvidia/nvidia-h100", "--workload", workload, "--stage", "forward"]) == 0
     text = capsys.readouterr().out
-    assert "_cuda-sm_90\nschedule: default\n" in text and '__global__ void __launch_bounds__' in text
+    assert "_precision_high_cuda-sm_90\nschedule: default\n" in text and '__global__ void __launch_bounds__' in text
+    assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in text
     if shutil.which("nvcc"):
         assert re.search(r"^ptxas: main_kernel\w*: \d+ registers/thread, \d+ B shared, 0 B spill stores, "
                          r"0 B spill loads$", text, re.M)
