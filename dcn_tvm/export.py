@@ -93,6 +93,7 @@ def _deform_roi_pool(input, rois, offset, output_size: int, spatial_scale: float
 
 
 def _ints(*values: int):
+    """An int64 ONNX constant of `values`."""
     return opset19.Constant(value_ints=list(values))
 
 
@@ -170,11 +171,6 @@ def _dcnv3_aggregate(input, offset, mask, kernel_h: int, kernel_w: int, stride_h
     total = op.ReduceSum(op.Mul(samples, op.CastLike(weights, samples)), [-1], keepdims=0)  # [N*G, GC, Ho*Wo]
     total = op.Reshape(total, op.Concat(batch, _ints(group * group_channels), out_h, out_w, axis=0))
     return op.Transpose(total, perm=[0, 2, 3, 1])
-
-
-def _ints(*values):
-    """An int64 ONNX constant of `values`."""
-    return opset19.Constant(value_ints=list(values))
 
 
 def _floats(rows):

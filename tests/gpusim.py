@@ -702,3 +702,18 @@ def _pure_outputs(spec: KernelSpec) -> set[int]:
     written = {hash(region.source) for block in sch.get_child_blocks(sch.get_sblock("root"))
                for region in sch.get(block).writes}
     return {index for index, buffer in enumerate(func.params) if hash(buffer) in written}
+
+
+def simulating(monkeypatch, *modules, target: str = "cuda-sm_90"):
+    """A context manager factory for a fixture: inside the context, the ops of `modules` (dcn_tvm.ops
+    submodules) on CPU tensors build KernelSpecs for `target` and run them on the simulated GPU."""
+
+    @contextlib.contextmanager
+    def gpu():
+        with monkeypatch.context() as patch:
+            for module in modules:
+                patch.setattr(module, "target_key", lambda device: target)
+                patch.setattr(module, "get_kernel", get_kernel)
+            yield
+
+    return gpu

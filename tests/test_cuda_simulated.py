@@ -7,7 +7,6 @@ Results are compared with the CPU kernels and the float64 references, over the g
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -58,16 +57,7 @@ def conv_case_id(case):
 @pytest.fixture
 def simulated_gpu(monkeypatch):
     """A context manager: inside it, dcn_tvm's ops on CPU tensors run the simulated CUDA kernels."""
-
-    @contextlib.contextmanager
-    def gpu():
-        with monkeypatch.context() as patch:
-            for module in (conv_ops, roi_ops):
-                patch.setattr(module, "target_key", lambda device: GPU_TARGET)
-                patch.setattr(module, "get_kernel", gpusim.get_kernel)
-            yield
-
-    return gpu
+    return gpusim.simulating(monkeypatch, conv_ops, roi_ops, target=GPU_TARGET)
 
 
 def relative_error(actual, expected):

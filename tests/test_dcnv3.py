@@ -8,7 +8,6 @@ swaps them: the cases with pad_h != pad_w check that.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import pytest
@@ -352,15 +351,7 @@ def simulated_gpu(monkeypatch):
     missing = gpusim.available()
     if missing:
         pytest.skip(f"the simulated GPU needs an OpenCL device: {missing}")
-
-    @contextlib.contextmanager
-    def gpu():
-        with monkeypatch.context() as patch:
-            patch.setattr(ops, "target_key", lambda device: GPU_TARGET)
-            patch.setattr(ops, "get_kernel", gpusim.get_kernel)
-            yield
-
-    return gpu
+    return gpusim.simulating(monkeypatch, ops, target=GPU_TARGET)
 
 
 @pytest.mark.parametrize("case,packed", GPU_CASES, ids=[f"{case_id(c)}-{'v4' if p else 'v3'}" for c, p in GPU_CASES])

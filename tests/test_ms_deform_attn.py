@@ -302,15 +302,7 @@ def simulated_gpu(monkeypatch):
     missing = gpusim.available()
     if missing:
         pytest.skip(f"the simulated GPU needs an OpenCL device: {missing}")
-
-    @contextlib.contextmanager
-    def gpu():
-        with monkeypatch.context() as patch:
-            patch.setattr(msda_ops, "target_key", lambda device: GPU_TARGET)
-            patch.setattr(msda_ops, "get_kernel", gpusim.get_kernel)
-            yield
-
-    return gpu
+    return gpusim.simulating(monkeypatch, msda_ops, target=GPU_TARGET)
 
 
 def _results(value, shapes, starts, locations, weights, grad):
