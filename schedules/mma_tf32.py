@@ -42,6 +42,20 @@ def accumulator_lane(i, j):
     return 4 * (i % 8) + j % 8 // 2, 4 * (j // 8) + 2 * (i // 8) + j % 2
 
 
+def give_way_to_tvm_intrinsics() -> None:
+    """Import TVM's own tensor intrinsics (MetaSchedule's TuneContext and builder import them), which
+    register the STORE_LAYOUT map under the same name as `register` does (the same map): drop ours first,
+    or TVM's registration fails as a duplicate."""
+    import sys
+
+    import tvm_ffi
+
+    if "tvm.s_tir.tensor_intrin.cuda" not in sys.modules and \
+            tvm_ffi.get_global_func(STORE_LAYOUT, allow_missing=True) is not None:
+        tvm_ffi.remove_global_func(STORE_LAYOUT)
+    import tvm.s_tir.tensor_intrin  # noqa: F401
+
+
 def name(kind: str) -> str:
     return f"dcn_tvm_mma_tf32_{kind}"
 

@@ -9,6 +9,9 @@ does, so a kernel that loads a wrong layout or does not round to nearest gives o
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from reference import deform_conv2d_torch
@@ -187,3 +190,24 @@ def test_tuning_space_holds_tf32_and_cuda_cores():
         for function, count in zip(functions, (1, 0)):
             source = compile_functions({"main": function}, GPU_TARGET).mod.imports[0].inspect_source("cuda")
             assert source.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == count, task.spec.key
+
+
+CLASH = """
+import tvm_ffi
+import dcn_tvm.schedules.deform_conv2d_cuda  # registers the TF32 intrinsics and the store layout
+from dcn_tvm.schedules.mma_tf32 import STORE_LAYOUT, accumulator_lane
+from dcn_tvm.tuning import tuner
+assert tvm_ffi.get_global_func(STORE_LAYOUT, allow_missing=True) is not None
+tuner._ms()  # MetaSchedule, then TVM's own tensor intrinsics, which register the same name
+import tvm.s_tir.tensor_intrin.cuda
+layout = tvm_ffi.get_global_func(STORE_LAYOUT)
+assert all(tuple(int(v) for v in layout([i, j])) == accumulator_lane(i, j) for i in range(16) for j in range(16))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter importing TVM's tensor intrinsics: about 30 s
+def test_tuning_after_a_tf32_schedule_in_the_same_process():
+    """TVM's tensor intrinsics register the accumulator layout TF32's store needs under the same name: after
+    the TF32 intrinsics, tuning (whose TuneContext imports TVM's) must not fail as a duplicate registration."""
+    result = subprocess.run([sys.executable, "-c", CLASH], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -65,7 +65,10 @@ class Result:
 
 
 def _ms():
+    from dcn_tvm.schedules import mma_tf32
     from tvm.s_tir import meta_schedule
+
+    mma_tf32.give_way_to_tvm_intrinsics()  # before any TuneContext imports them
 
     return meta_schedule
 
