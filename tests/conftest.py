@@ -60,3 +60,17 @@ def no_process_outlives_the_suite():
             pass
     if left:
         pytest.fail("processes started by the tests were still alive at the end:\n" + "\n".join(left), pytrace=False)
+
+
+@pytest.fixture
+def simulated_gpu_of(monkeypatch):
+    """`simulated_gpu_of(*op_modules)`: a context manager factory inside whose context those dcn_tvm.ops
+    modules run their CUDA kernels (sm_90) on the simulated GPU (tests/gpusim.py); the test is skipped
+    without pyopencl or an OpenCL device."""
+    pytest.importorskip("pyopencl", reason="the simulated GPU needs pyopencl and an OpenCL device (PoCL)")
+    import gpusim
+
+    missing = gpusim.available()
+    if missing:
+        pytest.skip(f"the simulated GPU needs an OpenCL device: {missing}")
+    return lambda *modules: gpusim.simulating(monkeypatch, *modules)

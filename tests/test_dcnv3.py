@@ -343,15 +343,9 @@ GPU_CASES = [
 
 
 @pytest.fixture
-def simulated_gpu(monkeypatch):
+def simulated_gpu(simulated_gpu_of):
     """Inside the context it returns, dcnv3_core / dcnv4_core on CPU tensors run the simulated CUDA kernels."""
-    pytest.importorskip("pyopencl", reason="the simulated GPU needs pyopencl and an OpenCL device")
-    import gpusim
-
-    missing = gpusim.available()
-    if missing:
-        pytest.skip(f"the simulated GPU needs an OpenCL device: {missing}")
-    return gpusim.simulating(monkeypatch, ops, target=GPU_TARGET)
+    return simulated_gpu_of(ops)
 
 
 @pytest.mark.parametrize("case,packed", GPU_CASES, ids=[f"{case_id(c)}-{'v4' if p else 'v3'}" for c, p in GPU_CASES])

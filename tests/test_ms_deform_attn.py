@@ -294,15 +294,9 @@ def gpu_case_id(case):
 
 
 @pytest.fixture
-def simulated_gpu(monkeypatch):
+def simulated_gpu(simulated_gpu_of):
     """A context manager: inside it, ms_deform_attn on CPU tensors runs the simulated CUDA kernels."""
-    pytest.importorskip("pyopencl", reason="the simulated GPU needs pyopencl and an OpenCL device (PoCL)")
-    import gpusim
-
-    missing = gpusim.available()
-    if missing:
-        pytest.skip(f"the simulated GPU needs an OpenCL device: {missing}")
-    return gpusim.simulating(monkeypatch, msda_ops, target=GPU_TARGET)
+    return simulated_gpu_of(msda_ops)
 
 
 def _results(value, shapes, starts, locations, weights, grad):
