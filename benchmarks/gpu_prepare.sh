@@ -64,6 +64,7 @@ if [ "$BUNDLE" = 1 ]; then
   done
   # from outside the repository: the tool's git-exclude step fails in a worktree (.gpu/ is ignored anyway)
   bundle="$PWD/.gpu/tvm-bundle"
+  tool="$(realpath "$tool")"  # the bundle is packed from /tmp: a relative path would not be found there
   (cd /tmp && "$tool" "$bundle")
 fi
 
