@@ -53,8 +53,6 @@ DIRECTIONS = ("forward", "forward+backward")
 #: torchvision's own error passes too.
 TOLERANCE = {"float32": 1e-4, "float16": 3e-3, "bfloat16": 2e-2}
 GPU_TARGET = "cuda-sm_90"
-#: The first bytes of a CUDA fatbin (0xba55ed50, little-endian).
-FATBIN_MAGIC = b"\x50\xed\x55\xba"
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -559,7 +557,7 @@ def verify_package(plan: Plan, coverage: bool = True, load: str | None = None) -
     `coverage`, check that they hold every kernel the run asks for, on CUDA and on the CPU; with `load`
     ("cuda" or "llvm"), also load each of that kind's kernels as the ops do (a CUDA library needs
     libcuda.so.1: a driver, or gpu_prepare.sh's stand-in)."""
-    from dcn_tvm.kernels import prebuilt
+    from dcn_tvm.kernels import manifest, prebuilt
 
     packages = prebuilt.packages()
     report = {"packages": [{"root": str(p.root), "built": p.manifest.get("built"),
@@ -581,7 +579,7 @@ def verify_package(plan: Plan, coverage: bool = True, load: str | None = None) -
     for package in packages:  # CUDA source would need the compiler to load: a fatbin, not source
         for library in package.manifest["libraries"]:
             data = (package.root / library["file"]).read_bytes()
-            if library["kind"] == "cuda" and (FATBIN_MAGIC not in data or b"__global__" in data):
+            if library["kind"] == "cuda" and not manifest.holds_compiled_cuda(data):
                 missing.append(f"{package.root.name}/{library['file']}: CUDA source, not compiled code")
     report["missing"] = missing
     report["summary"] = (f"{len(packages)} package(s) verified, {sum(p['kernels'] for p in report['packages'])} "

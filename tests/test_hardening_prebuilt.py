@@ -326,7 +326,7 @@ def test_a_rebuild_in_place_replaces_the_package_whole(copy, use_package, monkey
 # --- a CUDA package must hold compiled code -----------------------------------------------------------
 
 @pytest.mark.parametrize("device_code, refused", [(b"extern \"C\" __global__ void k() {}", True),
-                                                  (build.FATBIN_MAGIC + b"\0sass", False)])
+                                                  (mf.FATBIN_MAGIC + b"\0sass", False)])
 def test_a_cuda_library_holding_source_is_never_packaged(tmp_path, monkeypatch, device_code, refused):
     """Without a GPU driver TVM keeps CUDA kernels as source, which the deployment host could load only with
     the compiler: `dcn-tvm build` refuses such a library (one-line error, exit 2) and writes no package."""

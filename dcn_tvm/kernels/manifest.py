@@ -18,6 +18,16 @@ CPU_LEVELS = {
 }
 
 
+#: The first bytes of a CUDA fatbin (0xba55ed50, little-endian).
+FATBIN_MAGIC = b"\x50\xed\x55\xba"
+
+
+def holds_compiled_cuda(library: bytes) -> bool:
+    """Whether a CUDA library's bytes hold its kernels compiled (a fatbin) rather than as source: where no GPU
+    driver is, TVM keeps CUDA kernels as source, which only a machine with the compiler can load."""
+    return FATBIN_MAGIC in library and b"__global__" not in library
+
+
 def version(package: str) -> str:
     try:
         return importlib.metadata.version(package)

@@ -46,15 +46,10 @@ class CudaSourceError(RuntimeError):
     """A CUDA library that holds kernel source instead of compiled code (no GPU driver where it was built)."""
 
 
-#: The first bytes of a CUDA fatbin (0xba55ed50, little-endian).
-FATBIN_MAGIC = b"\x50\xed\x55\xba"
-
-
 def _require_compiled_cuda(library: Path) -> None:
     """Refuse a CUDA library whose device code is source: where no GPU driver is, TVM keeps CUDA kernels as
     source, and loading them on the deployment host would need the compiler a package exists to avoid."""
-    data = library.read_bytes()
-    if FATBIN_MAGIC not in data or b"__global__" in data:
+    if not mf.holds_compiled_cuda(library.read_bytes()):
         raise CudaSourceError(
             f"{library} holds CUDA source, not compiled code: TVM compiles CUDA kernels to binaries only where "
             f"its CUDA runtime loads, beside a GPU driver's libcuda.so.1. Build on a machine with the driver "
