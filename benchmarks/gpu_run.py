@@ -1121,9 +1121,10 @@ def step_speed(plan: Plan, results: Results, deadline: float) -> tuple[str, str]
 
 def tune_command(plan: Plan, shape: ConvShape, logs: Path, cost_model: str) -> list[str]:
     workload = conv_workload(shape.case, plan.tune_dtype)
-    return [sys.executable, str(SCRIPT), "--tune-with", cost_model, "tune", "--target", plan.tune_target,
-            "--workload", str(workload), "--stage", "forward", "--trials", str(plan.tune_trials), "--logs",
-            str(logs), "--no-progress"]
+    # -P: the installed dcn_tvm, not the checkout's (the working directory)
+    return [sys.executable, "-P", "-m", "dcn_tvm", "tune", "--target", plan.tune_target, "--workload", str(workload),
+            "--stage", "forward", "--trials", str(plan.tune_trials), "--logs", str(logs), "--cost-model", cost_model,
+            "--no-progress"]
 
 
 def step_tuning(plan: Plan, results: Results, deadline: float, work: Path) -> tuple[str, str]:
@@ -1153,18 +1154,6 @@ def step_tuning(plan: Plan, results: Results, deadline: float, work: Path) -> tu
     found = (f"{len(tuned)}/{len(plan.tune_shapes)} kernels tuned ({', '.join(statuses)}); "
              + ", ".join(f"{_ratio(t['default_ms'], t['tuned_ms'])}" for t in tuned) + " over the default")
     return ("ok" if len(tuned) == len(plan.tune_shapes) and set(statuses) == {"ok"} else "partial"), found
-
-
-def tune_with(cost_model: str, argv: list[str]) -> int:
-    """`dcn-tvm ARGV` with MetaSchedule's cost model `cost_model` in place of the xgb one dcn_tvm asks for."""
-    if cost_model != "xgb":
-        from tvm.s_tir import meta_schedule as ms
-
-        create = ms.CostModel.create
-        ms.CostModel.create = staticmethod(lambda kind, *a, **k: create(cost_model if kind == "xgb" else kind, *a, **k))
-    from dcn_tvm.__main__ import main
-
-    return main(argv)
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -1279,8 +1268,6 @@ def _budgets(plan: Plan, overrides: list[str]) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--tune-with"]:
-        return tune_with(argv[1], argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", type=Path, help="the folder the results go to")
     parser.add_argument("--rehearse", action="store_true", help="run every step on this CPU (small shapes)")

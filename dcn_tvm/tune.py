@@ -28,9 +28,10 @@ __all__ = ["Result", "from_model", "record", "run", "which_schedule"]
 
 def run(workloads=(), presets=(), target: str = "auto", trials: int = 64, logs: str | Path | None = None,
         stages=None, rpc_tracker: str | None = None, rpc_key: str | None = None, progress: bool = True,
-        report: bool = True) -> list[Result]:
+        report: bool = True, cost_model: str = "xgb") -> list[Result]:
     """Tune `workloads` (strings or Workload objects) and the kernels of `presets` for `target`
-    (llvm, cuda, auto, a TVM tag or JSON dict), `trials` in all, into `logs`; only `stages` if given.
+    (llvm, cuda, auto, a TVM tag or JSON dict), `trials` in all, into `logs`; only `stages` if given;
+    guided by MetaSchedule's `cost_model` (xgb, mlp or random).
 
     Writes <logs>/<target-key>/report.md (+ report.png) when `report`. Returns one Result per kernel.
     """
@@ -43,7 +44,7 @@ def run(workloads=(), presets=(), target: str = "auto", trials: int = 64, logs: 
     key = targets.resolve(target)
     root = Path(logs or env.tuning_logs_dir())
     results = tune(chosen, key, trials, root, stages=stages, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
-                   progress=progress)
+                   progress=progress, cost_model=cost_model)
     if report:
         reports.write(root / key)
     return results

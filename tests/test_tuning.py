@@ -7,6 +7,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -450,6 +451,28 @@ def test_cuda_without_a_gpu_or_tracker_is_refused(tmp_path, capsys):
         pytest.skip("a GPU is visible")
     assert main(["tune", "--target", "nvidia/nvidia-h100", "--workload", TINY, "--logs", str(tmp_path)]) == 2
     assert "measuring for cuda-sm_90 needs a visible CUDA GPU or --rpc-tracker" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_cost_model_asked_for_is_the_one_metaschedule_ranks_with(tuned, tmp_path, monkeypatch):
+    """`--cost-model` reaches MetaSchedule (random, mlp: where xgboost is missing, as on the GPU run's host);
+    an unknown one is refused before anything is measured."""
+    from tvm.s_tir import meta_schedule as ms
+
+    class Created(Exception):
+        pass
+
+    def create(kind, *args, **kwargs):
+        raise Created(kind)
+
+    monkeypatch.setattr(ms.CostModel, "create", staticmethod(create))
+    logs = shutil.copytree(tuned[0], tmp_path / "logs")  # resumed: straight to the search, which asks for it
+    options = dict(target="llvm", trials=12, stages=["forward"], progress=False, report=False)
+    with pytest.raises(Created, match="^random$"):
+        dcn_tvm.tune.run([TINY], logs=logs, cost_model="random", **options)
+    with pytest.raises(ValueError, match="--cost-model must be one of xgb, mlp, random, got 'forest'"):
+        dcn_tvm.tune.run([TINY], logs=tmp_path / "forest", cost_model="forest", **options)
+    assert not (tmp_path / "forest").exists()
 
 
 def test_from_model_tunes_the_recorded_workloads_for_the_inputs_device(monkeypatch):

@@ -13,6 +13,9 @@ import sys
 
 from dcn_tvm.kernels.workloads import PRESETS, STAGES, Workload
 
+#: MetaSchedule's cost models `tune` can rank candidates with (xgb needs xgboost, mlp torch).
+COST_MODELS = ("xgb", "mlp", "random")
+
 
 def _workload(text: str) -> Workload:
     """--workload's type: a bad string is argparse's usage error (exit code 2), not a traceback."""
@@ -41,6 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on the devices registered at this "
                                                                    "TVM RPC tracker")
     parser.add_argument("--rpc-key", metavar="KEY", help="the tracker key of the devices to measure on")
+    parser.add_argument("--cost-model", choices=COST_MODELS, default="xgb",
+                        help="MetaSchedule's cost model ranking the candidates: xgb (default; needs xgboost), "
+                             "mlp (needs torch) or random")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -55,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         results = tune.run(args.workload, args.preset, args.target, args.trials, args.logs, args.stage,
-                           args.rpc_tracker, args.rpc_key, progress=not args.no_progress)
+                           args.rpc_tracker, args.rpc_key, progress=not args.no_progress,
+                           cost_model=args.cost_model)
     except (ValueError, RecordsVersionError, RecordsFolderError, MeasurementError) as error:
         print(f"dcn-tvm tune: error: {error}", file=sys.stderr)
         return 2

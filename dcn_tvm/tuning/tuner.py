@@ -34,6 +34,7 @@ from dcn_tvm.kernels.build import prim_func
 from dcn_tvm.kernels.records import Records, median
 from dcn_tvm.kernels.targets import target_config, target_kind
 from dcn_tvm.kernels.workloads import STAGES, Task, Workload
+from dcn_tvm.tuning.cli import COST_MODELS
 from dcn_tvm.tuning.store import FAILED_SECS, Store, plain
 from dcn_tvm.tuning.target import local_device, tuning_target
 
@@ -250,7 +251,8 @@ class _Progress:
         self.overall.close()
 
 
-def _search(task: Task, store: Store, measurer: Measurer, trials: int, progress: _Progress, device: str):
+def _search(task: Task, store: Store, measurer: Measurer, trials: int, progress: _Progress, device: str,
+            cost_model: str):
     """Run MetaSchedule for up to `trials` more trials; updates the kernel's entry after every batch."""
     ms = _ms()
     from tvm.ir.utils import derived_object
@@ -304,7 +306,7 @@ def _search(task: Task, store: Store, measurer: Measurer, trials: int, progress:
     with tempfile.TemporaryDirectory(prefix="dcn_tvm_tune_") as work_dir:
         ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=remaining,
                       num_trials_per_iter=min(BATCH, remaining), builder=measurer.builder, runner=measurer.runner,
-                      database=_records_database(store, task.spec.key, mod, measurer.target), cost_model="xgb",
+                      database=_records_database(store, task.spec.key, mod, measurer.target), cost_model=cost_model,
                       measure_callbacks=ms.MeasureCallback.create("default") + [Bookkeeping()],
                       task_scheduler="round-robin")
     if state["session"] < trials:  # the search stopped early: no unmeasured candidates were left
@@ -348,15 +350,18 @@ def _schedule_check(task: Task, trace) -> None:
 
 
 def tune(workloads: list[Workload], target: str, trials: int, logs: Path | None = None, stages=None,
-         rpc_tracker: str | None = None, rpc_key: str | None = None, progress: bool = True) -> list[Result]:
+         rpc_tracker: str | None = None, rpc_key: str | None = None, progress: bool = True,
+         cost_model: str = "xgb") -> list[Result]:
     """Tune every kernel of `workloads` (only `stages`, if given) for the target key `target` with
-    `trials` trials in all.
+    `trials` trials in all, guided by MetaSchedule's `cost_model` (xgb, mlp or random).
 
     Records go to `logs` (default env.tuning_logs_dir()) and are picked up by later builds.
     Raises RecordsVersionError if `logs` holds records of another TVM version for this target.
     """
     if trials < 1:
         raise ValueError(f"--trials must be >= 1, got {trials}")
+    if cost_model not in COST_MODELS:
+        raise ValueError(f"--cost-model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
     known = {stage for names in STAGES.values() for stage in names}
     if stages and not set(stages) <= known:
         raise ValueError(f"unknown stage(s) {sorted(set(stages) - known)}; tunable stages are {sorted(known)}")
@@ -374,12 +379,13 @@ def tune(workloads: list[Workload], target: str, trials: int, logs: Path | None 
         stack.enter_context(_ending_new_workers())
         for store in stores.values():
             store.check_version()
-        _tune_tasks(tasks, stores, target, max(trials // len(tasks), 1), rpc_tracker, rpc_key, progress, stack)
+        _tune_tasks(tasks, stores, target, max(trials // len(tasks), 1), rpc_tracker, rpc_key, progress, stack,
+                    cost_model)
     return [result_of(stores[task.spec.op], task.spec.key) for task in tasks]
 
 
 def _tune_tasks(tasks: list[Task], stores: dict, target: str, share: int, rpc_tracker, rpc_key, progress: bool,
-                stack: contextlib.ExitStack) -> None:
+                stack: contextlib.ExitStack, cost_model: str) -> None:
     """Give every kernel its `share` of trials (less those recorded), then its final measurement."""
 
     def remaining(task: Task) -> int:
@@ -399,7 +405,7 @@ def _tune_tasks(tasks: list[Task], stores: dict, target: str, share: int, rpc_tr
         store = stores[task.spec.op]
         if todo[task.spec.key]:
             bars.start(task, todo[task.spec.key])
-            _search(task, store, measurer, todo[task.spec.key], bars, device)
+            _search(task, store, measurer, todo[task.spec.key], bars, device, cost_model)
             bars.finish_kernel()
         _final(task, store, measurer, device)
 
