@@ -182,6 +182,8 @@ OPERATORS = {
 }
 FIELDS.update({op: entry.fields for op, entry in OPERATORS.items()})
 STAGES.update({op: entry.stages for op, entry in OPERATORS.items()})
+#: Every operator's tunable stages, by name (what `--stage` takes).
+STAGE_NAMES = tuple(sorted({stage for stages in STAGES.values() for stage in stages}))
 #: Deformable DETR's feature levels for an 800x1333 image: strides 8, 16, 32 and 64.
 _DETR_LEVELS = "100x167+50x84+25x42+13x21"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dcn_tvm.kernels.workloads import PRESETS, STAGES, Workload
+from dcn_tvm.kernels.workloads import PRESETS, STAGE_NAMES, Workload
 
 #: MetaSchedule's cost models `tune` can rank candidates with (xgb needs xgboost, mlp torch).
 COST_MODELS = ("xgb", "mlp", "random")
@@ -35,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a named set of workloads (repeatable)")
     parser.add_argument("--workload", action="append", default=[], metavar="OP:KEY=VALUE,...", type=_workload,
                         help="a workload string, e.g. deform_conv2d:n=1,c=64,h=32,w=32,o=64,k=3,pad=1 (repeatable)")
-    parser.add_argument("--stage", action="append", choices=sorted({s for v in STAGES.values() for s in v}),
+    parser.add_argument("--stage", action="append", choices=STAGE_NAMES,
                         help="tune only this stage (repeatable; default: every tunable stage)")
     parser.add_argument("--trials", type=int, default=64,
                         help="measurements in all, split evenly over the kernels (default: 64)")

@@ -17,7 +17,7 @@ import argparse
 import shutil
 import sys
 
-from dcn_tvm.kernels.workloads import STAGES
+from dcn_tvm.kernels.workloads import STAGE_NAMES
 from dcn_tvm.tuning.cli import _workload
 
 
@@ -29,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "TVM target JSON dict (as for tune)")
     parser.add_argument("--workload", required=True, metavar="OP:KEY=VALUE,...", type=_workload,
                         help="a workload string, as for tune")
-    parser.add_argument("--stage", action="append", choices=sorted({s for v in STAGES.values() for s in v}),
+    parser.add_argument("--stage", action="append", choices=STAGE_NAMES,
                         help="show only this stage (repeatable; default: every stage)")
     parser.add_argument("--format", choices=("ll", "asm"), default="ll",
                         help="CPU targets: LLVM IR (ll, default) or assembly (asm)")

@@ -33,7 +33,7 @@ from dcn_tvm._tvm import tvm
 from dcn_tvm.kernels.build import prim_func
 from dcn_tvm.kernels.records import Records, median
 from dcn_tvm.kernels.targets import target_config, target_kind
-from dcn_tvm.kernels.workloads import STAGES, Task, Workload
+from dcn_tvm.kernels.workloads import STAGE_NAMES, Task, Workload
 from dcn_tvm.tuning.cli import COST_MODELS
 from dcn_tvm.tuning.store import FAILED_SECS, Store, plain
 from dcn_tvm.tuning.target import local_device, tuning_target
@@ -362,9 +362,9 @@ def tune(workloads: list[Workload], target: str, trials: int, logs: Path | None 
         raise ValueError(f"--trials must be >= 1, got {trials}")
     if cost_model not in COST_MODELS:
         raise ValueError(f"--cost-model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
-    known = {stage for names in STAGES.values() for stage in names}
-    if stages and not set(stages) <= known:
-        raise ValueError(f"unknown stage(s) {sorted(set(stages) - known)}; tunable stages are {sorted(known)}")
+    if stages and not set(stages) <= set(STAGE_NAMES):
+        raise ValueError(f"unknown stage(s) {sorted(set(stages) - set(STAGE_NAMES))}; tunable stages are "
+                         f"{list(STAGE_NAMES)}")
     root = Path(logs or env.tuning_logs_dir())
     tasks = list({task.spec.key: task for w in workloads for task in w.tasks(target)
                   if not stages or task.spec.stage in stages}.values())
