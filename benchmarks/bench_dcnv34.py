@@ -75,36 +75,15 @@ def _call(name: str, size: str, stage: int, backward: bool):
     return lambda: torch.autograd.grad(fn(*tensors), tensors, grad)
 
 
-def _peak_rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def measure_memory(name: str, size: str, stage: int, backward: bool) -> float:
     """MiB: the peak RSS rise over one call, after a first call (which loads the kernels). The parent sets
     MALLOC_MMAP_THRESHOLD_ so that glibc returns every freed block over 64 KiB to the system: the first
     call's memory is not reused unseen by the second."""
+    from bench_ms_deform_attn import peak_mib
+
     run = _call(name, size, stage, backward)
     run()
-    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS restarts from the current RSS
-    before = _peak_rss_kib()
-    run()
-    return (_peak_rss_kib() - before) / 1024
-
-
-def _median_ms(run, repeats: int) -> float:
-    import statistics
-    import time
-
-    run()
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+    return peak_mib(run)
 
 
 def _child(args, *extra) -> str:
@@ -120,7 +99,7 @@ def run_threads(args) -> None:
 
     torch.set_num_threads(args.threads[0])
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_deform_conv2d import device_name
+    from bench_deform_conv2d import device_name, median_ms
 
     print(f"\n### {device_name(torch.device('cpu'))} (TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}), "
           f"float32, median of {args.repeats}\n")
@@ -131,7 +110,8 @@ def run_threads(args) -> None:
         for stage in [stage - 1 for stage in args.stages]:
             rows = {}
             for name in METHODS:
-                times = [_median_ms(_call(name, size, stage, backward), args.repeats) for backward in (False, True)]
+                times = [median_ms(_call(name, size, stage, backward), args.repeats, torch.device("cpu"))
+                         for backward in (False, True)]
                 memory = [float("nan")] * 2
                 if args.memory:
                     memory = [json.loads(_child(args, "--memory-of", name, size, str(stage), str(int(backward))))
