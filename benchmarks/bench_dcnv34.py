@@ -44,7 +44,7 @@ def layer_inputs(size: str, stage: int, packed: bool, requires_grad: bool):
 
 def method(name: str, groups: int):
     import dcn_tvm
-    from reference_dcnv3 import dcnv3_grid_sample, unpack_offset_mask
+    from reference_dcnv3 import dcnv3_grid_sample
 
     window = (3, 3, 1, 1, 1, 1, 1, 1)
     if name == "dcnv3_core":
