@@ -16,14 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dcn_tvm.geometry.dcnv3 import DCNv3Geometry, dcnv3_geometry
-from dcn_tvm.geometry.dtypes import DTYPES
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key
 from dcn_tvm.ops import dispatch, shapes
 
 OP = "dcnv3"
-_TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}
 
 
 def _check_tensor(name: str, value, input: Tensor | None = None) -> None:
@@ -44,16 +42,14 @@ def geometry(input: Tensor, sampling: list[Tensor], parameters: tuple, packed: b
     of a dcnv4_core call (packed, [offset_mask]), then their shapes and `parameters` (the operators'
     scalar arguments in order, see dcn_tvm.geometry.dcnv3), and return the call's geometry."""
     _check_tensor("input", input)
-    if input.dtype not in _TORCH_DTYPES:
-        raise TypeError(f"input must have a floating dtype among {DTYPES}, got {input.dtype}")
-    if input.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"dcn_tvm runs on cpu and cuda devices, got {input.device}")
+    dispatch.check_dtype("input", input)
+    dispatch.check_device(input)
     for name, tensor in zip(("offset_mask",) if packed else ("offset", "mask"), sampling):
         _check_tensor(name, tensor, input)
     kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, remove_center = parameters
     return dcnv3_geometry(input.shape, [t.shape for t in sampling], (kh, kw), (sh, sw), (ph, pw), (dh, dw), group,
                           group_channels, offset_scale, remove_center, packed,
-                          _TORCH_DTYPES[dispatch.compute_dtype(input)])
+                          dispatch.kernel_dtype(input))
 
 
 def _spec(stage: str, geo: DCNv3Geometry, input: Tensor) -> KernelSpec:

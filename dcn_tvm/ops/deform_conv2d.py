@@ -22,7 +22,6 @@ from dcn_tvm.geometry.arguments import finite as _finite
 from dcn_tvm.geometry.arguments import pair as _pair
 from dcn_tvm.geometry.arguments import positive_int as _positive
 from dcn_tvm.geometry.conv import ConvGeometry, conv_geometry, resolve_layout
-from dcn_tvm.geometry.dtypes import DTYPES
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key, target_kind
@@ -30,7 +29,6 @@ from dcn_tvm.ops import dispatch, onnx_forms, shapes
 from dcn_tvm.ops.scratch import scratch
 
 OP = "deform_conv2d"
-_TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}
 
 
 def _check_tensor(name: str, value, rank: int, optional: bool = False) -> None:
@@ -51,18 +49,16 @@ def geometry(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None,
     _check_tensor("offset", offset, 4)
     _check_tensor("weight", weight, 4)
     _check_tensor("mask", mask, 4, optional=True)
-    if input.dtype not in _TORCH_DTYPES:
-        raise TypeError(f"input must have a floating dtype among {DTYPES}, got {input.dtype}")
+    dispatch.check_dtype("input", input)
     dtype = dispatch.compute_dtype(input)
     geo = conv_geometry(input.shape, offset.shape, weight.shape, None if mask is None else mask.shape, stride,
-                        padding, dilation, _TORCH_DTYPES[dtype])
+                        padding, dilation, dispatch.kernel_dtype(input))
     for name, value in (("offset", offset), ("weight", weight), ("mask", mask)):
         if value is not None and dispatch.compute_dtype(value) != dtype:
             raise TypeError(f"{name} must have the input's dtype {input.dtype}, got {value.dtype}")
         if value is not None and value.device != input.device:
             raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
-    if input.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"dcn_tvm runs on cpu and cuda devices, got {input.device}")
+    dispatch.check_device(input)
     return geo
 
 

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from dcn_tvm import schedules
 from dcn_tvm.geometry.arguments import finite as _finite
 from dcn_tvm.geometry.arguments import positive_int as _positive_int
-from dcn_tvm.geometry.dtypes import DTYPES
 from dcn_tvm.geometry.roi_pool import RoIPoolGeometry, resolve_layout, roi_pool_geometry
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
@@ -26,7 +25,6 @@ from dcn_tvm.ops.deform_conv2d import OffsetConv2d, OffsetLinear, fx_leaf, is_fx
 from dcn_tvm.ops.scratch import scratch
 
 OP = "deform_roi_pool"
-_TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}
 
 
 def _check_tensor(name: str, value, rank: int, input: Tensor) -> None:
@@ -79,10 +77,8 @@ def geometry(input: Tensor, rois: Tensor, offset: Tensor | None, output_size, sp
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() != 4:
         raise ValueError(f"input must have 4 dimensions [N, C, H, W], got shape {tuple(input.shape)}")
-    if input.dtype not in _TORCH_DTYPES:
-        raise TypeError(f"input must have a floating dtype among {DTYPES}, got {input.dtype}")
-    if input.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"dcn_tvm runs on cpu and cuda devices, got {input.device}")
+    dispatch.check_dtype("input", input)
+    dispatch.check_device(input)
     _check_tensor("rois", rois, 2, input)
     if rois.shape[1] != 5:
         raise ValueError(f"rois must have shape [R, 5] (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}")
@@ -94,7 +90,7 @@ def geometry(input: Tensor, rois: Tensor, offset: Tensor | None, output_size, sp
             raise TypeError(f"offset must have the input's dtype {input.dtype}, got {offset.dtype}")
     return roi_pool_geometry(input.shape, rois.shape[0], None if offset is None else offset.shape, output_size,
                              spatial_scale, group_size, part_size, sampling_ratio, gamma,
-                             _TORCH_DTYPES[dispatch.compute_dtype(input)])
+                             dispatch.kernel_dtype(input))
 
 
 def _kernel_rois(rois: Tensor, geo: RoIPoolGeometry, batch: int) -> Tensor:

@@ -17,9 +17,13 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from dcn_tvm.geometry.dtypes import DTYPES
+
 _LIBRARY = torch.library.Library("dcn_tvm", "FRAGMENT")
 _DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _AUTOCAST_TO_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
+#: The torch dtypes the kernels are built for, to their names in DTYPES.
+_KERNEL_DTYPES = {getattr(torch, name): name for name in DTYPES}
 
 
 def alert_atomic_scatter(op: str, device: torch.device) -> None:
@@ -45,6 +49,23 @@ def compute_dtype(tensor: Tensor) -> torch.dtype:
             and torch.is_autocast_enabled(device_type)):
         return torch.float32
     return tensor.dtype
+
+
+def check_dtype(name: str, tensor: Tensor) -> None:
+    """An op's first tensor argument `name` must have one of the kernels' dtypes (TypeError)."""
+    if tensor.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype among {DTYPES}, got {tensor.dtype}")
+
+
+def check_device(tensor: Tensor) -> None:
+    """An op's first tensor argument must be on a device dcn_tvm has kernels for (ValueError)."""
+    if tensor.device.type not in _DEVICE_KEYS:
+        raise ValueError(f"dcn_tvm runs on cpu and cuda devices, got {tensor.device}")
+
+
+def kernel_dtype(tensor: Tensor) -> str:
+    """The name (in DTYPES) of the dtype `tensor`, checked by check_dtype, is computed in."""
+    return _KERNEL_DTYPES[compute_dtype(tensor)]
 
 
 def _autocast_kernel(op: torch._ops.OpOverload, device_type: str):

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from dcn_tvm.geometry.arguments import positive_int as _positive_int
-from dcn_tvm.geometry.dtypes import DTYPES
 from dcn_tvm.geometry.ms_deform_attn import MSDeformAttnGeometry, ms_deform_attn_geometry
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
@@ -23,7 +22,6 @@ from dcn_tvm.kernels.targets import target_key
 from dcn_tvm.ops import dispatch, shapes
 
 OP = "ms_deform_attn"
-_TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}
 
 
 def _check_tensor(name: str, value, rank: int, like: Tensor | None) -> None:
@@ -36,14 +34,11 @@ def _check_tensor(name: str, value, rank: int, like: Tensor | None) -> None:
 
 
 def _check_tensors(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
-                   attention_weights: Tensor) -> torch.dtype:
-    """Check the tensors of ms_deform_attn (kind, rank, dtype, device); returns the dtype they are
-    computed in."""
+                   attention_weights: Tensor) -> None:
+    """Check the tensors of ms_deform_attn (kind, rank, dtype, device)."""
     _check_tensor("value", value, 4, None)
-    if value.dtype not in _TORCH_DTYPES:
-        raise TypeError(f"value must have a floating dtype among {DTYPES}, got {value.dtype}")
-    if value.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"dcn_tvm runs on cpu and cuda devices, got {value.device}")
+    dispatch.check_dtype("value", value)
+    dispatch.check_device(value)
     _check_tensor("spatial_shapes", spatial_shapes, 2, value)
     _check_tensor("level_start_index", level_start_index, 1, value)
     for name, index in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
@@ -55,16 +50,15 @@ def _check_tensors(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     for name, tensor in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
         if dispatch.compute_dtype(tensor) != dtype:
             raise TypeError(f"{name} must have value's dtype {value.dtype}, got {tensor.dtype}")
-    return dtype
 
 
 def geometry(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
              attention_weights: Tensor) -> MSDeformAttnGeometry:
     """Check the tensors of ms_deform_attn, read the level shapes and starts (a host sync), check the
     shapes against them (dcn_tvm.geometry.ms_deform_attn) and return the call's geometry."""
-    dtype = _check_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    _check_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return ms_deform_attn_geometry(value.shape, spatial_shapes.tolist(), level_start_index.tolist(),
-                                   sampling_locations.shape, attention_weights.shape, _TORCH_DTYPES[dtype])
+                                   sampling_locations.shape, attention_weights.shape, dispatch.kernel_dtype(value))
 
 
 def scatter_spec(geo: MSDeformAttnGeometry, target: str) -> KernelSpec:
