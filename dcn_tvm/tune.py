@@ -85,7 +85,7 @@ def from_model(model: torch.nn.Module, example_inputs, target: str | None = None
     """Run `model(*example_inputs)` once, record every deformable op's shape and tune those.
 
     `target` defaults to the device of the first tensor input (cpu: llvm, cuda: cuda); `options` are
-    those of `run` (trials, logs, stages, rpc_tracker, rpc_key, progress, report).
+    those of `run` (trials, logs, stages, rpc_tracker, rpc_key, progress, report, cost_model).
     """
     if target is None:
         device = next(x.device for x in example_inputs if isinstance(x, torch.Tensor))
