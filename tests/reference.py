@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 
-def _bilinear_or_zero(plane: np.ndarray, y: float, x: float) -> np.ndarray:
-    """plane [C, H, W] sampled at (y, x); zero unless -1 < y < H and -1 < x < W (torchvision's rule)."""
+def bilinear_or_zero(plane: np.ndarray, y: float, x: float) -> np.ndarray:
+    """plane [C, H, W] sampled at (y, x), corners outside read as zero: nothing unless -1 < y < H and -1 < x < W
+    (torchvision's rule; the same values as grid_sample's zero padding)."""
     _, h, w = plane.shape
     if not (-1 < y < h and -1 < x < w):
         return np.zeros(plane.shape[0])
@@ -52,7 +53,7 @@ def deform_conv2d_loops(inp, offset, weight, bias=None, stride=(1, 1), padding=(
                         for xx in range(ow):
                             py = y * stride[0] - padding[0] + i * dilation[0] + off[b, 2 * k, y, xx]
                             px = xx * stride[1] - padding[1] + j * dilation[1] + off[b, 2 * k + 1, y, xx]
-                            value = _bilinear_or_zero(x[b, chans], py, px)
+                            value = bilinear_or_zero(x[b, chans], py, px)
                             if msk is not None:
                                 value = value * msk[b, k, y, xx]
                             columns[b, chans, i, j, y, xx] = value

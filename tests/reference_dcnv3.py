@@ -20,31 +20,17 @@ separate offset and mask and DCNv4's packed offset_mask.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from reference import bilinear_or_zero
 
 
 def _points(kernel, remove_center):
     """[(i, j)]: kernel column i and row j of every point, x-major, the centre left out with remove_center."""
     kh, kw = kernel
     return [(i, j) for i in range(kw) for j in range(kh) if not (remove_center and (i, j) == (kw // 2, kh // 2))]
-
-
-def _bilinear_or_zero(image: np.ndarray, y: float, x: float) -> np.ndarray:
-    """image [H, W, C] at (y, x): zero unless -1 < y < H and -1 < x < W; corners outside read as zero."""
-    h, w, _ = image.shape
-    total = np.zeros(image.shape[2])
-    if not (-1 < y < h and -1 < x < w):
-        return total
-    y0, x0 = math.floor(y), math.floor(x)
-    for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
-        for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
-            if 0 <= yy < h and 0 <= xx < w:
-                total += wy * wx * image[yy, xx]
-    return total
 
 
 def dcnv3_loops(input, offset, mask, kernel, stride, pad, dilation, group, offset_scale,
@@ -62,7 +48,7 @@ def dcnv3_loops(input, offset, mask, kernel, stride, pad, dilation, group, offse
     out = np.zeros((n, out_h, out_w, c))
     for b in range(n):
         for g in range(group):
-            image = x[b, :, :, g * gc:(g + 1) * gc]
+            plane = x[b, :, :, g * gc:(g + 1) * gc].transpose(2, 0, 1)  # [GC, H, W]
             for ho in range(out_h):
                 for wo in range(out_w):
                     centre_y = ho * stride[0] - pad[0] + half[0]
@@ -72,7 +58,7 @@ def dcnv3_loops(input, offset, mask, kernel, stride, pad, dilation, group, offse
                         dx, dy = off[b, ho, wo, 2 * at], off[b, ho, wo, 2 * at + 1]
                         y = centre_y + offset_scale * (j * dilation[0] - half[0] + dy)
                         xx = centre_x + offset_scale * (i * dilation[1] - half[1] + dx)
-                        out[b, ho, wo, g * gc:(g + 1) * gc] += msk[b, ho, wo, at] * _bilinear_or_zero(image, y, xx)
+                        out[b, ho, wo, g * gc:(g + 1) * gc] += msk[b, ho, wo, at] * bilinear_or_zero(plane, y, xx)
     return torch.from_numpy(out)
 
 

@@ -9,45 +9,33 @@
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def _bilinear(plane, x: float, y: float):
-    """plane [H, W, D] sampled at pixel (x, y) with zero padding: the four corners' weighted sum."""
-    height, width, _ = plane.shape
-    total = torch.zeros(plane.shape[-1], dtype=torch.float64)
-    if not (math.isfinite(x) and math.isfinite(y)):
-        return total
-    left, top = math.floor(x), math.floor(y)
-    for row, weight_y in ((top, 1 - (y - top)), (top + 1, y - top)):
-        for col, weight_x in ((left, 1 - (x - left)), (left + 1, x - left)):
-            if 0 <= row < height and 0 <= col < width:
-                total += weight_y * weight_x * plane[row, col]
-    return total
+from reference import bilinear_or_zero
 
 
 def ms_deform_attn_loops(value, spatial_shapes, sampling_locations, attention_weights):
     """output[n, q, m*D + d] = sum_{l,p} A[n,q,m,l,p] * bilinear(level l of value[n, :, m], x*W_l - 0.5,
     y*H_l - 0.5)[d], in float64; value [N, S, M, D], locations [N, Lq, M, L, P, 2], weights [N, Lq, M, L, P]."""
-    value, locations, weights = (t.detach().double() for t in (value, sampling_locations, attention_weights))
+    value, locations, weights = (t.detach().double().numpy() for t in (value, sampling_locations, attention_weights))
     n_size, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = locations.shape
     shapes = [tuple(int(v) for v in pair) for pair in spatial_shapes.tolist()]
     starts = [sum(h * w for h, w in shapes[:level]) for level in range(levels)]
-    output = torch.zeros(n_size, queries, heads, head_dim, dtype=torch.float64)
+    output = np.zeros((n_size, queries, heads, head_dim))
     for n in range(n_size):
         for m in range(heads):
-            planes = [value[n, start:start + h * w, m].view(h, w, head_dim) for start, (h, w) in zip(starts, shapes)]
+            planes = [value[n, start:start + h * w, m].reshape(h, w, head_dim).transpose(2, 0, 1)  # [D, H, W]
+                      for start, (h, w) in zip(starts, shapes)]
             for q in range(queries):
                 for level, (h, w) in enumerate(shapes):
                     for p in range(points):
-                        x, y = locations[n, q, m, level, p].tolist()
-                        sample = _bilinear(planes[level], x * w - 0.5, y * h - 0.5)
-                        output[n, q, m] += weights[n, q, m, level, p].item() * sample
-    return output.view(n_size, queries, heads * head_dim)
+                        x, y = locations[n, q, m, level, p]
+                        sample = bilinear_or_zero(planes[level], y * h - 0.5, x * w - 0.5)
+                        output[n, q, m] += weights[n, q, m, level, p] * sample
+    return torch.from_numpy(output).view(n_size, queries, heads * head_dim)
 
 
 def ms_deform_attn_grid_sample(value, spatial_shapes, sampling_locations, attention_weights):
