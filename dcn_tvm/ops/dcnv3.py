@@ -31,8 +31,7 @@ def _check_tensor(name: str, value, input: Tensor | None = None) -> None:
         raise ValueError(f"{name} must have 4 dimensions [N, H, W, C] (channels-last), got shape {tuple(value.shape)}")
     if input is None:
         return
-    if dispatch.compute_dtype(value) != dispatch.compute_dtype(input):
-        raise TypeError(f"{name} must have the input's dtype {input.dtype}, got {value.dtype}")
+    dispatch.check_same_dtype(name, value, input)
     if value.device != input.device:
         raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
 

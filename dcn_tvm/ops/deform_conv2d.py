@@ -50,13 +50,13 @@ def geometry(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None,
     _check_tensor("weight", weight, 4)
     _check_tensor("mask", mask, 4, optional=True)
     dispatch.check_dtype("input", input)
-    dtype = dispatch.compute_dtype(input)
     geo = conv_geometry(input.shape, offset.shape, weight.shape, None if mask is None else mask.shape, stride,
                         padding, dilation, dispatch.kernel_dtype(input))
     for name, value in (("offset", offset), ("weight", weight), ("mask", mask)):
-        if value is not None and dispatch.compute_dtype(value) != dtype:
-            raise TypeError(f"{name} must have the input's dtype {input.dtype}, got {value.dtype}")
-        if value is not None and value.device != input.device:
+        if value is None:
+            continue
+        dispatch.check_same_dtype(name, value, input)
+        if value.device != input.device:
             raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
     dispatch.check_device(input)
     return geo

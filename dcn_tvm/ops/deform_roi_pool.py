@@ -86,8 +86,7 @@ def geometry(input: Tensor, rois: Tensor, offset: Tensor | None, output_size, sp
         raise TypeError(f"rois must have a floating dtype, got {rois.dtype}")
     if offset is not None:
         _check_tensor("offset", offset, 4, input)
-        if dispatch.compute_dtype(offset) != dispatch.compute_dtype(input):
-            raise TypeError(f"offset must have the input's dtype {input.dtype}, got {offset.dtype}")
+        dispatch.check_same_dtype("offset", offset, input)
     return roi_pool_geometry(input.shape, rois.shape[0], None if offset is None else offset.shape, output_size,
                              spatial_scale, group_size, part_size, sampling_ratio, gamma,
                              dispatch.kernel_dtype(input))

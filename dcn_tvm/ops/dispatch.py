@@ -57,6 +57,13 @@ def check_dtype(name: str, tensor: Tensor) -> None:
         raise TypeError(f"{name} must have a floating dtype among {DTYPES}, got {tensor.dtype}")
 
 
+def check_same_dtype(name: str, tensor: Tensor, first: Tensor, whose: str = "the input's") -> None:
+    """Another tensor argument `name` must be computed in the dtype of the op's first tensor `first`,
+    named `whose` in the message (TypeError)."""
+    if compute_dtype(tensor) != compute_dtype(first):
+        raise TypeError(f"{name} must have {whose} dtype {first.dtype}, got {tensor.dtype}")
+
+
 def check_device(tensor: Tensor) -> None:
     """An op's first tensor argument must be on a device dcn_tvm has kernels for (ValueError)."""
     if tensor.device.type not in _DEVICE_KEYS:

@@ -46,10 +46,8 @@ def _check_tensors(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
             raise TypeError(f"{name} must have an integer dtype (int64), got {index.dtype}")
     _check_tensor("sampling_locations", sampling_locations, 6, value)
     _check_tensor("attention_weights", attention_weights, 5, value)
-    dtype = dispatch.compute_dtype(value)
     for name, tensor in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
-        if dispatch.compute_dtype(tensor) != dtype:
-            raise TypeError(f"{name} must have value's dtype {value.dtype}, got {tensor.dtype}")
+        dispatch.check_same_dtype(name, tensor, value, "value's")
 
 
 def geometry(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
