@@ -32,8 +32,7 @@ def _check_tensor(name: str, value, input: Tensor | None = None) -> None:
     if input is None:
         return
     dispatch.check_same_dtype(name, value, input)
-    if value.device != input.device:
-        raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
+    dispatch.check_same_device(name, value, input)
 
 
 def geometry(input: Tensor, sampling: list[Tensor], parameters: tuple, packed: bool) -> DCNv3Geometry:

@@ -56,8 +56,7 @@ def geometry(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None,
         if value is None:
             continue
         dispatch.check_same_dtype(name, value, input)
-        if value.device != input.device:
-            raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
+        dispatch.check_same_device(name, value, input)
     dispatch.check_device(input)
     return geo
 

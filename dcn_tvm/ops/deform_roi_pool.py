@@ -32,8 +32,7 @@ def _check_tensor(name: str, value, rank: int, input: Tensor) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dim() != rank:
         raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(value.shape)}")
-    if value.device != input.device:
-        raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
+    dispatch.check_same_device(name, value, input)
 
 
 def _check_boxes(rois, input: Tensor) -> None:

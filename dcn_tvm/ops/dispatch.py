@@ -64,6 +64,13 @@ def check_same_dtype(name: str, tensor: Tensor, first: Tensor, whose: str = "the
         raise TypeError(f"{name} must have {whose} dtype {first.dtype}, got {tensor.dtype}")
 
 
+def check_same_device(name: str, tensor: Tensor, first: Tensor, first_name: str = "input") -> None:
+    """Another tensor argument `name` must be on the device of the op's first tensor `first`, named
+    `first_name` in the message (ValueError)."""
+    if tensor.device != first.device:
+        raise ValueError(f"{name} is on {tensor.device} but {first_name} is on {first.device}")
+
+
 def check_device(tensor: Tensor) -> None:
     """An op's first tensor argument must be on a device dcn_tvm has kernels for (ValueError)."""
     if tensor.device.type not in _DEVICE_KEYS:

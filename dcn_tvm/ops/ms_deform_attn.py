@@ -29,8 +29,8 @@ def _check_tensor(name: str, value, rank: int, like: Tensor | None) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dim() != rank:
         raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(value.shape)}")
-    if like is not None and value.device != like.device:
-        raise ValueError(f"{name} is on {value.device} but value is on {like.device}")
+    if like is not None:
+        dispatch.check_same_device(name, value, like, "value")
 
 
 def _check_tensors(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
