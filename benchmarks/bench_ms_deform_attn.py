@@ -9,7 +9,7 @@ value, locations and weights), medians after a warm-up (which also compiles dcn_
 Peak memory is the rise of the process's resident set during one call (VmHWM after resetting it through
 /proc/self/clear_refs, large allocations returned to the system on free). Each thread count runs in a
 fresh process (TVM's pool is sized once); idle workers sleep. With --onnx, onnxruntime runs the exported
-grid_sample graph of the forward (dcn_tvm.export) beside them. Prints the device and a Markdown table;
+graph of the forward (standard ONNX ops, dcn_tvm.ops.onnx_forms) beside them. Prints the device and a Markdown table;
 ratios are last.
 """
 
@@ -87,7 +87,7 @@ def inputs(batch: int, queries: int):
 
 
 def _onnx_session(batch: int, queries: int, tensors):
-    """onnxruntime running the exported forward (GridSample per level, then the weighted sum)."""
+    """onnxruntime running the exported forward (a Gather per row of bilinear corners, a weighted MatMul)."""
     import onnxruntime
     import torch
 

@@ -377,10 +377,29 @@ def test_workloads_name_the_ops_kernels():
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
-def test_onnx_export_to_grid_sample_runs_in_onnxruntime(packed):
-    """The modules export to standard ops (GridSample + weighted sum); onnxruntime matches them, DCNv3's
-    at a second image size too (dynamic batch and spatial sizes)."""
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_onnx_form_matches_loop_reference(case, packed):
+    """The form the ONNX export traces (dcn_tvm.ops.onnx_forms), in float64, NaN and huge offsets included."""
+    from dcn_tvm.ops import onnx_forms
+
+    x, offset, mask = make_inputs(case, torch.float64)
+    offset[..., :3] = torch.tensor([float("nan"), 1e30, -float("inf")])
+    expected = dcnv3_loops(x, offset, mask, *reference_arguments(case))
+    if packed:
+        out = onnx_forms.dcnv4_core(x, pack_offset_mask(offset, mask, case[3]), *arguments(case))
+    else:
+        out = onnx_forms.dcnv3_core(x, offset, mask, *arguments(case))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
+def test_onnx_export_runs_in_onnxruntime(packed):
+    """The modules export to standard ONNX ops through a plain torch.onnx.export, and through to_onnx of a
+    torch.export.ExportedProgram holding the op; onnxruntime matches them, DCNv3's at a second image size
+    too (dynamic batch and spatial sizes)."""
     pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
     from test_export import run_onnxruntime
 
     from dcn_tvm.export import to_onnx
@@ -403,12 +422,13 @@ def test_onnx_export_to_grid_sample_runs_in_onnxruntime(packed):
     x = torch.randn(2, 5 * 6, 16) if packed else torch.randn(2, 5, 6, 24)
     dynamic = torch.export.Dim.DYNAMIC  # channels-last: the channels are the last dimension
     shapes = None if packed else ({0: dynamic, 1: dynamic, 2: dynamic},)
-    program = to_onnx(model, (x,), dynamic=not packed, dynamic_shapes=shapes)
-    kinds = {node.op_type for node in program.model_proto.graph.node}
-    assert "GridSample" in kinds and not {node.domain for node in program.model_proto.graph.node} - {""}
-    for sample in [x] if packed else [x, torch.randn(1, 7, 4, 24)]:
-        torch.testing.assert_close(torch.from_numpy(run_onnxruntime(program.model_proto, sample)[0]), model(sample),
-                                   rtol=1e-4, atol=1e-4)
+    programs = [torch.onnx.export(model, (x,), dynamo=True, verbose=False, dynamic_shapes=shapes),
+                to_onnx(torch.export.export(model, (x,), dynamic_shapes=shapes), (x,), verbose=False)]
+    for program in programs:
+        assert {node.domain for node in program.model_proto.graph.node} <= {""}
+        for sample in [x] if packed else [x, torch.randn(1, 7, 4, 24)]:
+            torch.testing.assert_close(torch.from_numpy(run_onnxruntime(program.model_proto, sample)[0]),
+                                       model(sample), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="ptxas (nvcc) is not on PATH")

@@ -278,6 +278,53 @@ def test_encoder_layer(grid_sample_attention):
     assert relative_error(grad_ours, grad_theirs) <= 1e-5
 
 
+def test_onnx_form_matches_loops():
+    """The form the ONNX export traces (dcn_tvm.ops.onnx_forms) against the loops, NaN, inf and huge
+    locations included: float64 stays float64."""
+    from dcn_tvm.ops import onnx_forms
+
+    value, shapes, starts, locations, weights = make_inputs(seed=3, non_finite=True)
+    out = onnx_forms.ms_deform_attn(value, shapes, starts, locations, weights)
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    assert relative_error(out, ms_deform_attn_loops(value, shapes, locations, weights)) <= 1e-13
+
+
+def test_plain_torch_onnx_export_runs_in_onnxruntime():
+    """torch.onnx.export(module, args, dynamo=True) with no extra argument, and to_onnx of a
+    torch.export.ExportedProgram holding the op: standard ONNX ops that onnxruntime runs with the export's
+    levels and with other level shapes, batch, queries (the level shapes are read at run time)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from test_export import run_onnxruntime
+
+    from dcn_tvm.export import to_onnx
+
+    n, levels, heads, head_dim, points, queries = CASE
+    torch.manual_seed(13)
+    module = dcn_tvm.MultiScaleDeformableAttention(heads * head_dim, len(levels), heads, points).eval()
+    torch.nn.init.normal_(module.sampling_offsets.weight, std=0.5)  # samples past the level borders
+    torch.nn.init.normal_(module.attention_weights.weight, std=0.5)
+
+    def inputs(batch, level_shapes, count):
+        shapes, starts = level_tensors(level_shapes)
+        features = torch.randn(batch, int((shapes[:, 0] * shapes[:, 1]).sum()), heads * head_dim)
+        return (torch.randn(batch, count, heads * head_dim), torch.rand(batch, count, len(levels), 2), features,
+                shapes, starts)
+
+    args = inputs(n, levels, queries)
+    sizes = torch.export.Dim.DYNAMIC
+    dynamic = ({0: sizes, 1: sizes}, {0: sizes, 1: sizes}, {0: sizes, 1: sizes}, None, None)
+    programs = [torch.onnx.export(module, args, dynamo=True, verbose=False, dynamic_shapes=dynamic),
+                to_onnx(torch.export.export(module, args, dynamic_shapes=dynamic), args, verbose=False)]
+    for program in programs:
+        assert {node.domain for node in program.model_proto.graph.node} <= {""}
+        for sample in (args, inputs(1, ((4, 9), (2, 2), (1, 3)), 5)):
+            with torch.no_grad():
+                expected = module(*sample)
+            assert relative_error(torch.from_numpy(run_onnxruntime(program.model_proto, *sample)[0]),
+                                  expected) <= 1e-5
+
+
 # ------------------------------------------------------------------------------------ CUDA schedules
 
 GPU_TARGET = "cuda-sm_90"

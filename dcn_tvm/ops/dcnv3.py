@@ -19,7 +19,7 @@ from dcn_tvm.geometry.dcnv3 import DCNv3Geometry, dcnv3_geometry
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key
-from dcn_tvm.ops import dispatch, shapes
+from dcn_tvm.ops import dispatch, onnx_forms, shapes
 
 OP = "dcnv3"
 
@@ -211,6 +211,8 @@ def dcnv3_core(input: Tensor, offset: Tensor, mask: Tensor, kernel_h: int, kerne
     arguments = _arguments(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                            group_channels, offset_scale, remove_center)
     geometry(input, [offset, mask], arguments, packed=False)
+    if onnx_forms.exporting():
+        return onnx_forms.dcnv3_core(input, offset, mask, *arguments)
     return _dcnv3_op(input, offset, mask, *arguments)
 
 
@@ -226,6 +228,8 @@ def dcnv4_core(input: Tensor, offset_mask: Tensor, kernel_h: int, kernel_w: int,
     arguments = _arguments(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                            group_channels, offset_scale, remove_center)
     geometry(input, [offset_mask], arguments, packed=True)
+    if onnx_forms.exporting():
+        return onnx_forms.dcnv4_core(input, offset_mask, *arguments)
     return _dcnv4_op(input, offset_mask, *arguments)
 
 

@@ -19,7 +19,7 @@ from dcn_tvm.geometry.ms_deform_attn import MSDeformAttnGeometry, ms_deform_attn
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key
-from dcn_tvm.ops import dispatch, shapes
+from dcn_tvm.ops import dispatch, onnx_forms, shapes
 
 OP = "ms_deform_attn"
 
@@ -160,6 +160,9 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     Inconsistent shapes, dtypes or devices raise ValueError/TypeError.
     """
     _check_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if onnx_forms.exporting():
+        return onnx_forms.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                                         attention_weights)
     return _forward_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
