@@ -2,7 +2,7 @@
 
     import dcn_tvm.tune
     dcn_tvm.tune.run(presets=["tiny"], target="llvm", trials=64)
-    dcn_tvm.tune.from_model(model, (images,), trials=256)      # tunes every deformable op of the model
+    dcn_tvm.tune.from_model(model, (images,), trials=256)      # tunes every dcn_tvm op the model calls
     dcn_tvm.tune.which_schedule(spec)                            # "tuned" or "default"
 
 Tuned records land in `logs` (default: env.tuning_logs_dir(), which builds read), so the next
@@ -19,8 +19,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dcn_tvm import env
 from dcn_tvm.kernels.build import which_schedule
 from dcn_tvm.kernels.workloads import Workload, from_geometry, resolve
+from dcn_tvm.ops import dcnv3 as dcnv3_op
 from dcn_tvm.ops import deform_conv2d as conv_op
 from dcn_tvm.ops import deform_roi_pool as roi_op
+from dcn_tvm.ops import ms_deform_attn as msda_op
 from dcn_tvm.tuning.tuner import Result
 
 __all__ = ["Result", "from_model", "record", "run", "which_schedule"]
@@ -50,6 +52,39 @@ def run(workloads=(), presets=(), target: str = "auto", trials: int = 64, logs: 
     return results
 
 
+def _deform_conv2d(input, offset, mask, weight, bias, stride, padding, dilation) -> Workload:
+    n, _, h, w = input.shape
+    return from_geometry("deform_conv2d", conv_op.geometry(input, offset, weight, mask, stride, padding, dilation),
+                         n=n, h=h, w=w)
+
+
+def _deform_roi_pool(input, rois, offset, *parameters) -> Workload:
+    n, _, h, w = input.shape
+    return from_geometry("deform_roi_pool", roi_op.geometry(input, rois, offset, *parameters), r=rois.shape[0], n=n,
+                         h=h, w=w)
+
+
+def _ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> Workload:
+    geo = msda_op.geometry(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    n, q = sampling_locations.shape[:2]
+    return from_geometry("ms_deform_attn", geo, n=n, q=q)
+
+
+def _dcnv3(input: torch.Tensor, sampling: list, parameters: tuple, packed: bool) -> Workload:
+    n, h, w, _ = input.shape
+    return from_geometry("dcnv3", dcnv3_op.geometry(input, sampling, parameters, packed), n=n, h=h, w=w)
+
+
+#: The workload of a call of each tunable operator, by the operator's name, from the call's arguments.
+_WORKLOADS = {
+    "dcn_tvm::deform_conv2d": _deform_conv2d,
+    "dcn_tvm::deform_roi_pool": _deform_roi_pool,
+    "dcn_tvm::ms_deform_attn": _ms_deform_attn,
+    "dcn_tvm::dcnv3_core": lambda input, offset, mask, *parameters: _dcnv3(input, [offset, mask], parameters, False),
+    "dcn_tvm::dcnv4_core": lambda input, offset_mask, *parameters: _dcnv3(input, [offset_mask], parameters, True),
+}
+
+
 class _Recorder(TorchDispatchMode):
     """Notes the workload of every dcn_tvm operator call that passes through the dispatcher."""
 
@@ -58,17 +93,9 @@ class _Recorder(TorchDispatchMode):
         self.workloads: list[Workload] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        if name == "dcn_tvm::deform_conv2d":
-            input, offset, mask, weight, _, stride, padding, dilation = args
-            geo = conv_op.geometry(input, offset, weight, mask, stride, padding, dilation)
-            n, _, h, w = input.shape
-            self.workloads.append(from_geometry("deform_conv2d", geo, n=n, h=h, w=w))
-        elif name == "dcn_tvm::deform_roi_pool":
-            input, rois, offset, *parameters = args
-            geo = roi_op.geometry(input, rois, offset, *parameters)
-            n, _, h, w = input.shape
-            self.workloads.append(from_geometry("deform_roi_pool", geo, r=rois.shape[0], n=n, h=h, w=w))
+        workload = _WORKLOADS.get(func._schema.name)
+        if workload is not None:
+            self.workloads.append(workload(*args))
         return func(*args, **(kwargs or {}))
 
 

@@ -532,6 +532,35 @@ def test_record_notes_every_deformable_op_of_a_model():
         assert Workload.parse(str(workload)) == workload
 
 
+def test_record_notes_the_attention_and_dcnv3_ops_too():
+    """Deformable DETR's attention (level shapes read from the call), DCNv3 and DCNv4 (packed=1)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = dcn_tvm.MultiScaleDeformableAttention(8, 2, 2, 3)
+            self.v3 = dcn_tvm.DCNv3(channels=8, group=2, remove_center=True)
+            self.v4 = dcn_tvm.DCNv4(channels=8, group=2, kernel_size=5, pad=2)
+
+        def forward(self, query, references, features, shapes, starts, image):
+            return (self.attention(query, references, features, shapes, starts), self.v3(image),
+                    self.v4(image.flatten(1, 2), (5, 6)))
+
+    shapes, starts = torch.tensor([[5, 7], [3, 4]]), torch.tensor([0, 35])
+    args = (torch.randn(1, 6, 8), torch.rand(1, 6, 2, 2), torch.randn(1, 47, 8), shapes, starts,
+            torch.randn(1, 5, 6, 8))
+    workloads = dcn_tvm.tune.record(Net().eval(), args)
+    assert [str(w) for w in workloads] == [
+        "ms_deform_attn:n=1,q=6,levels=5x7+3x4,heads=2,head_dim=4,points=3,dtype=float32",
+        "dcnv3:n=1,h=5,w=6,group=2,group_channels=4,k=3,stride=1,pad=1,dil=1,offset_scale=1.0,remove_center=1,"
+        "packed=0,dtype=float32",
+        "dcnv3:n=1,h=5,w=6,group=2,group_channels=4,k=5,stride=1,pad=2,dil=1,offset_scale=1.0,remove_center=0,"
+        "packed=1,dtype=float32",
+    ]
+    for workload in workloads:
+        assert Workload.parse(str(workload)) == workload
+
+
 # --- damaged and concurrent records --------------------------------------------------------------------
 
 def _tuned_for_real(store, task):
