@@ -39,6 +39,31 @@ def test_cuda_target_shows_cuda_source_and_ptxas_counts(capsys):
         assert "nvcc is not on PATH" in text
 
 
+ATTENTION = "ms_deform_attn:n=1,q=6,levels=5x7+3x4,heads=2,head_dim=4,points=3"
+DCNV4 = "dcnv3:n=1,h=5,w=6,group=2,group_channels=4,packed=1"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workload, keys", [
+    (ATTENTION, {"forward": "ms_deform_attn_forward_float32_m2_d4_p3_l5x7_3x4_n1_q6",
+                 "backward": "ms_deform_attn_backward_float32_m2_d4_p3_l5x7_3x4_n1_q6"}),
+    (DCNV4, {stage: f"dcnv3_{stage}_float32_g2_gc4_k3x3_s1x1_p1x1_d1x1_scale1p0_rc0_v4_n1_h5_w6"
+             for stage in ("forward", "backward", "scatter")}),
+], ids=["ms_deform_attn", "dcnv4"])
+def test_attention_and_dcnv3_workloads_show_every_stage(workload, keys, capsys):
+    """Every tunable stage on the CPU (LLVM IR each); the forward for sm_90 (CUDA C, ptxas counts)."""
+    assert main(["show", "--target", "llvm", "--workload", workload]) == 0
+    text = capsys.readouterr().out
+    headers = re.findall(r"^## (\w+): (\w+)_llvm-\w+\nschedule: default$", text, re.M)
+    assert headers == list(keys.items())
+    assert text.count("\ndefine ") >= len(keys)
+    assert main(["show", "--target", "nvidia/nvidia-h100", "--workload", workload, "--stage", "forward"]) == 0
+    text = capsys.readouterr().out
+    assert f"## forward: {keys['forward']}_cuda-sm_90\nschedule: default\n" in text and "__global__ void" in text
+    if shutil.which("nvcc"):
+        assert re.search(r"^ptxas: main_kernel\w*: \d+ registers/thread, \d+ B shared, 0 B spill stores", text, re.M)
+
+
 def test_a_bad_target_is_a_usage_error(capsys):
     assert main(["show", "--target", "tpu", "--workload", WORKLOAD]) == 2
     assert "dcn-tvm show: error: --target 'tpu'" in capsys.readouterr().err
