@@ -93,6 +93,12 @@ def count_iters(sch, block, reduction: bool) -> int:
     return sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == kind)
 
 
+def adds_atomically(sch, block) -> bool:
+    """Whether `block`, a gradient scatter, adds with T.cuda.atomic_add (its body a call) rather than a
+    plain `+=` (its body a store: the deterministic scatter, whose threads own what they write)."""
+    return type(sch.get(block).body).__name__ == "Evaluate"
+
+
 def stage_names(sch) -> set[str]:
     """The names of the root stages of `sch`."""
     return {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}

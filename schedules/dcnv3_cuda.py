@@ -4,12 +4,13 @@ The sampling tables are inlined into their readers (a thread recomputes its samp
 dozen flops against global-memory round trips); every other stage gets one thread per element of its
 spatial loops, a reduction (the aggregate over the points, the corner dot products over the group's
 channels) running serially in its thread. The scatter gives every (sample, channel) its own thread,
-adding the four corners atomically; neighbouring threads add neighbouring channels.
+adding the four corners atomically; neighbouring threads add neighbouring channels. The deterministic
+scatter (no atomics) gives every (image, group, channel) one thread that adds all of its samples in order.
 """
 
 from __future__ import annotations
 
-from .common import THREADS, bind_threads, count_iters, stage_names
+from .common import THREADS, adds_atomically, bind_threads, count_iters, stage_names
 
 #: Inlined into their readers; grad_sample too (each of a sample's three gradients is a thread of the
 #: outputs).
@@ -51,10 +52,16 @@ def _product(extents) -> int:
 
 
 def scatter(sch) -> None:
-    """A thread per (sample, channel), adding the four corners in turn."""
-    *sample, corner, c = sch.get_loops(sch.get_sblock("scatter_grad_input"))
-    sch.reorder(c, corner)
-    bind_threads(sch, [*sample, c])
+    """A thread per (sample, channel), adding the four corners in turn; without atomics a thread per
+    (image, group, channel), the (row, column, point, corner) loops in it."""
+    block = sch.get_sblock("scatter_grad_input")
+    b, g, y, x, p, corner, c = sch.get_loops(block)
+    if adds_atomically(sch, block):
+        sch.reorder(c, corner)
+        bind_threads(sch, [b, g, y, x, p, c])
+    else:
+        sch.reorder(b, g, c, y, x, p, corner)
+        bind_threads(sch, [b, g, c])
 
 
 RULES = {"forward": stages, "backward": stages, "scatter": scatter}

@@ -7,13 +7,14 @@ expressions in every corner of every gradient: the backward then took minutes to
 (image, query, head, channel) a thread that sums the L x P x 4 corners in a register and stores the
 output once; the backward gives every corner of every sample a thread for its dot product over
 head_dim, then one thread per gradient element. The value-gradient scatter gives every (image, query,
-head, level, point, channel) a thread that adds its four corners atomically (queries share pixels).
+head, level, point, channel) a thread that adds its four corners atomically (queries share pixels); the
+deterministic scatter (no atomics) every (image, head, channel) one thread that adds all of its samples in order.
 The threads per block are tunable (`common.bind_threads`).
 """
 
 from __future__ import annotations
 
-from .common import bind_remaining, bind_threads, stage_names
+from .common import adds_atomically, bind_remaining, bind_threads, stage_names
 
 #: The corner stages, inlined into their consumers.
 SAMPLE_STAGES = ("sample_weight", "sample_index")
@@ -49,10 +50,16 @@ def backward(sch) -> None:
 
 
 def scatter(sch) -> None:
-    """Every (image, head, query, level, point, channel) its own thread, its four corners in a loop."""
-    n, m, q, level, p, c, d = sch.get_loops(sch.get_sblock("scatter_grad_value"))
-    sch.reorder(n, m, q, level, p, d, c)
-    bind_threads(sch, [n, m, q, level, p, d])
+    """Every (image, head, query, level, point, channel) its own thread, its four corners in a loop; without
+    atomics, every (image, head, channel) its own thread, the (query, level, point, corner) loops in it."""
+    block = sch.get_sblock("scatter_grad_value")
+    n, m, q, level, p, c, d = sch.get_loops(block)
+    if adds_atomically(sch, block):
+        sch.reorder(n, m, q, level, p, d, c)
+        bind_threads(sch, [n, m, q, level, p, d])
+    else:
+        sch.reorder(n, m, d, q, level, p, c)
+        bind_threads(sch, [n, m, d])
 
 
 RULES = {"forward": forward, "backward": backward, "scatter": scatter}

@@ -116,6 +116,60 @@ def test_runs_without_the_compiler(package, tmp_path):
     assert not (tmp_path / "cache").exists(), "nothing may be compiled or cached"
 
 
+@pytest.mark.slow
+def test_attention_and_dcnv4_packages_run_without_the_compiler(tmp_path):
+    """A package of an ms_deform_attn and a DCNv4 workload (the kernels `dcn-tvm build` expands them to:
+    static and symbolic, the value-gradient scatter) serves both ops, forward and backward, at the built
+    sizes and at other batch, query and image sizes, with no compiler: outputs against the loops, gradients against autograd of the
+    grid_sample formulations."""
+    from dcn_tvm.kernels.workloads import Workload
+
+    texts = ["ms_deform_attn:n=1,q=6,levels=5x7+3x4,heads=2,head_dim=4,points=3",
+             "dcnv3:n=1,h=5,w=6,group=2,group_channels=4,packed=1"]
+    cpu = target_key(torch.device("cpu"))
+    build_package([task.spec for text in texts for task in Workload.parse(text).tasks(cpu)], "llvm", tmp_path / "pkg")
+    result = run_without_compiler(
+        """
+        import sys, torch
+        from reference_dcnv3 import dcnv3_grid_sample, dcnv3_loops, unpack_offset_mask
+        from reference_ms_deform_attn import ms_deform_attn_grid_sample, ms_deform_attn_loops
+        import dcn_tvm
+
+        def error(a, b):
+            return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+        gen = torch.Generator().manual_seed(0)
+        for n, q in [(1, 6), (2, 3)]:  # the level shapes are the kernels' own: the built ones
+            levels = [[5, 7], [3, 4]]
+            shapes = torch.tensor(levels)
+            starts = torch.tensor([0, levels[0][0] * levels[0][1]])
+            value = torch.randn(n, int(shapes.prod(1).sum()), 2, 4, generator=gen, requires_grad=True)
+            locations = (torch.rand(n, q, 2, 2, 3, 2, generator=gen) * 1.4 - 0.2).requires_grad_()
+            weights = torch.rand(n, q, 2, 2, 3, generator=gen, requires_grad=True)
+            out = dcn_tvm.ms_deform_attn(value, shapes, starts, locations, weights)
+            assert error(out, ms_deform_attn_loops(value, shapes, locations, weights)) < 1e-5
+            expected = ms_deform_attn_grid_sample(value, shapes, locations, weights)
+            for ours, theirs in zip(torch.autograd.grad(out.sum(), (value, locations, weights)),
+                                    torch.autograd.grad(expected.sum(), (value, locations, weights))):
+                assert error(ours, theirs) < 1e-4
+        for n, h, w in [(1, 5, 6), (2, 4, 7)]:
+            x = torch.randn(n, h, w, 8, generator=gen, requires_grad=True)
+            packed = (torch.randn(n, h, w, 56, generator=gen)).requires_grad_()
+            out = dcn_tvm.dcnv4_core(x, packed, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0)
+            offset, mask = unpack_offset_mask(packed, 2, 9)
+            arguments = ((3, 3), (1, 1), (1, 1), (1, 1), 2, 1.0)
+            assert error(out, dcnv3_loops(x, offset, mask, *arguments)) < 1e-5
+            ours = torch.autograd.grad(out.sum(), (x, packed))
+            theirs = torch.autograd.grad(dcnv3_grid_sample(x, offset, mask, *arguments).sum(), (x, packed))
+            assert all(error(a, b) < 1e-4 for a, b in zip(ours, theirs))
+        assert sys.modules["tvm"] is None
+        """,
+        DCN_TVM_PREBUILT=str(tmp_path / "pkg"), DCN_TVM_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "cache").exists(), "nothing may be compiled or cached"
+
+
 def test_cuda_kernel_questions_need_no_compiler():
     """The ops ask the CUDA schedules for their position tile and layout before any kernel is found (a
     prebuilt CUDA package's host has no compiler): importing them registered the tensor intrinsics,

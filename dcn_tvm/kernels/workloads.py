@@ -315,9 +315,10 @@ class Workload:
 
 
 def tunable(spec: KernelSpec) -> bool:
-    """Whether `spec` is a kernel of some workload: a tunable stage at static sizes (but RoI count)."""
+    """Whether `spec` is a kernel of some workload: a tunable stage at static sizes (but RoI count); the
+    deterministic scatters keep their default schedules."""
     sizes = [value for name, value in spec.sizes if (spec.op, name) != ("deform_roi_pool", "r")]
-    return spec.stage in STAGES.get(spec.op, ()) and None not in sizes
+    return spec.stage in STAGES.get(spec.op, ()) and None not in sizes and not spec.deterministic
 
 
 def from_geometry(op: str, geo, deterministic: bool = False, precision: str = "highest", **sizes) -> Workload:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from dcn_tvm.geometry.dcnv3 import DCNv3Geometry, dcnv3_geometry
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
-from dcn_tvm.kernels.targets import target_key
+from dcn_tvm.kernels.targets import target_key, target_kind
 from dcn_tvm.ops import dispatch, onnx_forms, shapes
 
 OP = "dcnv3"
@@ -51,10 +51,13 @@ def geometry(input: Tensor, sampling: list[Tensor], parameters: tuple, packed: b
 
 
 def _spec(stage: str, geo: DCNv3Geometry, input: Tensor) -> KernelSpec:
-    """The kernel of a stage for `input`'s sizes or for every size (dcn_tvm.ops.shapes)."""
+    """The kernel of a stage for `input`'s sizes or for every size (dcn_tvm.ops.shapes); on CUDA under
+    torch.use_deterministic_algorithms the scatter without atomic adds (the CPU's never add atomically)."""
     n, h, w, _ = input.shape
-    return shapes.choose(KernelSpec(OP, stage, geo, (("n", n), ("h", h), ("w", w)), target_key(input.device),
-                                    acc_dtype=geo.acc_dtype))
+    target = target_key(input.device)
+    deterministic = stage == "scatter" and target_kind(target) == "cuda" and torch.are_deterministic_algorithms_enabled()
+    return shapes.choose(KernelSpec(OP, stage, geo, (("n", n), ("h", h), ("w", w)), target, acc_dtype=geo.acc_dtype,
+                                    deterministic=deterministic))
 
 
 def _kernel_views(geo: DCNv3Geometry, sampling: list[Tensor]) -> list[Tensor]:
@@ -102,7 +105,6 @@ def _backward(grad_output: Tensor, input: Tensor, sampling: list[Tensor], parame
         return [grad_input.to(input.dtype), *(g.zero_() for g in grads)]
     grad_output, views = grad_output.contiguous(), _kernel_views(geo, sampling)
     get_kernel(_spec("backward", geo, input))(input, *views, grad_output, *_kernel_views(geo, grads))
-    dispatch.alert_atomic_scatter(OP, input.device)
     get_kernel(_spec("scatter", geo, input))(*views, grad_output, grad_input)
     return [grad_input.to(input.dtype), *grads]
 

@@ -11,8 +11,6 @@ No op has a forward-mode formula, and torch would drop a tangent silently (the r
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
@@ -24,21 +22,6 @@ _DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _AUTOCAST_TO_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
 #: The torch dtypes the kernels are built for, to their names in DTYPES.
 _KERNEL_DTYPES = {getattr(torch, name): name for name in DTYPES}
-
-
-def alert_atomic_scatter(op: str, device: torch.device) -> None:
-    """torch's rule for a backward without a deterministic implementation: under
-    torch.use_deterministic_algorithms(True), `op`'s CUDA gradient scatter (atomic adds, whose order
-    varies from run to run) raises RuntimeError, or warns with warn_only=True. deform_conv2d and
-    deform_roi_pool have deterministic scatters instead (dcn_tvm.kernels.spec.KernelSpec.deterministic)."""
-    if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
-        return
-    message = (f"dcn_tvm.{op} backward on CUDA (its gradient scatter adds atomically) does not have a "
-               f"deterministic implementation, but you set torch.use_deterministic_algorithms(True)")
-    if torch.is_deterministic_algorithms_warn_only_enabled():
-        warnings.warn(message, stacklevel=3)
-    else:
-        raise RuntimeError(message + "; turn it off around this op, or pass warn_only=True")
 
 
 def compute_dtype(tensor: Tensor) -> torch.dtype:

@@ -18,7 +18,7 @@ from dcn_tvm.geometry.arguments import positive_int as _positive_int
 from dcn_tvm.geometry.ms_deform_attn import MSDeformAttnGeometry, ms_deform_attn_geometry
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
-from dcn_tvm.kernels.targets import target_key
+from dcn_tvm.kernels.targets import target_key, target_kind
 from dcn_tvm.ops import dispatch, onnx_forms, shapes
 
 OP = "ms_deform_attn"
@@ -59,15 +59,17 @@ def geometry(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, s
                                    sampling_locations.shape, attention_weights.shape, dispatch.kernel_dtype(value))
 
 
-def scatter_spec(geo: MSDeformAttnGeometry, target: str) -> KernelSpec:
-    """The value-gradient scatter of `geo` (every size symbolic)."""
-    return KernelSpec(OP, "scatter", geo, (("n", None), ("q", None)), target, acc_dtype=geo.acc_dtype)
+def scatter_spec(geo: MSDeformAttnGeometry, target: str, deterministic: bool = False) -> KernelSpec:
+    """The value-gradient scatter of `geo` (every size symbolic); `deterministic`: without the atomic
+    adds, for torch.use_deterministic_algorithms (CUDA only; the CPU's never add atomically)."""
+    return KernelSpec(OP, "scatter", geo, (("n", None), ("q", None)), target, acc_dtype=geo.acc_dtype,
+                      deterministic=deterministic and target_kind(target) == "cuda")
 
 
 def _spec(stage: str, geo: MSDeformAttnGeometry, sampling_locations: Tensor) -> KernelSpec:
     """N and Lq as the shape policy chooses (dcn_tvm.ops.shapes); the scatter always symbolic."""
     if stage == "scatter":
-        return scatter_spec(geo, target_key(sampling_locations.device))
+        return scatter_spec(geo, target_key(sampling_locations.device), torch.are_deterministic_algorithms_enabled())
     n, q = sampling_locations.shape[:2]
     return shapes.choose(KernelSpec(OP, stage, geo, (("n", n), ("q", q)), target_key(sampling_locations.device),
                                     acc_dtype=geo.acc_dtype))
@@ -116,7 +118,6 @@ def _backward_op(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, lev
                 grad_output.contiguous().view(n, q, geo.heads, geo.head_dim))
     get_kernel(_spec("backward", geo, sampling_locations))(value.contiguous(), *operands, grad_locations,
                                                             grad_weights)
-    dispatch.alert_atomic_scatter(OP, value.device)
     get_kernel(_spec("scatter", geo, sampling_locations))(*operands, grad_value)
     return grad_value.to(value.dtype), grad_locations, grad_weights
 

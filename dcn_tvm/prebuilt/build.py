@@ -9,6 +9,7 @@ leaves the old package as it was. One build per --out folder at a time.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import datetime
 import errno
 import json
@@ -70,16 +71,18 @@ def variants(target: str) -> list[dict]:
 
 
 def expand(specs: list[KernelSpec]) -> dict[str, KernelSpec]:
-    """Every kernel the package holds: each spec, its symbolic twin (for every other shape) and the
-    scatters of each accumulation dtype (atomic and deterministic); keyed by function name."""
+    """Every kernel the package holds: each spec, its symbolic twin (for every other shape), the generic
+    scatter of its operator and geometry, and of every CUDA scatter the deterministic twin too (the kernel
+    a call asks for under torch.use_deterministic_algorithms); keyed by function name."""
     kernels: dict[str, KernelSpec] = {}
     for spec in specs:
-        for kernel in (spec, spec.symbolic()):
-            kernels.setdefault(kernel.workload_key, kernel)
-        if spec.op in SCATTER_SPECS and spec.geometry is not None:
-            for deterministic in (False, True):  # the scatters the op asks for
-                scatter = SCATTER_SPECS[spec.op](spec.geometry, spec.target, deterministic)
-                kernels.setdefault(scatter.workload_key, scatter)
+        generic = [SCATTER_SPECS[spec.op](spec.geometry, spec.target)] \
+            if spec.op in SCATTER_SPECS and spec.geometry is not None else []
+        for kernel in (spec, spec.symbolic(), *generic):
+            twins = [True] if kernel.stage == "scatter" and target_kind(kernel.target) == "cuda" else []
+            for deterministic in (kernel.deterministic, *twins):
+                twin = dataclasses.replace(kernel, deterministic=deterministic)
+                kernels.setdefault(twin.workload_key, twin)
     return kernels
 
 
