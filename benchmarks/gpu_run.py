@@ -8,11 +8,13 @@
 Steps, in order of value, each in its own process with its own time budget:
   a. the device and its ceilings (name, clocks, a large copy, large matrix products), the versions;
   b. correctness: `pytest -m cuda`; dcn_tvm against torchvision (forward and every gradient) over the
-     conformance geometries; compute-sanitizer's memcheck and racecheck on a small forward and backward;
-     the four RoI poolings against the CPU kernels;
+     conformance geometries; ms_deform_attn and DCNv3/v4 against their grid_sample formulations;
+     compute-sanitizer's memcheck and racecheck on a small forward and backward; the four RoI poolings
+     against the CPU kernels;
   c. speed side by side (CUDA events, warm-up, medians, L2 flushed before each call; peak memory beside
      each time): dcn_tvm, torchvision and the dense conv of the same shape; RoI pooling against
-     torchvision's;
+     torchvision's; Deformable DETR's attention and InternImage's DCNv3/v4 against the grid_sample
+     formulations (their PyTorch paths);
   d. tuning (`dcn-tvm tune`) of the conv5 and DCNv2 forwards, tuned against default time; skipped where
      the TVM compiler is absent;
   e. OUT/summary.md and OUT/results.json, rewritten whenever a result comes in, so a failed step or a run
@@ -101,6 +103,18 @@ class RoICase:
 
 
 @dataclass(frozen=True)
+class GatherCase:
+    """An ms_deform_attn, dcnv3_core or dcnv4_core call (`op`: "ms_deform_attn", "dcnv3" or "dcnv4"), its
+    case tuple as in tests/test_ms_deform_attn.py (n, levels, heads, head_dim, points, queries) or
+    tests/test_dcnv3.py (n, h, w, group, group_channels, kernel, stride, pad, dilation, offset_scale,
+    remove_center); checked and timed against the grid_sample formulation of tests/reference_*.py."""
+
+    label: str
+    op: str
+    case: tuple
+
+
+@dataclass(frozen=True)
 class Plan:
     mode: str
     conv_shapes: tuple[ConvShape, ...]
@@ -111,9 +125,14 @@ class Plan:
     conformance: tuple[tuple[int, str], ...] | None
     #: (index into test_deform_roi_pool.CASES, dtype), checked against the CPU kernels.
     roi_checks: tuple[tuple[int, str], ...]
+    gather_cases: tuple[GatherCase, ...]
+    gather_dtypes: tuple[str, ...]
+    #: Checked in step b against the grid_sample formulation in float64, each in every gather dtype.
+    gather_checks: tuple[GatherCase, ...]
     #: What the compute-sanitizer run does: conv (case tuple, dtype) and RoI (case tuple, dtype).
     sanitized_conv: tuple[tuple[tuple, str], ...]
     sanitized_roi: tuple[tuple[tuple, str], ...]
+    sanitized_gather: tuple[tuple[GatherCase, str], ...]
     tune_target: str
     tune_shapes: tuple[ConvShape, ...]
     tune_dtype: str
@@ -129,6 +148,17 @@ DCNV2 = ConvShape("DCNv2 2x256x64x64, mask", 2, 256, 64, 64, 256, mask=True)
 SMALL_BATCH = ConvShape("8x128x32x32", 8, 128, 32, 32, 128)
 RFCN = (1, 21, 38, 63, 7, 7, 21, 7, 4, 1 / 16)  # 1029 score maps of a 600x1000 image, 21 classes, k = 7
 REHEARSAL_CONV = ConvShape("DCNv2 1x16x12x12, mask", 1, 16, 12, 12, 16, mask=True)
+DETR_LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))  # an 800x1333 image at strides 8-64
+DETR_ENCODER = GatherCase("Deformable DETR encoder (Lq=22223, 8x32, 4 points)", "ms_deform_attn",
+                          (1, DETR_LEVELS, 8, 32, 4, 22223))
+DETR_DECODER = GatherCase("Deformable DETR decoder (Lq=300)", "ms_deform_attn", (1, DETR_LEVELS, 8, 32, 4, 300))
+INTERNIMAGE_T1 = (1, 200, 304, 4, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1.0, False)  # stage 1 of 800x1216
+GATHER_CHECKS = (GatherCase("4 levels, 8x32", "ms_deform_attn", (2, ((4, 5), (2, 3), (1, 2), (1, 1)), 8, 32, 4, 3)),
+                 GatherCase("3 levels to 1x1, 3x5", "ms_deform_attn", (2, ((5, 7), (3, 4), (1, 1)), 3, 5, 2, 6)),
+                 *(GatherCase(label, op, case) for op in ("dcnv3", "dcnv4") for label, case in (
+                     ("7x9, 3x5, stride 2x1, dil 1x2, no centre", (1, 7, 9, 3, 5, (3, 3), (2, 1), (2, 0), (1, 2),
+                                                                  0.5, True)),
+                     ("5x5 kernel, 4x2", (2, 5, 5, 4, 2, (5, 5), (1, 1), (2, 2), (1, 1), 1.0, False)))))
 REHEARSAL_ROI = RoICase("deformable PS RoI pooling 16 RoIs, 27x10x12, k=3", (1, 3, 10, 12, 3, 3, 3, 3, 2, 0.5), 16,
                         "ps_roi_align")
 
@@ -145,15 +175,21 @@ PLANS = {
         roi_dtypes=("float32", "float16"),
         conformance=None,
         roi_checks=tuple((index, dtype) for index in range(4) for dtype in ("float32", "float16")),
+        gather_cases=(DETR_ENCODER, DETR_DECODER, GatherCase("InternImage-T DCNv3 1x200x304x64, 4 groups", "dcnv3",
+                                                             INTERNIMAGE_T1),
+                      GatherCase("FlashInternImage-T DCNv4 1x200x304x64, 4 groups", "dcnv4", INTERNIMAGE_T1)),
+        gather_dtypes=("float32", "float16"),
+        gather_checks=GATHER_CHECKS,
         # the conformance case with groups, offset groups and a mask; the tensor-core one (16 channels)
         sanitized_conv=(((1, 6, 8, 5, 4, (3, 2), (2, 1), (0, 2), (1, 2), 2, 3, True), "float32"),
                         ((2, 16, 5, 5, 16, (3, 3), (1, 1), (2, 2), (2, 2), 1, 4, True), "float16")),
         sanitized_roi=(((2, 6, 8, 10, 3, 3, 3, 3, 2, 0.25), "float32"),),
+        sanitized_gather=((GATHER_CHECKS[0], "float32"), (GATHER_CHECKS[-1], "float16")),
         tune_target="cuda",
         tune_shapes=(CONV5, DCNV2),
         tune_dtype="float16",
         tune_trials=32,
-        budgets={"a": 40, "b": 240, "c": 200, "d": 170},
+        budgets={"a": 40, "b": 240, "c": 250, "d": 170},
         total_s=540,
         repeats=25,
     ),
@@ -165,8 +201,12 @@ PLANS = {
         roi_dtypes=("float32",),
         conformance=((0, "float32"), (4, "float16")),
         roi_checks=((3, "float32"),),
+        gather_cases=(GATHER_CHECKS[1], GATHER_CHECKS[2], GATHER_CHECKS[-1]),
+        gather_dtypes=("float32",),
+        gather_checks=(GATHER_CHECKS[1], GATHER_CHECKS[-1]),
         sanitized_conv=((REHEARSAL_CONV.case, "float32"),),
         sanitized_roi=((REHEARSAL_ROI.case, "float32"),),
+        sanitized_gather=((GATHER_CHECKS[1], "float32"),),
         tune_target="llvm",
         tune_shapes=(REHEARSAL_CONV,),
         tune_dtype="float32",
@@ -225,7 +265,7 @@ def new_results(plan: Plan, steps: str) -> dict:
                          "budget_s": plan.budgets.get(name), "seconds": None, "found": ""}
                   for name, title in STEPS.items()},
         "device": {}, "versions": {}, "package": {}, "ceilings": [],
-        "correctness": {"pytest": {}, "conv": [], "roi": [], "sanitizer": {}},
+        "correctness": {"pytest": {}, "conv": [], "roi": [], "gather": [], "sanitizer": {}},
         "rows": [], "tuning": [],
     }
 
@@ -283,6 +323,8 @@ ERROR_TABLES = (
     ("conv", "deform_conv2d against torchvision in the same dtype, and both against torchvision in float64 on "
              "the same (rounded) inputs: relative L2 errors", "case", "torchvision"),
     ("roi", "deform_roi_pool on the GPU against the CPU kernels, and both against float64", "pooling", "CPU kernels"),
+    ("gather", "ms_deform_attn and DCNv3/v4 against their grid_sample formulations in the same dtype, and both "
+               "against the formulation in float64 on the same (rounded) inputs", "call", "grid_sample"),
 )
 
 
@@ -301,6 +343,12 @@ def _correctness_lines(found: dict) -> list[str]:
     return lines
 
 
+def _peer(found: dict) -> dict:
+    """The row dcn_tvm is compared with in a {method: row} group: torchvision's, else the grid_sample
+    formulation's."""
+    return found.get("torchvision") or found.get("grid_sample", {})
+
+
 def _speed_lines(rows: list[dict], ceilings: list[dict]) -> list[str]:
     if not rows:
         return []
@@ -309,9 +357,10 @@ def _speed_lines(rows: list[dict], ceilings: list[dict]) -> list[str]:
         groups.setdefault((row["op"], row["shape"], row["dtype"], row["direction"]), {})[row["method"]] = row
     methods = list(dict.fromkeys(row["method"] for row in rows))
     rate = {c["name"].removeprefix("matmul "): c["value"] for c in ceilings if c["name"].startswith("matmul ")}
-    lines = ["", "## c. Speed (median ms; peak MiB allocated by the call beside each)", "",
+    lines = ["", "## c. Speed (median ms; peak MiB allocated by the call beside each; the peer is torchvision, or "
+             "for the attention and DCNv3/v4 the grid_sample formulation)", "",
              "| op | shape | dtype | direction | " + " | ".join(methods) +
-             " | torchvision / dcn_tvm | dcn_tvm / dense | peak dcn_tvm / torchvision | "
+             " | peer / dcn_tvm | dcn_tvm / dense | peak dcn_tvm / peer | "
              "dcn_tvm TFLOP/s (of the matmul's) |",
              "|---|---|---|---|" + "---:|" * (len(methods) + 4)]
     for (op, shape, dtype, direction), found in groups.items():
@@ -320,7 +369,7 @@ def _speed_lines(rows: list[dict], ceilings: list[dict]) -> list[str]:
             row = found.get(method)
             cells.append("" if row is None else row["note"] if row["median_ms"] is None else
                          f"{_ms(row['median_ms'])} ({_mib(row['peak_bytes'])})")
-        ours, theirs = found.get("dcn_tvm", {}), found.get("torchvision", {})
+        ours, theirs = found.get("dcn_tvm", {}), _peer(found)
         dense = found.get("dense conv2d", {})
         tflops = "-"
         if ours.get("gflop") and ours.get("median_ms"):
@@ -439,16 +488,69 @@ def conv_inputs(shape: ConvShape, dtype, device):
     return {name: None if t is None else t.to(device, dtype) for name, t in tensors.items()}
 
 
+@dataclass
+class GatherCall:
+    """A gather call's differentiable tensors (`leaves`, on the device in the dtype), what computes its
+    output from them by each method ("dcn_tvm", "grid_sample"), a grad_output, and the dcn_tvm op's name
+    and positional arguments (for its workload, dcn_tvm.tune.call_workload)."""
+
+    leaves: list
+    methods: dict
+    grad: object
+    op: str
+    op_args: tuple
+
+
+def gather_call(case: GatherCase, dtype, device, seed: int = 0) -> GatherCall:
+    """The inputs of a GatherCase as tests/test_ms_deform_attn.py and tests/test_dcnv3.py make them
+    (locations and offsets past the borders, some far outside)."""
+    import torch
+    from reference_dcnv3 import dcnv3_grid_sample, pack_offset_mask, unpack_offset_mask
+    from reference_ms_deform_attn import ms_deform_attn_grid_sample
+
+    import dcn_tvm
+
+    if case.op == "ms_deform_attn":
+        from test_ms_deform_attn import make_inputs
+
+        value, shapes, starts, locations, weights = make_inputs(case.case, dtype=torch.float32, seed=seed)
+        leaves = [t.to(device, dtype) for t in (value, locations, weights)]
+        shapes, starts = shapes.to(device), starts.to(device)
+        methods = {"dcn_tvm": lambda v, loc, w: dcn_tvm.ms_deform_attn(v, shapes, starts, loc, w),
+                   "grid_sample": lambda v, loc, w: ms_deform_attn_grid_sample(v, shapes, loc, w)}
+        n, _, heads, head_dim, _, queries = case.case
+        out_shape, op, op_args = (n, queries, heads * head_dim), "dcn_tvm::ms_deform_attn", (
+            leaves[0], shapes, starts, *leaves[1:])
+    else:
+        from test_dcnv3 import arguments, make_inputs, output_size, reference_arguments
+
+        x, offset, mask = make_inputs(case.case, torch.float32, seed)
+        parameters, reference, group = arguments(case.case), reference_arguments(case.case), case.case[3]
+        points = mask.shape[-1] // group
+        if case.op == "dcnv4":
+            leaves = [t.to(device, dtype) for t in (x, pack_offset_mask(offset, mask, group))]
+            methods = {"dcn_tvm": lambda x, packed: dcn_tvm.dcnv4_core(x, packed, *parameters),
+                       "grid_sample": lambda x, packed: dcnv3_grid_sample(
+                           x, *unpack_offset_mask(packed, group, points), *reference)}
+        else:
+            leaves = [t.to(device, dtype) for t in (x, offset, mask)]
+            methods = {"dcn_tvm": lambda x, offset, mask: dcn_tvm.dcnv3_core(x, offset, mask, *parameters),
+                       "grid_sample": lambda x, offset, mask: dcnv3_grid_sample(x, offset, mask, *reference)}
+        out_shape = (x.shape[0], *output_size(case.case), x.shape[3])
+        op, op_args = f"dcn_tvm::{case.op}_core", (*leaves, *parameters)
+    grad = torch.randn(out_shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+    return GatherCall(leaves, methods, grad, op, op_args)
+
+
 @contextlib.contextmanager
 def ops_patched(target: str, get_kernel):
     """Inside: dcn_tvm's ops on CPU tensors ask for `target`'s kernels (its layouts, its allocations)
     and take them from `get_kernel(spec)`."""
-    from dcn_tvm.ops import deform_conv2d as conv_ops
-    from dcn_tvm.ops import deform_roi_pool as roi_ops
+    from dcn_tvm.ops import dcnv3, deform_conv2d, deform_roi_pool, ms_deform_attn
 
-    saved = [(module, name, getattr(module, name)) for module in (conv_ops, roi_ops)
-             for name in ("target_key", "get_kernel")]
-    for module in (conv_ops, roi_ops):
+    modules = (deform_conv2d, deform_roi_pool, ms_deform_attn, dcnv3)
+    saved = [(module, name, getattr(module, name)) for module in modules for name in ("target_key", "get_kernel")]
+    for module in modules:
         module.target_key = lambda device: target
         module.get_kernel = get_kernel
     try:
@@ -478,6 +580,15 @@ def conv_calls(plan: Plan, kind: str) -> list[tuple[tuple, str]]:
     calls += [(shape.case, dtype) for shape in plan.conv_shapes for dtype in plan.conv_dtypes]
     calls += list(plan.sanitized_conv)
     return list(dict.fromkeys(calls))
+
+
+def gather_calls(plan: Plan, kind: str) -> list[tuple[GatherCase, str]]:
+    """The (GatherCase, dtype) of every ms_deform_attn and DCNv3/v4 call the run makes on a device kind
+    (their checks compare with the grid_sample formulation on the same device: none on the CPU)."""
+    if kind != "cuda":
+        return []
+    calls = [(case, dtype) for case in plan.gather_checks + plan.gather_cases for dtype in plan.gather_dtypes]
+    return list(dict.fromkeys(calls + list(plan.sanitized_gather)))
 
 
 def roi_calls(plan: Plan, kind: str) -> list[tuple[tuple, str]]:
@@ -516,10 +627,18 @@ def roi_workload(case: tuple, dtype: str):
     return from_geometry("deform_roi_pool", geo, r=rois.shape[0], n=n, h=h, w=w)
 
 
+def gather_workload(case: GatherCase, dtype: str):
+    from dcn_tvm.tune import call_workload
+
+    call = gather_call(case, torch_dtype(dtype), "cpu")
+    return call_workload(call.op, *call.op_args)
+
+
 def workloads(plan: Plan, kind: str) -> list[str]:
     """The workload strings a prebuilt package for `kind` needs (`dcn-tvm build --workload ...`)."""
     found = [conv_workload(case, dtype) for case, dtype in conv_calls(plan, kind)]
     found += [roi_workload(case, dtype) for case, dtype in roi_calls(plan, kind)]
+    found += [gather_workload(case, dtype) for case, dtype in gather_calls(plan, kind)]
     return list(dict.fromkeys(str(w) for w in found))
 
 
@@ -549,6 +668,10 @@ def requested_specs(plan: Plan, kind: str) -> list:
             leaves = [t.requires_grad_() for t in (x, offset) if t is not None]
             out = dcn_tvm.deform_roi_pool(x, rois, offset, **kwargs)
             torch.autograd.grad(out, leaves, torch.ones_like(out))
+        for case, dtype in gather_calls(plan, kind):
+            call = gather_call(case, torch_dtype(dtype), "cpu")
+            leaves = [t.requires_grad_() for t in call.leaves]
+            torch.autograd.grad(call.methods["dcn_tvm"](*leaves), leaves, call.grad)
     return list({spec.key: spec for spec in specs}.values())
 
 
@@ -869,6 +992,52 @@ def check_roi(plan: Plan, device, gpu, results: Results, deadline: float) -> lis
     return found
 
 
+def gather_results(call: GatherCall, method: str, dtype, device) -> list:
+    """[output, gradient of every leaf] of a gather call by `method`, its leaves in `dtype` on `device`."""
+    import torch
+
+    leaves = [t.to(device, dtype).requires_grad_() for t in call.leaves]
+    out = call.methods[method](*leaves)
+    return [out.detach().cpu()] + [g.cpu() for g in torch.autograd.grad(out, leaves, call.grad.to(device, dtype))]
+
+
+def check_gather(plan: Plan, device, gpu, results: Results, deadline: float) -> list[dict]:
+    """ms_deform_attn and DCNv3/v4 against their grid_sample formulations in each dtype, and both against
+    the formulation in float64 on the same (rounded) inputs, forward and every gradient."""
+    import torch
+
+    found = []
+    for case in plan.gather_checks:
+        for dtype_name in plan.gather_dtypes:
+            if time.time() > deadline:
+                log("b: out of time before the remaining attention and DCNv3/v4 checks")
+                return found
+            dtype = torch_dtype(dtype_name)
+            call = gather_call(case, dtype, device, seed=11)
+            with gpu():
+                ours = gather_results(call, "dcn_tvm", dtype, device)
+            reference = gather_results(call, "grid_sample", torch.float64, device)
+            try:
+                theirs = gather_results(call, "grid_sample", dtype, device)
+            except (RuntimeError, NotImplementedError):  # grid_sample on the CPU has no float16
+                theirs = [None] * len(ours)
+            names = ["output"] + [f"grad {name}" for name in (
+                ("value", "locations", "weights") if case.op == "ms_deform_attn" else
+                ("input", "offset_mask") if case.op == "dcnv4" else ("input", "offset", "mask"))]
+            rows = [dict(case=f"{case.op} {case.label}", dtype=dtype_name, result=name,
+                         vs_peer=None if b is None else relative_error(a, b), vs_float64=relative_error(a, ref),
+                         peer_vs_float64=None if b is None else relative_error(b, ref))
+                    for name, a, b, ref in zip(names, ours, theirs, reference)]
+            for row in rows:
+                own = row["vs_float64"]
+                row["ok"] = math.isfinite(own) and own <= max(TOLERANCE[dtype_name], 2 * (row["peer_vs_float64"] or 0))
+            found += rows
+            results.update(lambda data: data["correctness"]["gather"].extend(rows))
+            log(f"b: {case.op} {case.label} {dtype_name}: worst vs float64 {max(r['vs_float64'] for r in rows):.1e}, "
+                f"{'ok' if all(r['ok'] for r in rows) else 'MISMATCH'}")
+    return found
+
+
 SANITIZER_SUMMARY = {"memcheck": r"ERROR SUMMARY: (\d+) error", "racecheck": r"RACECHECK SUMMARY: (\d+) hazard"}
 
 
@@ -920,6 +1089,8 @@ def sanitized_run(plan: Plan) -> None:
         leaves = [t.to(device).requires_grad_() for t in (x, offset) if t is not None]
         out = dcn_tvm.deform_roi_pool(leaves[0], rois.to(device), leaves[1] if offset is not None else None, **kwargs)
         torch.autograd.grad(out, leaves, torch.randn_like(out))
+    for case, dtype in plan.sanitized_gather:
+        gather_results(gather_call(case, torch_dtype(dtype), device, seed=7), "dcn_tvm", torch_dtype(dtype), device)
     if device == "cuda":
         torch.cuda.synchronize()
     print("sanitized run: done", flush=True)
@@ -944,14 +1115,15 @@ def step_correctness(plan: Plan, results: Results, deadline: float) -> tuple[str
     pytest = check_pytest(plan, 0.2 * budget)
     results.update(lambda data: data["correctness"].update(pytest=pytest))
     conv = check_conv(plan, device, gpu, results, deadline - 0.6 * budget)
+    gather = check_gather(plan, device, gpu, results, deadline - 0.45 * budget)
     log("b: compute-sanitizer")
     sanitizer = check_sanitizer(plan, deadline - 0.1 * budget)
     results.update(lambda data: data["correctness"].update(sanitizer=sanitizer))
     # Last: it loads CUDA and CPU kernels in one process (the two packages' runtimes, see GPU_NOTES.md)
     roi = check_roi(plan, device, gpu, results, deadline)
-    bad = [row for row in conv + roi if not row["ok"]]
-    planned = len(conformance_cases(plan)) + len(plan.roi_checks)
-    checked = len({(r["case"], r["dtype"]) for r in conv + roi})
+    bad = [row for row in conv + roi + gather if not row["ok"]]
+    planned = len(conformance_cases(plan)) + len(plan.roi_checks) + len(plan.gather_checks) * len(plan.gather_dtypes)
+    checked = len({(r["case"], r["dtype"]) for r in conv + roi + gather})
     found = (f"pytest -m cuda: {pytest['result']}; {checked}/{planned} cases on {where}, {len(bad)} results out of "
              f"tolerance; sanitizer: " + ", ".join(f"{tool} {r['result']}" for tool, r in sanitizer.items()))
     if bad or not pytest["ok"] or not all(r["ok"] for r in sanitizer.values()):
@@ -1086,6 +1258,39 @@ def time_roi(case: RoICase, dtype_name: str, device, timer: Timer) -> list[dict]
     return rows
 
 
+def time_gather(case: GatherCase, dtype_name: str, device, timer: Timer) -> list[dict]:
+    """dcn_tvm against the grid_sample formulation: forward (no grad) and forward+backward (every leaf)."""
+    import torch
+
+    call = gather_call(case, torch_dtype(dtype_name), device)
+    leaves = [t.requires_grad_() for t in call.leaves]
+    rows, outputs = [], {}
+    for method, function in call.methods.items():
+
+        def forward():
+            with torch.no_grad():
+                return function(*leaves)
+
+        def forward_backward():
+            torch.autograd.grad(function(*leaves), leaves, call.grad)
+
+        for direction, run in zip(DIRECTIONS, (forward, forward_backward)):
+            row = dict(op=case.op, shape=case.label, dtype=dtype_name, direction=direction, method=method,
+                       median_ms=None, peak_bytes=None, repeats=0, note="", gflop=None)
+            try:
+                if direction == "forward":
+                    outputs[method] = forward()
+                row["median_ms"], row["peak_bytes"], row["repeats"] = timer(run)
+                row["note"] = timer.note()
+            except (RuntimeError, NotImplementedError) as error:
+                row["note"] = _unsupported(error)
+            rows.append(row)
+    if len(outputs) == 2:
+        agreement = relative_error(outputs["dcn_tvm"], outputs["grid_sample"])
+        rows[0]["note"] = " ".join(filter(None, (rows[0]["note"], f"forward vs grid_sample {agreement:.1e}")))
+    return rows
+
+
 def step_speed(plan: Plan, results: Results, deadline: float) -> tuple[str, str]:
     import torch
 
@@ -1094,8 +1299,10 @@ def step_speed(plan: Plan, results: Results, deadline: float) -> tuple[str, str]
     timer = Timer(device, plan.repeats)
     conv = [[(time_conv, (plan, shape, dtype)) for dtype in plan.conv_dtypes] for shape in plan.conv_shapes]
     roi = [[(time_roi, (case, dtype)) for dtype in plan.roi_dtypes] for case in plan.roi_cases]
-    # in order of value, should time run out: conv5, the R-FCN pooling, then the others
-    jobs = [job for group in conv[:1] + roi[:1] + conv[1:] + roi[1:] for job in group]
+    gather = [[(time_gather, (case, dtype)) for dtype in plan.gather_dtypes] for case in plan.gather_cases]
+    # in order of value, should time run out: conv5, the R-FCN pooling, the DETR encoder, DCNv3, the others
+    jobs = [job for group in conv[:1] + roi[:1] + gather[:1] + gather[2:3] + conv[1:] + roi[1:] + gather[1:2]
+            + gather[3:] for job in group]
     done = 0
     for function, arguments in jobs:
         if time.time() > deadline:

@@ -25,7 +25,7 @@ from dcn_tvm.ops import deform_roi_pool as roi_op
 from dcn_tvm.ops import ms_deform_attn as msda_op
 from dcn_tvm.tuning.tuner import Result
 
-__all__ = ["Result", "from_model", "record", "run", "which_schedule"]
+__all__ = ["Result", "call_workload", "from_model", "record", "run", "which_schedule"]
 
 
 def run(workloads=(), presets=(), target: str = "auto", trials: int = 64, logs: str | Path | None = None,
@@ -85,6 +85,12 @@ _WORKLOADS = {
 }
 
 
+def call_workload(op: str, *args) -> Workload:
+    """The workload of one call of the torch op named `op` (a key of _WORKLOADS, e.g.
+    "dcn_tvm::ms_deform_attn") with its positional arguments, built by the op's own checks."""
+    return _WORKLOADS[op](*args)
+
+
 class _Recorder(TorchDispatchMode):
     """Notes the workload of every dcn_tvm operator call that passes through the dispatcher."""
 
@@ -93,9 +99,8 @@ class _Recorder(TorchDispatchMode):
         self.workloads: list[Workload] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        workload = _WORKLOADS.get(func._schema.name)
-        if workload is not None:
-            self.workloads.append(workload(*args))
+        if func._schema.name in _WORKLOADS:
+            self.workloads.append(call_workload(func._schema.name, *args))
         return func(*args, **(kwargs or {}))
 
 

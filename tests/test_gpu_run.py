@@ -24,7 +24,10 @@ def _expected_rows(plan) -> set[tuple]:
             for method in ("dcn_tvm", "torchvision", "dense conv2d")}
     roi = {("deform_roi_pool", case.label, dtype, direction, method) for case in plan.roi_cases
            for dtype in plan.roi_dtypes for direction in gpu_run.DIRECTIONS for method in ("dcn_tvm", "torchvision")}
-    return conv | roi
+    gather = {(case.op, case.label, dtype, direction, method) for case in plan.gather_cases
+              for dtype in plan.gather_dtypes for direction in gpu_run.DIRECTIONS
+              for method in ("dcn_tvm", "grid_sample")}
+    return conv | roi | gather
 
 
 def _simulator_available() -> bool:
@@ -59,8 +62,12 @@ def test_rehearsal_runs_every_step_and_writes_both_files(tmp_path):
         correctness = data["correctness"]
         assert {(r["case"], r["dtype"]) for r in correctness["conv"]} == {
             (f"CASES[{index}]", dtype) for index, dtype in plan.conformance}
-        assert all(r["ok"] for r in correctness["conv"] + correctness["roi"])
+        assert all(r["ok"] for r in correctness["conv"] + correctness["roi"] + correctness["gather"])
         assert len(correctness["roi"]) == 3 * len(plan.roi_checks)
+        assert {(r["case"], r["dtype"]) for r in correctness["gather"]} == {
+            (f"{case.op} {case.label}", dtype) for case in plan.gather_checks for dtype in plan.gather_dtypes}
+        # the output and each gradient: three for the attention and DCNv3, two for DCNv4 (input, offset_mask)
+        assert len(correctness["gather"]) == sum(3 if case.op == "dcnv4" else 4 for case in plan.gather_checks)
         assert "4 skipped" in correctness["pytest"]["result"]  # the cuda-marked tests, without a GPU
         assert all(r["ok"] for r in correctness["sanitizer"].values())
     assert [(t["stage"], t["trials"]) for t in data["tuning"]] == [("forward", plan.tune_trials)]
@@ -112,5 +119,6 @@ def test_the_package_workloads_cover_every_kernel_the_gpu_run_asks_for():
         held = expand([task.spec for text in texts for task in Workload.parse(text).tasks(target)])
         asked = gpu_run.requested_specs(plan, kind)
         assert asked and all(spec.workload_key in held for spec in asked), kind
-    dtypes = {text.rsplit("dtype=", 1)[1] for text in gpu_run.workloads(plan, "cuda")}
-    assert dtypes == {"float32", "float16", "bfloat16"}
+    cuda = gpu_run.workloads(plan, "cuda")
+    assert {text.rsplit("dtype=", 1)[1] for text in cuda} == {"float32", "float16", "bfloat16"}
+    assert {text.partition(":")[0] for text in cuda} == {"deform_conv2d", "deform_roi_pool", "ms_deform_attn", "dcnv3"}
