@@ -360,6 +360,44 @@ def test_simulated_gpu_forward_and_gradients(case, packed, simulated_gpu):
         assert torch.isfinite(a).all() and relative_error(a, b) < 1e-4, name
 
 
+@pytest.fixture
+def shape_generic(monkeypatch):
+    """Every call runs the shape-generic kernels (DCN_TVM_SHAPES=dynamic), whose output size is a size of its
+    own rather than the window arithmetic of the input's."""
+    from dcn_tvm.ops import shapes
+
+    monkeypatch.setenv("DCN_TVM_SHAPES", "dynamic")
+    shapes.forget()
+    yield
+    shapes.forget()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_shape_generic_kernels_match_the_references(case, packed, shape_generic):
+    """Strides, dilation and padding that change the output size included (float64)."""
+    x, offset, mask = make_inputs(case, torch.float64)
+    torch.testing.assert_close(run(case, x, offset, mask, packed),
+                               dcnv3_loops(x, offset, mask, *reference_arguments(case)), rtol=1e-10, atol=1e-10)
+    for a, b in zip(*_gradients(case, packed)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("case,packed", [GPU_CASES[1], GPU_CASES[4]], ids=["v3-5x5-stride2x1", "v4-stride2"])
+def test_simulated_gpu_shape_generic_kernels(case, packed, simulated_gpu, shape_generic):
+    """The shape-generic CUDA kernels of geometries whose output is smaller than the input: TVM 0.27 could
+    not bind their threads while the output size was the input's window arithmetic (InternalError)."""
+    x, offset, mask = make_inputs(case)
+    with simulated_gpu():
+        out = run(case, x, offset, mask, packed)
+        ours, expected = _gradients(case, packed, dtype=torch.float32)
+    torch.testing.assert_close(out.double(), dcnv3_loops(x, offset, mask, *reference_arguments(case)),
+                               rtol=1e-4, atol=1e-4)
+    for name, a, b in zip(("input", "offset", "mask"), ours, expected):
+        assert torch.isfinite(a).all() and relative_error(a, b) < 1e-4, name
+
+
 def test_workloads_name_the_ops_kernels():
     """A preset's workload gives the very specs the op asks for (forward, backward, scatter), and back."""
     from dcn_tvm.kernels import workloads

@@ -72,6 +72,17 @@ def _readers(geo: DCNv3Geometry, offset, mask) -> _Readers:
                     lambda n, y, x, g, p: mask[n, y, x, g, p])
 
 
+def _output_size(geo: DCNv3Geometry, height, width) -> tuple:
+    """(Ho, Wo) of an input of height x width: the geometry's window arithmetic at static sizes; at symbolic
+    ones two sizes of their own, bound by the sampling tensors' shapes (the op checks them against the
+    input's). TVM 0.27 fails to bind GPU threads to a fused loop whose extent holds that arithmetic's floor
+    division where it does not simplify away (any geometry but stride 1 with "same" padding): the CUDA
+    builds of such shape-generic kernels failed (InternalError, unbound blockIdx.x)."""
+    if isinstance(height, int) and isinstance(width, int):
+        return geo.output_size(height, width)
+    return te.var("out_h", "int64"), te.var("out_w", "int64")
+
+
 def sampling_shapes(geo: DCNv3Geometry, batch, out_h, out_w) -> list[tuple]:
     """The kernels' shapes of the sampling tensors and of their gradients: DCNv3's offset
     [N, Ho, Wo, G, P, 2] and mask [N, Ho, Wo, G, P], or DCNv4's offset_mask [N, Ho, Wo, D]."""
@@ -185,7 +196,7 @@ def forward(geo: DCNv3Geometry, batch, height, width):
     """(input, offset, mask) or (input, offset_mask) -> output [N, Ho, Wo, G*GC]; returns (arguments,
     outputs) in call order."""
     acc, gc = geo.acc_dtype, geo.group_channels
-    out_h, out_w = geo.output_size(height, width)
+    out_h, out_w = _output_size(geo, height, width)
     data = te.placeholder((batch, height, width, geo.channels), geo.dtype, name="input")
     sampling, readers = _sampling_operands(geo, batch, out_h, out_w)
     positions = _positions_stage(geo, readers, batch, out_h, out_w, height, width)
@@ -222,7 +233,7 @@ def backward(geo: DCNv3Geometry, batch, height, width):
     outside read as zero, and zero where nothing is sampled.
     """
     acc, gc, p_count = geo.acc_dtype, geo.group_channels, geo.points
-    out_h, out_w = geo.output_size(height, width)
+    out_h, out_w = _output_size(geo, height, width)
     data = te.placeholder((batch, height, width, geo.channels), geo.dtype, name="input")
     sampling, readers = _sampling_operands(geo, batch, out_h, out_w)
     grad_output = te.placeholder((batch, out_h, out_w, geo.channels), geo.dtype, name="grad_output")
@@ -316,21 +327,22 @@ def scatter_grad_input(geo: DCNv3Geometry, sizes, atomic: bool):
                         _corner(geo, offset, mask, (vb, vy, vx, vg, vp), h, w, vt)[2]
                         * grad_output[vb, vy, vx, vg * gc + vc].astype(acc))
 
+    out_size = _output_size(geo, *sizes[1:])
     if geo.packed:
         @T.prim_func(s_tir=True)
         def scatter(offset_mask_h: T.handle, grad_output_h: T.handle, grad_input_h: T.handle):
             T.func_attr({"tirx.noalias": True})
-            offset_mask = T.match_buffer(offset_mask_h, sampling_shapes(geo, *sizes[:1], *geo.output_size(*sizes[1:]))[0], geo.dtype)
-            grad_output = T.match_buffer(grad_output_h, (sizes[0], *geo.output_size(*sizes[1:]), channels), geo.dtype)
+            offset_mask = T.match_buffer(offset_mask_h, sampling_shapes(geo, sizes[0], *out_size)[0], geo.dtype)
+            grad_output = T.match_buffer(grad_output_h, (sizes[0], *out_size, channels), geo.dtype)
             grad_input = T.match_buffer(grad_input_h, (*sizes, channels), acc)
             body(offset_mask, offset_mask, grad_output, grad_input, *sizes)
     else:
         @T.prim_func(s_tir=True)
         def scatter(offset_h: T.handle, mask_h: T.handle, grad_output_h: T.handle, grad_input_h: T.handle):
             T.func_attr({"tirx.noalias": True})
-            offset = T.match_buffer(offset_h, sampling_shapes(geo, *sizes[:1], *geo.output_size(*sizes[1:]))[0], geo.dtype)
-            mask = T.match_buffer(mask_h, sampling_shapes(geo, *sizes[:1], *geo.output_size(*sizes[1:]))[1], geo.dtype)
-            grad_output = T.match_buffer(grad_output_h, (sizes[0], *geo.output_size(*sizes[1:]), channels), geo.dtype)
+            offset = T.match_buffer(offset_h, sampling_shapes(geo, sizes[0], *out_size)[0], geo.dtype)
+            mask = T.match_buffer(mask_h, sampling_shapes(geo, sizes[0], *out_size)[1], geo.dtype)
+            grad_output = T.match_buffer(grad_output_h, (sizes[0], *out_size, channels), geo.dtype)
             grad_input = T.match_buffer(grad_input_h, (*sizes, channels), acc)
             body(offset, mask, grad_output, grad_input, *sizes)
 
