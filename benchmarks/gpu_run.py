@@ -902,6 +902,23 @@ def conv_results(function, tensors, conv, grad, dtype, device) -> list:
 
 
 
+def add_error_rows(results: Results, key: str, case: str, dtype_name: str, names, ours, theirs,
+                   reference) -> list[dict]:
+    """Correctness rows of one call, added to results' table `key`: each result's relative error against the
+    peer in the same dtype (None where the peer has no such dtype) and against the float64 reference, and the
+    peer's own; ok within the dtype's tolerance, or twice the peer's error."""
+    rows = [dict(case=case, dtype=dtype_name, result=name, vs_peer=None if b is None else relative_error(a, b),
+                 vs_float64=relative_error(a, ref), peer_vs_float64=None if b is None else relative_error(b, ref))
+            for name, a, b, ref in zip(names, ours, theirs, reference)]
+    for row in rows:
+        own = row["vs_float64"]
+        row["ok"] = math.isfinite(own) and own <= max(TOLERANCE[dtype_name], 2 * (row["peer_vs_float64"] or 0))
+    results.update(lambda data: data["correctness"][key].extend(rows))
+    log(f"b: {key} {case} {dtype_name}: worst vs float64 {max(r['vs_float64'] for r in rows):.1e}, "
+        f"{'ok' if all(r['ok'] for r in rows) else 'MISMATCH'}")
+    return rows
+
+
 def check_conv(plan: Plan, device, gpu, results: Results, deadline: float) -> list[dict]:
     """dcn_tvm against torchvision in each dtype, and both against torchvision in float64 on the same
     inputs (rounded to the dtype), forward and every gradient, over the conformance cases."""
@@ -930,18 +947,7 @@ def check_conv(plan: Plan, device, gpu, results: Results, deadline: float) -> li
         except (RuntimeError, NotImplementedError):  # torchvision's CPU kernels have no half types
             theirs = [None] * len(ours)
         names = ["output", "grad input", "grad offset", "grad weight", "grad bias", "grad mask"][:len(ours)]
-        tolerance = TOLERANCE[dtype_name]
-        rows = [dict(case=f"CASES[{index}]", dtype=dtype_name, result=name,
-                     vs_peer=None if b is None else relative_error(a, b), vs_float64=relative_error(a, ref),
-                     peer_vs_float64=None if b is None else relative_error(b, ref))
-                for name, a, b, ref in zip(names, ours, theirs, reference)]
-        for row in rows:
-            own = row["vs_float64"]
-            row["ok"] = math.isfinite(own) and own <= max(tolerance, 2 * (row["peer_vs_float64"] or 0))
-        found += rows
-        results.update(lambda data: data["correctness"]["conv"].extend(rows))
-        log(f"b: deform_conv2d CASES[{index}] {dtype_name}: worst vs float64 "
-            f"{max(r['vs_float64'] for r in rows):.1e}, {'ok' if all(r['ok'] for r in rows) else 'MISMATCH'}")
+        found += add_error_rows(results, "conv", f"CASES[{index}]", dtype_name, names, ours, theirs, reference)
     return found
 
 
@@ -1024,17 +1030,8 @@ def check_gather(plan: Plan, device, gpu, results: Results, deadline: float) -> 
             names = ["output"] + [f"grad {name}" for name in (
                 ("value", "locations", "weights") if case.op == "ms_deform_attn" else
                 ("input", "offset_mask") if case.op == "dcnv4" else ("input", "offset", "mask"))]
-            rows = [dict(case=f"{case.op} {case.label}", dtype=dtype_name, result=name,
-                         vs_peer=None if b is None else relative_error(a, b), vs_float64=relative_error(a, ref),
-                         peer_vs_float64=None if b is None else relative_error(b, ref))
-                    for name, a, b, ref in zip(names, ours, theirs, reference)]
-            for row in rows:
-                own = row["vs_float64"]
-                row["ok"] = math.isfinite(own) and own <= max(TOLERANCE[dtype_name], 2 * (row["peer_vs_float64"] or 0))
-            found += rows
-            results.update(lambda data: data["correctness"]["gather"].extend(rows))
-            log(f"b: {case.op} {case.label} {dtype_name}: worst vs float64 {max(r['vs_float64'] for r in rows):.1e}, "
-                f"{'ok' if all(r['ok'] for r in rows) else 'MISMATCH'}")
+            found += add_error_rows(results, "gather", f"{case.op} {case.label}", dtype_name, names, ours, theirs,
+                                    reference)
     return found
 
 
@@ -1170,6 +1167,33 @@ def _unsupported(error: Exception) -> str:
     return f"{type(error).__name__}: {line.strip()[:100]}"
 
 
+def time_directions(timer: Timer, forward, forward_backward, outputs: dict, **fields) -> list[dict]:
+    """A row for each direction of one method (`fields`: op, shape, dtype, method): the median time and peak
+    of forward() (no grad) and forward_backward(), the forward's output kept in outputs[method]; a method
+    that cannot run (torchvision without the dtype) notes why."""
+    rows = []
+    for direction, call in zip(DIRECTIONS, (forward, forward_backward)):
+        row = dict(fields, direction=direction, median_ms=None, peak_bytes=None, repeats=0, note="", gflop=None)
+        try:
+            if direction == "forward":
+                outputs[fields["method"]] = forward()
+            row["median_ms"], row["peak_bytes"], row["repeats"] = timer(call)
+            row["note"] = timer.note()
+        except (RuntimeError, NotImplementedError) as error:
+            row["note"] = _unsupported(error)
+        rows.append(row)
+    return rows
+
+
+def note_agreement(rows: list[dict], outputs: dict, peer: str) -> None:
+    """Note on dcn_tvm's forward row how far its output is from `peer`'s (relative L2)."""
+    if "dcn_tvm" in outputs and peer in outputs:
+        agreement = relative_error(outputs["dcn_tvm"], outputs[peer])
+        for row in rows:
+            if row["method"] == "dcn_tvm" and row["direction"] == "forward":
+                row["note"] = " ".join(filter(None, (row["note"], f"forward vs {peer} {agreement:.1e}")))
+
+
 def time_conv(plan: Plan, shape: ConvShape, dtype_name: str, device, timer: Timer) -> list[dict]:
     import torch
 
@@ -1187,24 +1211,13 @@ def time_conv(plan: Plan, shape: ConvShape, dtype_name: str, device, timer: Time
         def forward_backward():
             torch.autograd.grad(function(*arguments, shape), leaves, tensors["grad"])
 
-        for direction, call in zip(DIRECTIONS, (forward, forward_backward)):
-            row = dict(op="deform_conv2d", shape=shape.label, dtype=dtype_name, direction=direction, method=method,
-                       median_ms=None, peak_bytes=None, repeats=0, note="", gflop=None)
-            try:
-                if direction == "forward":
-                    outputs[method] = forward()
-                row["median_ms"], row["peak_bytes"], row["repeats"] = timer(call)
-                row["note"] = timer.note()
-            except (RuntimeError, NotImplementedError) as error:
-                row["note"] = _unsupported(error)
-            if method == "dcn_tvm":
-                row["gflop"] = shape.gflop() * (1 if direction == "forward" else 3)
-            rows.append(row)
-    if "dcn_tvm" in outputs and "torchvision" in outputs:
-        agreement = relative_error(outputs["dcn_tvm"], outputs["torchvision"])
-        for row in rows:
-            if row["method"] == "dcn_tvm" and row["direction"] == "forward":
-                row["note"] = " ".join(filter(None, (row["note"], f"forward vs torchvision {agreement:.1e}")))
+        found = time_directions(timer, forward, forward_backward, outputs, op="deform_conv2d", shape=shape.label,
+                                dtype=dtype_name, method=method)
+        if method == "dcn_tvm":
+            for row in found:
+                row["gflop"] = shape.gflop() * (1 if row["direction"] == "forward" else 3)
+        rows += found
+    note_agreement(rows, outputs, "torchvision")
     return rows
 
 
@@ -1240,21 +1253,17 @@ def time_roi(case: RoICase, dtype_name: str, device, timer: Timer) -> list[dict]
 
         def forward():
             with torch.no_grad():
-                function(x, rois, offset, kwargs)
+                return function(x, rois, offset, kwargs)
 
         def forward_backward():
             torch.autograd.grad(function(x, rois, offset, kwargs), leaves, grad)
 
-        for direction, call in zip(DIRECTIONS, (forward, forward_backward)):
-            row = dict(op="deform_roi_pool", shape=case.label, dtype=dtype_name, direction=direction,
-                       method=method, median_ms=None, peak_bytes=None, repeats=0, gflop=None,
-                       note="" if method == "dcn_tvm" else f"{case.torchvision} (no offsets: for scale)")
-            try:
-                row["median_ms"], row["peak_bytes"], row["repeats"] = timer(call)
-                row["note"] = " ".join(filter(None, (row["note"], timer.note())))
-            except (RuntimeError, NotImplementedError) as error:
-                row["note"] = _unsupported(error)
-            rows.append(row)
+        found = time_directions(timer, forward, forward_backward, {}, op="deform_roi_pool", shape=case.label,
+                                dtype=dtype_name, method=method)
+        if method != "dcn_tvm":
+            for row in found:
+                row["note"] = " ".join(filter(None, (f"{case.torchvision} (no offsets: for scale)", row["note"])))
+        rows += found
     return rows
 
 
@@ -1274,20 +1283,9 @@ def time_gather(case: GatherCase, dtype_name: str, device, timer: Timer) -> list
         def forward_backward():
             torch.autograd.grad(function(*leaves), leaves, call.grad)
 
-        for direction, run in zip(DIRECTIONS, (forward, forward_backward)):
-            row = dict(op=case.op, shape=case.label, dtype=dtype_name, direction=direction, method=method,
-                       median_ms=None, peak_bytes=None, repeats=0, note="", gflop=None)
-            try:
-                if direction == "forward":
-                    outputs[method] = forward()
-                row["median_ms"], row["peak_bytes"], row["repeats"] = timer(run)
-                row["note"] = timer.note()
-            except (RuntimeError, NotImplementedError) as error:
-                row["note"] = _unsupported(error)
-            rows.append(row)
-    if len(outputs) == 2:
-        agreement = relative_error(outputs["dcn_tvm"], outputs["grid_sample"])
-        rows[0]["note"] = " ".join(filter(None, (rows[0]["note"], f"forward vs grid_sample {agreement:.1e}")))
+        rows += time_directions(timer, forward, forward_backward, outputs, op=case.op, shape=case.label,
+                                dtype=dtype_name, method=method)
+    note_agreement(rows, outputs, "grid_sample")
     return rows
 
 
