@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from dcn_tvm.geometry.dcnv3 import DCNv3Geometry, dcnv3_geometry
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
-from dcn_tvm.kernels.targets import target_key, target_kind
+from dcn_tvm.kernels.targets import target_key
 from dcn_tvm.ops import dispatch, onnx_forms, shapes
 
 OP = "dcnv3"
@@ -55,7 +55,8 @@ def _spec(stage: str, geo: DCNv3Geometry, input: Tensor) -> KernelSpec:
     torch.use_deterministic_algorithms the scatter without atomic adds (the CPU's never add atomically)."""
     n, h, w, _ = input.shape
     target = target_key(input.device)
-    deterministic = stage == "scatter" and target_kind(target) == "cuda" and torch.are_deterministic_algorithms_enabled()
+    deterministic = stage == "scatter" and dispatch.deterministic_scatter(target,
+                                                                          torch.are_deterministic_algorithms_enabled())
     return shapes.choose(KernelSpec(OP, stage, geo, (("n", n), ("h", h), ("w", w)), target, acc_dtype=geo.acc_dtype,
                                     deterministic=deterministic))
 

@@ -102,7 +102,7 @@ def scatter_spec(geo: ConvGeometry, target: str, deterministic: bool = False) ->
     without the atomic adds a CUDA scatter makes otherwise (the CPU's adds are never atomic)."""
     stage = "scatter_channels_last" if layout(geo, target) == "channels_last" else "scatter"
     return KernelSpec(OP, stage, None, (), target, acc_dtype=geo.acc_dtype,
-                      deterministic=deterministic and target_kind(target) == "cuda")
+                      deterministic=dispatch.deterministic_scatter(target, deterministic))
 
 
 def _contiguous(*tensors):

@@ -114,7 +114,7 @@ def scatter_spec(geo: RoIPoolGeometry, target: str, deterministic: bool = False)
     adds a CUDA scatter makes otherwise (the CPU's adds are never atomic)."""
     sizes = (("r", None), ("n", None), ("h", None), ("w", None))
     return KernelSpec(OP, "scatter", geo, sizes, target, acc_dtype=geo.acc_dtype,
-                      deterministic=deterministic and target_kind(target) == "cuda")
+                      deterministic=dispatch.deterministic_scatter(target, deterministic))
 
 
 def _spec(stage: str, geo: RoIPoolGeometry, input: Tensor) -> KernelSpec:

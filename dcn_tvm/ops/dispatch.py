@@ -16,12 +16,19 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from dcn_tvm.geometry.dtypes import DTYPES
+from dcn_tvm.kernels.targets import target_kind
 
 _LIBRARY = torch.library.Library("dcn_tvm", "FRAGMENT")
 _DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _AUTOCAST_TO_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
 #: The torch dtypes the kernels are built for, to their names in DTYPES.
 _KERNEL_DTYPES = {getattr(torch, name): name for name in DTYPES}
+
+
+def deterministic_scatter(target: str, deterministic: bool) -> bool:
+    """Whether an op's gradient scatter for `target` is the one without atomic adds: asked for
+    (torch.use_deterministic_algorithms) on a CUDA target; the CPU's scatters never add atomically."""
+    return deterministic and target_kind(target) == "cuda"
 
 
 def compute_dtype(tensor: Tensor) -> torch.dtype:

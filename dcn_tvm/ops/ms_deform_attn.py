@@ -18,7 +18,7 @@ from dcn_tvm.geometry.arguments import positive_int as _positive_int
 from dcn_tvm.geometry.ms_deform_attn import MSDeformAttnGeometry, ms_deform_attn_geometry
 from dcn_tvm.kernels.cache import get_kernel
 from dcn_tvm.kernels.spec import KernelSpec
-from dcn_tvm.kernels.targets import target_key, target_kind
+from dcn_tvm.kernels.targets import target_key
 from dcn_tvm.ops import dispatch, onnx_forms, shapes
 
 OP = "ms_deform_attn"
@@ -61,9 +61,9 @@ def geometry(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, s
 
 def scatter_spec(geo: MSDeformAttnGeometry, target: str, deterministic: bool = False) -> KernelSpec:
     """The value-gradient scatter of `geo` (every size symbolic); `deterministic`: without the atomic
-    adds, for torch.use_deterministic_algorithms (CUDA only; the CPU's never add atomically)."""
+    adds a CUDA scatter makes otherwise (dispatch.deterministic_scatter)."""
     return KernelSpec(OP, "scatter", geo, (("n", None), ("q", None)), target, acc_dtype=geo.acc_dtype,
-                      deterministic=deterministic and target_kind(target) == "cuda")
+                      deterministic=dispatch.deterministic_scatter(target, deterministic))
 
 
 def _spec(stage: str, geo: MSDeformAttnGeometry, sampling_locations: Tensor) -> KernelSpec:

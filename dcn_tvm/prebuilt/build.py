@@ -79,9 +79,9 @@ def expand(specs: list[KernelSpec]) -> dict[str, KernelSpec]:
         generic = [SCATTER_SPECS[spec.op](spec.geometry, spec.target)] \
             if spec.op in SCATTER_SPECS and spec.geometry is not None else []
         for kernel in (spec, spec.symbolic(), *generic):
-            twins = [True] if kernel.stage == "scatter" and target_kind(kernel.target) == "cuda" else []
-            for deterministic in (kernel.deterministic, *twins):
-                twin = dataclasses.replace(kernel, deterministic=deterministic)
+            kernels.setdefault(kernel.workload_key, kernel)
+            if kernel.stage == "scatter" and target_kind(kernel.target) == "cuda":
+                twin = dataclasses.replace(kernel, deterministic=True)
                 kernels.setdefault(twin.workload_key, twin)
     return kernels
 
