@@ -490,11 +490,12 @@ def conv_inputs(shape: ConvShape, dtype, device):
 
 @dataclass
 class GatherCall:
-    """A gather call's differentiable tensors (`leaves`, on the device in the dtype), what computes its
-    output from them by each method ("dcn_tvm", "grid_sample"), a grad_output, and the dcn_tvm op's name
-    and positional arguments (for its workload, dcn_tvm.tune.call_workload)."""
+    """A gather call's differentiable tensors (`leaves`, on the device in the dtype, and their `names`), what
+    computes its output from them by each method ("dcn_tvm", "grid_sample"), a grad_output, and the dcn_tvm
+    op's name and positional arguments (for its workload, dcn_tvm.tune.call_workload)."""
 
     leaves: list
+    names: tuple
     methods: dict
     grad: object
     op: str
@@ -515,12 +516,13 @@ def gather_call(case: GatherCase, dtype, device, seed: int = 0) -> GatherCall:
 
         value, shapes, starts, locations, weights = make_inputs(case.case, dtype=torch.float32, seed=seed)
         leaves = [t.to(device, dtype) for t in (value, locations, weights)]
+        names = ("value", "locations", "weights")
         shapes, starts = shapes.to(device), starts.to(device)
         methods = {"dcn_tvm": lambda v, loc, w: dcn_tvm.ms_deform_attn(v, shapes, starts, loc, w),
                    "grid_sample": lambda v, loc, w: ms_deform_attn_grid_sample(v, shapes, loc, w)}
         n, _, heads, head_dim, _, queries = case.case
-        out_shape, op, op_args = (n, queries, heads * head_dim), "dcn_tvm::ms_deform_attn", (
-            leaves[0], shapes, starts, *leaves[1:])
+        out_shape = (n, queries, heads * head_dim)
+        op, op_args = "dcn_tvm::ms_deform_attn", (leaves[0], shapes, starts, *leaves[1:])
     else:
         from test_dcnv3 import arguments, make_inputs, output_size, reference_arguments
 
@@ -529,17 +531,19 @@ def gather_call(case: GatherCase, dtype, device, seed: int = 0) -> GatherCall:
         points = mask.shape[-1] // group
         if case.op == "dcnv4":
             leaves = [t.to(device, dtype) for t in (x, pack_offset_mask(offset, mask, group))]
+            names = ("input", "offset_mask")
             methods = {"dcn_tvm": lambda x, packed: dcn_tvm.dcnv4_core(x, packed, *parameters),
                        "grid_sample": lambda x, packed: dcnv3_grid_sample(
                            x, *unpack_offset_mask(packed, group, points), *reference)}
         else:
             leaves = [t.to(device, dtype) for t in (x, offset, mask)]
+            names = ("input", "offset", "mask")
             methods = {"dcn_tvm": lambda x, offset, mask: dcn_tvm.dcnv3_core(x, offset, mask, *parameters),
                        "grid_sample": lambda x, offset, mask: dcnv3_grid_sample(x, offset, mask, *reference)}
         out_shape = (x.shape[0], *output_size(case.case), x.shape[3])
         op, op_args = f"dcn_tvm::{case.op}_core", (*leaves, *parameters)
     grad = torch.randn(out_shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
-    return GatherCall(leaves, methods, grad, op, op_args)
+    return GatherCall(leaves, names, methods, grad, op, op_args)
 
 
 @contextlib.contextmanager
@@ -1027,9 +1031,7 @@ def check_gather(plan: Plan, device, gpu, results: Results, deadline: float) -> 
                 theirs = gather_results(call, "grid_sample", dtype, device)
             except (RuntimeError, NotImplementedError):  # grid_sample on the CPU has no float16
                 theirs = [None] * len(ours)
-            names = ["output"] + [f"grad {name}" for name in (
-                ("value", "locations", "weights") if case.op == "ms_deform_attn" else
-                ("input", "offset_mask") if case.op == "dcnv4" else ("input", "offset", "mask"))]
+            names = ["output"] + [f"grad {name}" for name in call.names]
             found += add_error_rows(results, "gather", f"{case.op} {case.label}", dtype_name, names, ours, theirs,
                                     reference)
     return found

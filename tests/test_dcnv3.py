@@ -72,9 +72,21 @@ def relative_error(actual, expected):
     return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-12)).item()
 
 
+@pytest.fixture(params=["static", "dynamic"], ids=["exact-size", "shape-generic"])
+def kernel_sizes(request, monkeypatch):
+    """The calls run the kernels of their exact sizes, or the shape-generic ones (DCN_TVM_SHAPES=dynamic), whose
+    output size is a size of its own rather than the window arithmetic of the input's."""
+    from dcn_tvm.ops import shapes
+
+    monkeypatch.setenv("DCN_TVM_SHAPES", request.param)
+    shapes.forget()
+    yield
+    shapes.forget()
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_forward_matches_loop_reference(case, packed):
+def test_forward_matches_loop_reference(case, packed, kernel_sizes):
     x, offset, mask = make_inputs(case, torch.float64)
     out = run(case, x, offset, mask, packed)
     expected = dcnv3_loops(x, offset, mask, *reference_arguments(case))
@@ -104,7 +116,7 @@ def _gradients(case, packed, dtype=torch.float64, seed=0):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_gradients_match_grid_sample_autograd(case, packed):
+def test_gradients_match_grid_sample_autograd(case, packed, kernel_sizes):
     ours, expected = _gradients(case, packed)
     for name, a, b in zip(("input", "offset", "mask"), ours, expected):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
@@ -348,54 +360,30 @@ def simulated_gpu(simulated_gpu_of):
     return simulated_gpu_of(ops)
 
 
+def _matches_on_the_simulated_gpu(case, packed, simulated_gpu) -> None:
+    """The op on the simulated GPU (float32): its output against the loops, its gradients against grid_sample
+    autograd."""
+    x, offset, mask = make_inputs(case)
+    with simulated_gpu():
+        out = run(case, x, offset, mask, packed)
+        ours, expected = _gradients(case, packed, dtype=torch.float32)
+    torch.testing.assert_close(out.double(), dcnv3_loops(x, offset, mask, *reference_arguments(case)),
+                               rtol=1e-4, atol=1e-4)
+    for name, a, b in zip(("input", "offset", "mask"), ours, expected):
+        assert torch.isfinite(a).all() and relative_error(a, b) < 1e-4, name
+
+
 @pytest.mark.parametrize("case,packed", GPU_CASES, ids=[f"{case_id(c)}-{'v4' if p else 'v3'}" for c, p in GPU_CASES])
 def test_simulated_gpu_forward_and_gradients(case, packed, simulated_gpu):
-    x, offset, mask = make_inputs(case)
-    with simulated_gpu():
-        out = run(case, x, offset, mask, packed)
-        ours, expected = _gradients(case, packed, dtype=torch.float32)
-    torch.testing.assert_close(out.double(), dcnv3_loops(x, offset, mask, *reference_arguments(case)),
-                               rtol=1e-4, atol=1e-4)
-    for name, a, b in zip(("input", "offset", "mask"), ours, expected):
-        assert torch.isfinite(a).all() and relative_error(a, b) < 1e-4, name
+    _matches_on_the_simulated_gpu(case, packed, simulated_gpu)
 
 
-@pytest.fixture
-def shape_generic(monkeypatch):
-    """Every call runs the shape-generic kernels (DCN_TVM_SHAPES=dynamic), whose output size is a size of its
-    own rather than the window arithmetic of the input's."""
-    from dcn_tvm.ops import shapes
-
-    monkeypatch.setenv("DCN_TVM_SHAPES", "dynamic")
-    shapes.forget()
-    yield
-    shapes.forget()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_shape_generic_kernels_match_the_references(case, packed, shape_generic):
-    """Strides, dilation and padding that change the output size included (float64)."""
-    x, offset, mask = make_inputs(case, torch.float64)
-    torch.testing.assert_close(run(case, x, offset, mask, packed),
-                               dcnv3_loops(x, offset, mask, *reference_arguments(case)), rtol=1e-10, atol=1e-10)
-    for a, b in zip(*_gradients(case, packed)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
-
-
+@pytest.mark.parametrize("kernel_sizes", ["dynamic"], indirect=True)
 @pytest.mark.parametrize("case,packed", [GPU_CASES[1], GPU_CASES[4]], ids=["v3-5x5-stride2x1", "v4-stride2"])
-def test_simulated_gpu_shape_generic_kernels(case, packed, simulated_gpu, shape_generic):
+def test_simulated_gpu_shape_generic_kernels(case, packed, simulated_gpu, kernel_sizes):
     """The shape-generic CUDA kernels of geometries whose output is smaller than the input: TVM 0.27 could
     not bind their threads while the output size was the input's window arithmetic (InternalError)."""
-    x, offset, mask = make_inputs(case)
-    with simulated_gpu():
-        out = run(case, x, offset, mask, packed)
-        ours, expected = _gradients(case, packed, dtype=torch.float32)
-    torch.testing.assert_close(out.double(), dcnv3_loops(x, offset, mask, *reference_arguments(case)),
-                               rtol=1e-4, atol=1e-4)
-    for name, a, b in zip(("input", "offset", "mask"), ours, expected):
-        assert torch.isfinite(a).all() and relative_error(a, b) < 1e-4, name
+    _matches_on_the_simulated_gpu(case, packed, simulated_gpu)
 
 
 def test_workloads_name_the_ops_kernels():
@@ -438,9 +426,7 @@ def test_onnx_export_runs_in_onnxruntime(packed):
     too (dynamic batch and spatial sizes)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from test_export import run_onnxruntime
-
-    from dcn_tvm.export import to_onnx
+    from test_export import run_onnxruntime, standard_op_exports
 
     torch.manual_seed(0)
     layer = dcn_tvm.DCNv4(channels=16, group=2, dw_kernel_size=3) if packed else dcn_tvm.DCNv3(channels=24, group=3)
@@ -460,10 +446,7 @@ def test_onnx_export_runs_in_onnxruntime(packed):
     x = torch.randn(2, 5 * 6, 16) if packed else torch.randn(2, 5, 6, 24)
     dynamic = torch.export.Dim.DYNAMIC  # channels-last: the channels are the last dimension
     shapes = None if packed else ({0: dynamic, 1: dynamic, 2: dynamic},)
-    programs = [torch.onnx.export(model, (x,), dynamo=True, verbose=False, dynamic_shapes=shapes),
-                to_onnx(torch.export.export(model, (x,), dynamic_shapes=shapes), (x,), verbose=False)]
-    for program in programs:
-        assert {node.domain for node in program.model_proto.graph.node} <= {""}
+    for program in standard_op_exports(model, (x,), shapes):
         for sample in [x] if packed else [x, torch.randn(1, 7, 4, 24)]:
             torch.testing.assert_close(torch.from_numpy(run_onnxruntime(program.model_proto, sample)[0]),
                                        model(sample), rtol=1e-4, atol=1e-4)

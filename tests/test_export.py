@@ -27,6 +27,18 @@ def relative_error(actual, expected) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
+def standard_op_exports(model, args: tuple, dynamic_shapes) -> list:
+    """The ONNX programs of `model` through a plain torch.onnx.export and through to_onnx of a
+    torch.export.ExportedProgram captured outside an ONNX export; each holds standard ONNX ops only."""
+    from dcn_tvm.export import to_onnx
+
+    programs = [torch.onnx.export(model, args, dynamo=True, verbose=False, dynamic_shapes=dynamic_shapes),
+                to_onnx(torch.export.export(model, args, dynamic_shapes=dynamic_shapes), args, verbose=False)]
+    for program in programs:
+        assert {node.domain for node in program.model_proto.graph.node} <= {""}
+    return programs
+
+
 def run_onnxruntime(model_proto, *inputs):
     import onnxruntime
 

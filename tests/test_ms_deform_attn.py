@@ -295,9 +295,7 @@ def test_plain_torch_onnx_export_runs_in_onnxruntime():
     levels and with other level shapes, batch, queries (the level shapes are read at run time)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from test_export import run_onnxruntime
-
-    from dcn_tvm.export import to_onnx
+    from test_export import run_onnxruntime, standard_op_exports
 
     n, levels, heads, head_dim, points, queries = CASE
     torch.manual_seed(13)
@@ -314,10 +312,7 @@ def test_plain_torch_onnx_export_runs_in_onnxruntime():
     args = inputs(n, levels, queries)
     sizes = torch.export.Dim.DYNAMIC
     dynamic = ({0: sizes, 1: sizes}, {0: sizes, 1: sizes}, {0: sizes, 1: sizes}, None, None)
-    programs = [torch.onnx.export(module, args, dynamo=True, verbose=False, dynamic_shapes=dynamic),
-                to_onnx(torch.export.export(module, args, dynamic_shapes=dynamic), args, verbose=False)]
-    for program in programs:
-        assert {node.domain for node in program.model_proto.graph.node} <= {""}
+    for program in standard_op_exports(module, args, dynamic):
         for sample in (args, inputs(1, ((4, 9), (2, 2), (1, 3)), 5)):
             with torch.no_grad():
                 expected = module(*sample)
