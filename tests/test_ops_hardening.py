@@ -153,3 +153,39 @@ def test_double_backward_raises_clearly():
     (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         grad.sum().backward()
+
+
+def _meta_layers():
+    """(module, inputs) for each op's layer, on the CPU."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 9, 9, generator=gen)
+    rois = torch.tensor([[0, 1, 1, 6, 6.0], [1, 0, 2, 8, 5]])
+    level = torch.tensor([[6, 6], [3, 3]])
+    return {
+        "DeformConv2dPack": (dcn_tvm.DeformConv2dPack(8, 4, 3, padding=1, modulated=True), (x,)),
+        "DeformRoIPool": (dcn_tvm.DeformRoIPool(8, 3, 1.0), (x, rois)),
+        "DeformPSRoIPool": (dcn_tvm.DeformPSRoIPool(8, 2, 3, 1.0), (x, rois)),
+        "MultiScaleDeformableAttention": (dcn_tvm.MultiScaleDeformableAttention(16, 2, 2, 2), (
+            torch.randn(1, 5, 16, generator=gen), torch.rand(1, 5, 2, 2, generator=gen),
+            torch.randn(1, 45, 16, generator=gen), level, torch.tensor([0, 36]))),
+        "DCNv3": (dcn_tvm.DCNv3(channels=16, group=2), (torch.randn(1, 7, 7, 16, generator=gen),)),
+        "DCNv4": (dcn_tvm.DCNv4(channels=16, group=2), (torch.randn(1, 49, 16, generator=gen), (7, 7))),
+    }
+
+
+@pytest.mark.parametrize("name", list(_meta_layers()))
+def test_meta_tensors_give_the_shapes_of_a_real_call(name):
+    """As torchvision's ops: on the meta device (shape inference, models built on meta) each layer's forward
+    and backward give the output and gradient shapes of a real CPU call, with no data read."""
+    module, inputs = _meta_layers()[name]
+    leaf = inputs[0].clone().requires_grad_(True)
+    out = module(leaf, *inputs[1:])
+    out.sum().backward()
+    grads = {name: p.grad.shape for name, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    meta_leaf = inputs[0].to("meta").requires_grad_(True)
+    meta_out = module.to("meta")(meta_leaf, *[a.to("meta") if isinstance(a, torch.Tensor) else a for a in inputs[1:]])
+    meta_out.sum().backward()
+    assert meta_out.device.type == "meta" and meta_out.shape == out.shape and meta_out.dtype == out.dtype
+    assert meta_leaf.grad.device.type == "meta" and meta_leaf.grad.shape == leaf.grad.shape
+    assert {name: p.grad.shape for name, p in module.named_parameters() if p.grad is not None} == grads

@@ -62,8 +62,9 @@ def check_same_device(name: str, tensor: Tensor, first: Tensor, first_name: str 
 
 
 def check_device(tensor: Tensor) -> None:
-    """An op's first tensor argument must be on a device dcn_tvm has kernels for (ValueError)."""
-    if tensor.device.type not in _DEVICE_KEYS:
+    """An op's first tensor argument must be on a device dcn_tvm has kernels for, or on the meta device,
+    where the ops' fake kernels give the shapes (ValueError)."""
+    if tensor.device.type not in _DEVICE_KEYS and tensor.device.type != "meta":
         raise ValueError(f"dcn_tvm runs on cpu and cuda devices, got {tensor.device}")
 
 
