@@ -104,6 +104,26 @@ def stage_names(sch) -> set[str]:
     return {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
 
 
+def bound_loops(sch, block) -> list:
+    """The position in `sch.get_loops(block)` of the loop of every block iterator of `block` (its binding is
+    that loop's variable), or None where it has none: compute_at makes no loop for an iterator of extent 1,
+    and a fused loop binds several."""
+    loops = [sch.get(loop) for loop in sch.get_loops(block)]
+    name = sch.get(block).name_hint
+    realize = next(stmt for stmt in getattr(loops[-1].body, "seq", [loops[-1].body]) if stmt.block.name_hint == name)
+    return [next((i for i, loop in enumerate(loops) if loop.loop_var.same_as(value)), None)
+            for value in realize.iter_values]
+
+
+def vectorize_own_loop(sch, block) -> None:
+    """Vectorise the innermost loop of `block`, a stage moved under another's loops (reverse_compute_at,
+    decompose_reduction), when that loop is its own: a vector of extent 1 gets no loop there, and the loop
+    above is shared with other stages (head_dim or group channels of 1)."""
+    loop = sch.get_loops(block)[-1]
+    if len(sch.get_child_blocks(loop)) == 1:
+        sch.vectorize(loop)
+
+
 def channels_last_copy(sch, name: str, lanes: int) -> None:
     """Stage `name`, an [N, H, W, C] copy of an [N, C, H, W] tensor, in parallel blocks of `lanes`
     channels (dividing C): each task reads a few input planes front to back (a handful of pages, not

@@ -11,7 +11,7 @@ receive from its own samples only, so the adds need no atomics.
 
 from __future__ import annotations
 
-from .common import stage_names
+from .common import stage_names, vectorize_own_loop
 
 #: The sampling tables of the forward and backward graphs, inlined into their readers: they are
 #: invariant in the channel vector, so each is computed once per sample and corner.
@@ -44,7 +44,7 @@ def forward(sch) -> None:
     sch.reorder(p, c)
     sch.vectorize(c)
     sch.decompose_reduction(aggregate, p)
-    sch.vectorize(sch.get_loops(output)[-1])
+    vectorize_own_loop(sch, output)
 
 
 def backward(sch) -> None:

@@ -13,7 +13,7 @@ Tuning samples (`common.decide`) the queries per parallel task.
 
 from __future__ import annotations
 
-from .common import decide, divisors
+from .common import bound_loops, decide, divisors, vectorize_own_loop
 
 #: Queries per parallel task: the default, and the tuning candidates (dividing the query count).
 QUERY_BLOCK, QUERY_BLOCK_CANDIDATES = 1, (1, 2, 4, 8, 16)
@@ -47,12 +47,11 @@ def forward(sch) -> None:
         sch.compute_at(sch.get_sblock(name), m)
     sch.unroll(rc)
     sch.vectorize(d)
-    init = sch.decompose_reduction(total, rl)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(accumulator)[-1])
+    vectorize_own_loop(sch, sch.decompose_reduction(total, rl))
+    vectorize_own_loop(sch, accumulator)
     output = sch.get_sblock("output")
     sch.reverse_compute_at(output, m)
-    sch.vectorize(sch.get_loops(output)[-1])
+    vectorize_own_loop(sch, output)
 
 
 def _lanes(sch, block, extent: int) -> int:
@@ -72,13 +71,16 @@ def backward(sch) -> None:
     task = _query_tasks(sch, sch.get_sblock("grad_attention_weights"), sch.get_sblock("grad_sampling_locations"))
     for block in (dots, partial, sch.get_sblock("sample_index"), sch.get_sblock("sample_pixels")):
         sch.compute_at(block, task)
-    _, lane, *corners, outer = sch.get_loops(partial)
-    sch.reorder(*corners, outer, lane)
-    sch.vectorize(lane)
-    init = sch.decompose_reduction(partial, outer)
-    sch.vectorize(sch.get_loops(init)[-1])
-    _, lane, *corners = sch.get_loops(dots)
-    sch.reorder(*corners, lane)
+    lane, *_, outer = bound_loops(sch, partial)  # rfactor puts the lane iterator first, head_dim / lanes last
+    inner = [i for i in (outer, lane) if i is not None]  # no loop where head_dim is 1 or a single vector
+    loops = sch.get_loops(partial)
+    sch.reorder(*[loop for i, loop in enumerate(loops) if i > 0 and i not in inner], *[loops[i] for i in inner])
+    if lane is not None:
+        sch.vectorize(loops[lane])
+    vectorize_own_loop(sch, sch.decompose_reduction(partial, loops[inner[0]] if inner else loops[-1]))
+    lane, loops = bound_loops(sch, dots)[0], sch.get_loops(dots)  # the sum over the lanes
+    if lane is not None:
+        sch.reorder(*[loop for i, loop in enumerate(loops) if i > 0 and i != lane], loops[lane])
 
 
 def scatter(sch) -> None:
