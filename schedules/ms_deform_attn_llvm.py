@@ -73,14 +73,22 @@ def backward(sch) -> None:
         sch.compute_at(block, task)
     lane, *_, outer = bound_loops(sch, partial)  # rfactor puts the lane iterator first, head_dim / lanes last
     inner = [i for i in (outer, lane) if i is not None]  # no loop where head_dim is 1 or a single vector
-    loops = sch.get_loops(partial)
-    sch.reorder(*[loop for i, loop in enumerate(loops) if i > 0 and i not in inner], *[loops[i] for i in inner])
+    loops = _innermost(sch, partial, inner)
     if lane is not None:
         sch.vectorize(loops[lane])
     vectorize_own_loop(sch, sch.decompose_reduction(partial, loops[inner[0]] if inner else loops[-1]))
-    lane, loops = bound_loops(sch, dots)[0], sch.get_loops(dots)  # the sum over the lanes
+    lane = bound_loops(sch, dots)[0]  # the sum over the lanes
     if lane is not None:
-        sch.reorder(*[loop for i, loop in enumerate(loops) if i > 0 and i != lane], loops[lane])
+        _innermost(sch, dots, [lane])
+
+
+def _innermost(sch, block, positions: list[int]) -> list:
+    """Reorder the loops of `block` under its task loop (the first) so that those at `positions` (in
+    sch.get_loops order) come innermost, in the given order; returns the loops."""
+    loops = sch.get_loops(block)
+    sch.reorder(*[loop for i, loop in enumerate(loops) if i > 0 and i not in positions],
+                *[loops[i] for i in positions])
+    return loops
 
 
 def scatter(sch) -> None:

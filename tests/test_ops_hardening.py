@@ -181,11 +181,11 @@ def test_meta_tensors_give_the_shapes_of_a_real_call(name):
     leaf = inputs[0].clone().requires_grad_(True)
     out = module(leaf, *inputs[1:])
     out.sum().backward()
-    grads = {name: p.grad.shape for name, p in module.named_parameters() if p.grad is not None}
+    grads = {key: p.grad.shape for key, p in module.named_parameters() if p.grad is not None}
     module.zero_grad(set_to_none=True)
     meta_leaf = inputs[0].to("meta").requires_grad_(True)
     meta_out = module.to("meta")(meta_leaf, *[a.to("meta") if isinstance(a, torch.Tensor) else a for a in inputs[1:]])
     meta_out.sum().backward()
     assert meta_out.device.type == "meta" and meta_out.shape == out.shape and meta_out.dtype == out.dtype
     assert meta_leaf.grad.device.type == "meta" and meta_leaf.grad.shape == leaf.grad.shape
-    assert {name: p.grad.shape for name, p in module.named_parameters() if p.grad is not None} == grads
+    assert {key: p.grad.shape for key, p in module.named_parameters() if p.grad is not None} == grads
