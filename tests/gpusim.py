@@ -40,7 +40,9 @@ nearest float16 (`vstore_half_rte`) or bfloat16 (round to nearest even on the to
 `__float2bfloat16`), so the arithmetic is theirs. The sm_90 pipeline keeps bfloat16 native (CUDA's
 `nv_bfloat16`; TVM's BF16 legalize passes, which would store it as uint16, leave CUDA alone), so a
 bfloat16 kernel is lowered with float16 as a stand-in for its one 16-bit type (renamed in its
-TVMScript, checked to round-trip exactly) and printed as float16 is, with bfloat16's rounding.
+TVMScript, checked to round-trip exactly) and printed as float16 is, with bfloat16's rounding. TVM may
+give a float16 intermediate the storage of a float32 one (twice the elements in the same bytes): a host
+buffer with a float16 view is allocated twice its bytes.
 """
 
 from __future__ import annotations
@@ -532,6 +534,7 @@ class Kernel:
                 raise ResourceError(f"{name}: {kernel} declares {used} bytes of static shared memory; "
                                     f"sm_90 allows {MAX_STATIC_SHARED_BYTES}")
         self.outputs = set(outputs)
+        self.view_dtypes = _view_dtypes(self.host.body)
         context, _ = _device()
         self.program, self.kernels = _program(context, self.source), {}
 
@@ -589,7 +592,11 @@ class Kernel:
             buffer = stmt.buffer
             if buffer.scope() != "global":
                 raise NotImplementedError(f"host allocation in scope {buffer.scope()}")
-            nbytes = math.prod(evaluate(d, scope) for d in buffer.shape) * _itemsize(buffer.dtype)
+            # TVM sized the storage for every view laid over it; a float16 view takes twice its bytes here.
+            stretch = max(_itemsize(dtype) // np.dtype(dtype).itemsize
+                          for dtype in (str(buffer.dtype), *self.view_dtypes.get(hash(buffer), ())))
+            elements = math.prod(evaluate(d, scope) for d in buffer.shape)
+            nbytes = elements * np.dtype(str(buffer.dtype)).itemsize * stretch
             buffers[hash(buffer)] = memory.allocate(nbytes, bytes([POISON]) * nbytes)
         elif kind == "DeclBuffer":
             if int(getattr(stmt.buffer, "elem_offset", 0) or 0) != 0:
@@ -643,6 +650,24 @@ def _data_of(expr):
 def _param_kind(param) -> str:
     """"handle" for a device kernel's pointer parameter, else its scalar dtype."""
     return "handle" if type(param.ty).__name__ == "PointerType" else str(param.ty.dtype)
+
+
+def _view_dtypes(body) -> dict[int, set[str]]:
+    """The dtypes of the buffers that `body`'s DeclBuffer statements lay over each buffer, by the hash of
+    the buffer that owns the storage (views of views included)."""
+    dtypes, owner = {}, {}
+
+    def visit(stmt):
+        if type(stmt).__name__ == "SeqStmt":
+            for child in stmt.seq:
+                visit(child)
+        elif type(stmt).__name__ == "DeclBuffer":
+            source = hash(_data_of(stmt.data))
+            owner[hash(stmt.buffer)] = owner.get(source, source)
+            dtypes.setdefault(owner[hash(stmt.buffer)], set()).add(str(stmt.buffer.dtype))
+
+    visit(body)
+    return dtypes
 
 
 def _itemsize(dtype) -> int:

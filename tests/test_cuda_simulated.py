@@ -307,6 +307,18 @@ def test_half_conv_on_tensor_cores(case, stage, dtype_name, simulated_gpu):
         assert _stage_kernel(case, dtype_name, kernel_stage).fragment_operations == operations, kernel_stage
 
 
+#: A half conv on CUDA cores whose float16 columns TVM lays over the float32 sample coordinates' storage
+#: (twice as many elements in its bytes): the simulator, which stores halves as float32, must size it for them.
+REUSED_STORAGE_CASE = (2, 8, 11, 9, 4, (3, 1), (1, 2), (1, 1), (1, 2), 4, 2, True)
+
+
+@pytest.mark.parametrize("dtype_name", HALF_DTYPES)
+def test_half_columns_in_reused_float32_storage(dtype_name, simulated_gpu):
+    kernel = _stage_kernel(REUSED_STORAGE_CASE, dtype_name, "backward_weight")
+    assert any({"float32", "float16"} <= dtypes for dtypes in kernel.view_dtypes.values())
+    _check_conv("backward", REUSED_STORAGE_CASE, dtype_name, simulated_gpu)
+
+
 #: What a wrong fragment load breaks: the forward output; grad_columns (so the input, offset and mask
 #: gradients) and grad_weight_sum (the weight gradient), not the bias gradient, which has no GEMM.
 GEMM_RESULTS = {"output", "input", "offset", "mask", "weight"}
