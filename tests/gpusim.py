@@ -39,8 +39,9 @@ bfloat16): their arguments travel as float32, and every conversion to them in a 
 nearest float16 (`vstore_half_rte`) or bfloat16 (round to nearest even on the top 16 bits, as CUDA's
 `__float2bfloat16`), so the arithmetic is theirs. The sm_90 pipeline keeps bfloat16 native (CUDA's
 `nv_bfloat16`; TVM's BF16 legalize passes, which would store it as uint16, leave CUDA alone), so a
-bfloat16 kernel is lowered with float16 as a stand-in for its one 16-bit type (renamed in its
-TVMScript, checked to round-trip exactly) and printed as float16 is, with bfloat16's rounding. TVM may
+bfloat16 kernel is lowered with float16 as a stand-in for its one 16-bit type (the same spec built in
+float16 where that prints as its TVMScript renamed, else its TVMScript renamed, checked to round-trip
+exactly) and printed as float16 is, with bfloat16's rounding. TVM may
 give a float16 intermediate the storage of a float32 one (twice the elements in the same bytes): a host
 buffer with a float16 view is allocated twice its bytes.
 """
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -415,17 +417,24 @@ def _opaque_trip_counts(source: str) -> str:
                                        f"++{m[1]})", source)
 
 
-def bfloat16_as_float16(func):
+def bfloat16_as_float16(func, float16_twin=None):
     """(`func` with bfloat16 renamed float16, True), or (`func`, False) without bfloat16. A kernel has
-    one 16-bit float type, so float16 is free to stand in for bfloat16 (see the module docstring)."""
+    one 16-bit float type, so float16 is free to stand in for bfloat16 (see the module docstring).
+    `float16_twin()`, where given, builds the kernel for float16: it is taken if its TVMScript is `func`'s
+    with the type renamed, which needs no parse (TVM 0.27 does not read some symbolic kernels back exactly)."""
     text = func.script()
     if not re.search(r"\bbfloat16\b", text):
         return func, False
     if re.search(r"\bfloat16\b", text):
         raise NotImplementedError("a kernel with both float16 and bfloat16")
+    renamed = re.sub(r"\bbfloat16\b", "float16", text)
+    if float16_twin is not None:
+        twin = float16_twin()
+        if twin.script() == renamed:
+            return twin, True
     if not tvm_ffi.structural_equal(tvm.script.from_source(text), func):
         raise NotImplementedError("the kernel does not round-trip through TVMScript")
-    return tvm.script.from_source(re.sub(r"\bbfloat16\b", "float16", text)), True
+    return tvm.script.from_source(renamed), True
 
 
 def printed_source(device) -> str:
@@ -523,9 +532,9 @@ class Kernel:
     `outputs`: indices of the arguments the kernel only writes (poisoned before the call).
     """
 
-    def __init__(self, func, outputs=(), name: str = "kernel"):
+    def __init__(self, func, outputs=(), name: str = "kernel", float16_twin=None):
         self.name = name
-        func, bfloat16 = bfloat16_as_float16(func)
+        func, bfloat16 = bfloat16_as_float16(func, float16_twin)
         self.host, device = lower(func)
         self.params = {gv.name_hint: [_param_kind(p) for p in f.params] for gv, f in device.functions.items()}
         self.source = opencl_source(device, bfloat16)
@@ -713,8 +722,15 @@ def get_kernel(spec: KernelSpec) -> Kernel:
     key = (spec.key, _mutation.get())
     if key not in kernels:
         func = scheduled(spec)
-        kernels[key] = Kernel(func, outputs=_pure_outputs(spec), name=spec.key)
+        kernels[key] = Kernel(func, outputs=_pure_outputs(spec), name=spec.key, float16_twin=_float16_twin(spec))
     return kernels[key]
+
+
+def _float16_twin(spec: KernelSpec):
+    """For a bfloat16 spec, a function that schedules the same kernel in float16; else None."""
+    if spec.geometry is None or spec.geometry.dtype != "bfloat16":
+        return None
+    return lambda: scheduled(dataclasses.replace(spec, geometry=dataclasses.replace(spec.geometry, dtype="float16")))
 
 
 def _pure_outputs(spec: KernelSpec) -> set[int]:
