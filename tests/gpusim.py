@@ -41,19 +41,18 @@ nearest float16 (`vstore_half_rte`) or bfloat16 (round to nearest even on the to
 `nv_bfloat16`; TVM's BF16 legalize passes, which would store it as uint16, leave CUDA alone), so a
 bfloat16 kernel is lowered with float16 as a stand-in for its one 16-bit type (the same spec built in
 float16 where that prints as its TVMScript renamed, else its TVMScript renamed, checked to round-trip
-exactly) and printed as float16 is, with bfloat16's rounding. TVM may
-give a float16 intermediate the storage of a float32 one (twice the elements in the same bytes): a host
-buffer with a float16 view is allocated twice its bytes.
+exactly) and printed as float16 is, with bfloat16's rounding. TVM may give a float16 intermediate the
+storage of a float32 one (twice the elements in the same bytes): a host buffer with a float16 view is
+allocated twice its bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyopencl as cl
@@ -730,7 +729,7 @@ def _float16_twin(spec: KernelSpec):
     """For a bfloat16 spec, a function that schedules the same kernel in float16; else None."""
     if spec.geometry is None or spec.geometry.dtype != "bfloat16":
         return None
-    return lambda: scheduled(dataclasses.replace(spec, geometry=dataclasses.replace(spec.geometry, dtype="float16")))
+    return lambda: scheduled(replace(spec, geometry=replace(spec.geometry, dtype="float16")))
 
 
 def _pure_outputs(spec: KernelSpec) -> set[int]:
