@@ -119,6 +119,50 @@ def test_precision_is_part_of_the_kernel_and_workload(precision):
     assert conv_ops.precision(geo, GPU_TARGET) == "highest"
 
 
+@pytest.fixture
+def fp32_precision(precision):
+    """torch >= 2.9's per-backend float32 precision switches for the test (each back to "none" after, then
+    the legacy precision as before)."""
+    switches = (torch.backends, torch.backends.cudnn, torch.backends.cuda.matmul)
+    if getattr(torch.backends.cuda.matmul, "fp32_precision", None) is None:
+        pytest.skip(f"torch {torch.__version__} has no per-backend float32 precision")
+    yield
+    for switch in switches:
+        switch.fp32_precision = "none"
+
+
+def test_precision_follows_torch_per_backend_switch(fp32_precision):
+    """torch.backends.cuda.matmul.fp32_precision and the switches it inherits from decide; after them
+    torch.get_float32_matmul_precision() raises or names a stale state."""
+    geo = conv_geometry((1, 16, 6, 6), (1, 18, 6, 6), (16, 16, 3, 3), None, 1, 1, 1, "float32")
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    assert conv_ops.precision(geo, GPU_TARGET) == "high"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    assert conv_ops.precision(geo, GPU_TARGET) == "highest"
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    for parent in (torch.backends, torch.backends.cudnn):
+        parent.fp32_precision = "tf32"
+        assert conv_ops.precision(geo, GPU_TARGET) == "high", parent
+        parent.fp32_precision = "none"
+    assert conv_ops.precision(geo, GPU_TARGET) == "highest"
+    torch.set_float32_matmul_precision("medium")  # the legacy switch still names its kernels
+    assert conv_ops.precision(geo, GPU_TARGET) == "medium"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"  # the newer switch wins over the legacy state
+    assert conv_ops.precision(geo, GPU_TARGET) == "highest"
+    assert conv_ops.precision(geo, "llvm-znver4") == "highest"
+
+
+def test_tf32_through_torch_per_backend_switch_on_the_simulated_gpu(fp32_precision, simulated_gpu):
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    tensors, conv = conv_inputs(CASES[0], seed=7)
+    x, offset, weight, bias, mask = tensors
+    output = dcn_tvm.deform_conv2d(x, offset, weight, bias, mask=mask, **conv)
+    assert simulated_gpu["forward"].tf32_operations == {"mma_tf32", "mma_fill", "mma_store"}
+    expected = deform_conv2d_torch(*[None if t is None else t.double() for t in tensors[:4]],
+                                   mask=None if mask is None else mask.double(), **conv)
+    assert relative_error(output, expected) <= TF32_TOLERANCE
+
+
 @pytest.mark.parametrize("case", CASES, ids=["plain", "groups2_og2_mask"])
 def test_tf32_forward_and_backward_on_the_simulated_gpu(case, precision, simulated_gpu):
     """At "high": every GEMM stage calls the emulated TF32 MMA, and the results (samples between pixels,

@@ -70,10 +70,33 @@ def _check_bias(bias: Tensor, input: Tensor, geo: ConvGeometry) -> None:
 
 
 def precision(geo: ConvGeometry, target: str) -> str:
-    """The precision of `geo`'s GEMMs on a target key: torch.get_float32_matmul_precision() (read at call
-    time) for float32 on CUDA, where "high" and "medium" mean TF32 tensor cores; else "highest"."""
+    """The precision of `geo`'s GEMMs on a target key: for float32 on CUDA, torch's float32 matmul
+    precision on CUDA (read at call time, `cuda_matmul_precision`), where "high" and "medium" mean TF32
+    tensor cores; else "highest"."""
     exact = geo.dtype != "float32" or target_kind(target) != "cuda"
-    return "highest" if exact else torch.get_float32_matmul_precision()
+    return "highest" if exact else cuda_matmul_precision()
+
+
+def cuda_matmul_precision() -> str:
+    """torch's float32 matmul precision on CUDA now, by torch.get_float32_matmul_precision()'s names:
+    "highest" (IEEE), "high" or "medium" (TF32).
+
+    torch >= 2.9 keeps a setting per backend: `torch.backends.cuda.matmul.fp32_precision` reads "tf32" or
+    "ieee" ("none" until set), inherited from torch.backends.fp32_precision and
+    torch.backends.cudnn.fp32_precision, and written by the legacy switches too. Once that API has been
+    used, torch.get_float32_matmul_precision() raises or names the legacy switch's stale state (both
+    seen with torch 2.11 and 2.14): here it only tells "high" from "medium" when the setting is "tf32".
+    """
+    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if setting is None:  # torch < 2.9: the legacy switch is the only one
+        return torch.get_float32_matmul_precision()
+    if setting != "tf32":
+        return "highest"
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # "you have used mix of the legacy and new APIs"
+        return "high"
+    return legacy if legacy in ("high", "medium") else "high"
 
 
 def _spec(stage: str, geo: ConvGeometry, input: Tensor) -> KernelSpec:
