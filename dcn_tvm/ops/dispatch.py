@@ -32,10 +32,11 @@ def deterministic_scatter(target: str, deterministic: bool) -> bool:
 
 
 def compute_dtype(tensor: Tensor) -> torch.dtype:
-    """The dtype `tensor` is computed in: float32 under autocast on its device for float16, bfloat16
-    and float32, its own dtype otherwise."""
+    """The dtype `tensor` is computed in: float32 under autocast on its device (cpu or cuda) for float16,
+    bfloat16 and float32, its own dtype otherwise. (Not torch.amp.is_autocast_available, which
+    torch.compile(fullgraph=True) of torch 2.11 cannot trace: measured.)"""
     device_type = tensor.device.type
-    if (tensor.dtype in _AUTOCAST_TO_FLOAT32 and torch.amp.is_autocast_available(device_type)
+    if (tensor.dtype in _AUTOCAST_TO_FLOAT32 and device_type in _DEVICE_KEYS
             and torch.is_autocast_enabled(device_type)):
         return torch.float32
     return tensor.dtype
