@@ -121,13 +121,10 @@ def test_precision_is_part_of_the_kernel_and_workload(precision):
 
 @pytest.fixture
 def fp32_precision(precision):
-    """torch >= 2.9's per-backend float32 precision switches for the test (each back to "none" after, then
-    the legacy precision as before)."""
-    switches = (torch.backends, torch.backends.cudnn, torch.backends.cuda.matmul)
-    if getattr(torch.backends.cuda.matmul, "fp32_precision", None) is None:
-        pytest.skip(f"torch {torch.__version__} has no per-backend float32 precision")
+    """torch's per-backend float32 precision switches for the test (each back to "none" after, then the
+    legacy precision as before)."""
     yield
-    for switch in switches:
+    for switch in (torch.backends, torch.backends.cudnn, torch.backends.cuda.matmul):
         switch.fp32_precision = "none"
 
 

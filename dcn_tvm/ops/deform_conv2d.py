@@ -81,16 +81,13 @@ def cuda_matmul_precision() -> str:
     """torch's float32 matmul precision on CUDA now, by torch.get_float32_matmul_precision()'s names:
     "highest" (IEEE), "high" or "medium" (TF32).
 
-    torch >= 2.9 keeps a setting per backend: `torch.backends.cuda.matmul.fp32_precision` reads "tf32" or
-    "ieee" ("none" until set), inherited from torch.backends.fp32_precision and
+    torch (>= 2.9) keeps a setting per backend: `torch.backends.cuda.matmul.fp32_precision` reads "tf32"
+    or "ieee" ("none" until set), inherited from torch.backends.fp32_precision and
     torch.backends.cudnn.fp32_precision, and written by the legacy switches too. Once that API has been
     used, torch.get_float32_matmul_precision() raises or names the legacy switch's stale state (both
     seen with torch 2.11 and 2.14): here it only tells "high" from "medium" when the setting is "tf32".
     """
-    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if setting is None:  # torch < 2.9: the legacy switch is the only one
-        return torch.get_float32_matmul_precision()
-    if setting != "tf32":
+    if torch.backends.cuda.matmul.fp32_precision != "tf32":
         return "highest"
     try:
         legacy = torch.get_float32_matmul_precision()
