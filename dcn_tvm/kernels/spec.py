@@ -32,8 +32,8 @@ class KernelSpec:
     acc_dtype: str = "float32"
     #: No floating-point atomics: the same results bit for bit on every run (the GPU scatters).
     deterministic: bool = False
-    #: A float32 CUDA GEMM stage's precision, torch's as `cuda_matmul_precision` (dcn_tvm.ops.deform_conv2d)
-    #: reads it: "highest" exact, else TF32.
+    #: The torch float32 matmul precision of a float32 CUDA GEMM stage (ops.deform_conv2d.cuda_matmul_precision):
+    #: "highest" exact, else TF32.
     precision: str = "highest"
 
     @property
