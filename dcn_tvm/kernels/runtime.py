@@ -76,7 +76,10 @@ def digest(handle, size: int | None = None) -> str | None:
     if size is not None and os.fstat(handle.fileno()).st_size != size:
         return None
     handle.seek(0)
-    return hashlib.file_digest(handle, "sha256").hexdigest()
+    sha256 = hashlib.sha256()  # not hashlib.file_digest: Python 3.11+
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        sha256.update(block)
+    return sha256.hexdigest()
 
 
 @contextlib.contextmanager
