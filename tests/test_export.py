@@ -4,6 +4,7 @@ torch.export save/load, torch.compile max-autotune."""
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import subprocess
 import sys
@@ -39,9 +40,34 @@ def standard_op_exports(model, args: tuple, dynamic_shapes) -> list:
     return programs
 
 
+@functools.cache
+def onnxruntime_lacks_deform_conv() -> str | None:
+    """Why this onnxruntime cannot run DeformConv, or None. Its CPU kernel is recent: 1.23.2, the newest
+    wheel for Python 3.10, has none (1.32.0 has). Asked of a one-node model built here, so a fault in
+    dcn_tvm's export never reads as a missing kernel."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+              for name, shape in (("x", [1, 1, 3, 3]), ("w", [1, 1, 1, 1]), ("offset", [1, 2, 3, 3]))]
+    graph = helper.make_graph([helper.make_node("DeformConv", ["x", "w", "offset"], ["y"], kernel_shape=[1, 1])],
+                              "deform_conv", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)  # opset 19: IR 9
+    try:
+        onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except onnxruntime.capi.onnxruntime_pybind11_state.NotImplemented:
+        return f"onnxruntime {onnxruntime.__version__} has no DeformConv kernel (onnx {onnx.__version__})"
+    return None
+
+
 def run_onnxruntime(model_proto, *inputs):
+    """The outputs of `model_proto` run by onnxruntime on the CPU (the test skipped where the model holds a
+    DeformConv and this onnxruntime cannot run one)."""
     import onnxruntime
 
+    if nodes(model_proto, "DeformConv") and onnxruntime_lacks_deform_conv():
+        pytest.skip(onnxruntime_lacks_deform_conv())
     session = onnxruntime.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {arg.name: value.numpy() for arg, value in zip(session.get_inputs(), inputs)}
     return session.run(None, feeds)
