@@ -68,6 +68,10 @@ if [ "$BUNDLE" = 1 ]; then
   (cd /tmp && "$tool" "$bundle")
 fi
 
+# What .gpu/ holds was built from this: while `git describe --always --dirty` still prints it, no need to rerun.
+git describe --always --dirty > .gpu/prepared-from
+echo "== prepared from $(cat .gpu/prepared-from)"
+
 mib() { echo "$(( ($1 + 1048575) / 1048576 )) MiB"; }
 tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
 first=$(du -cb .gpu/prebuilt .gpu/wheels | tail -1 | cut -f1)
