@@ -66,8 +66,8 @@ def run_onnxruntime(model_proto, *inputs):
     DeformConv and this onnxruntime cannot run one)."""
     import onnxruntime
 
-    if nodes(model_proto, "DeformConv") and onnxruntime_lacks_deform_conv():
-        pytest.skip(onnxruntime_lacks_deform_conv())
+    if nodes(model_proto, "DeformConv") and (reason := onnxruntime_lacks_deform_conv()):
+        pytest.skip(reason)
     session = onnxruntime.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {arg.name: value.numpy() for arg, value in zip(session.get_inputs(), inputs)}
     return session.run(None, feeds)

@@ -149,22 +149,16 @@ def test_precision_follows_torch_per_backend_switch(fp32_precision):
     assert conv_ops.precision(geo, "llvm-znver4") == "highest"
 
 
-def test_tf32_through_torch_per_backend_switch_on_the_simulated_gpu(fp32_precision, simulated_gpu):
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    tensors, conv = conv_inputs(CASES[0], seed=7)
-    x, offset, weight, bias, mask = tensors
-    output = dcn_tvm.deform_conv2d(x, offset, weight, bias, mask=mask, **conv)
-    assert simulated_gpu["forward"].tf32_operations == {"mma_tf32", "mma_fill", "mma_store"}
-    expected = deform_conv2d_torch(*[None if t is None else t.double() for t in tensors[:4]],
-                                   mask=None if mask is None else mask.double(), **conv)
-    assert relative_error(output, expected) <= TF32_TOLERANCE
-
-
+@pytest.mark.parametrize("switch", ["legacy", "per_backend"])
 @pytest.mark.parametrize("case", CASES, ids=["plain", "groups2_og2_mask"])
-def test_tf32_forward_and_backward_on_the_simulated_gpu(case, precision, simulated_gpu):
-    """At "high": every GEMM stage calls the emulated TF32 MMA, and the results (samples between pixels,
-    on borders and outside) match float64 to TF32's precision."""
-    precision("high")
+def test_tf32_forward_and_backward_on_the_simulated_gpu(case, switch, precision, fp32_precision, simulated_gpu):
+    """At "high", or with torch.backends.cuda.matmul.fp32_precision "tf32" (`switch`): every GEMM stage calls
+    the emulated TF32 MMA, and the results (samples between pixels, on borders and outside) match float64
+    to TF32's precision."""
+    if switch == "legacy":
+        precision("high")
+    else:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
     tensors, conv = conv_inputs(case, seed=7)
     grad_output = _grad_output(tensors, conv, seed=8)
     results = _run(tensors, conv, grad_output)

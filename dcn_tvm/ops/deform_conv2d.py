@@ -27,6 +27,7 @@ from dcn_tvm.kernels.spec import KernelSpec
 from dcn_tvm.kernels.targets import target_key, target_kind
 from dcn_tvm.ops import dispatch, onnx_forms, shapes
 from dcn_tvm.ops.scratch import scratch
+from dcn_tvm.schedules.mma_tf32 import TF32_PRECISIONS
 
 OP = "deform_conv2d"
 
@@ -93,7 +94,7 @@ def cuda_matmul_precision() -> str:
         legacy = torch.get_float32_matmul_precision()
     except RuntimeError:  # "you have used mix of the legacy and new APIs"
         return "high"
-    return legacy if legacy in ("high", "medium") else "high"
+    return legacy if legacy in TF32_PRECISIONS else "high"
 
 
 def _spec(stage: str, geo: ConvGeometry, input: Tensor) -> KernelSpec:
