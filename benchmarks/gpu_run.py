@@ -580,7 +580,7 @@ def conv_calls(plan: Plan, kind: str) -> list[tuple[tuple, str]]:
     if kind != "cuda":
         return []
     calls = [(CASES[index], dtype) for index, dtype in conformance_cases(plan)]
-    calls += [(CASES[4], dtype) for dtype in ("float32", "float16")]  # tests/test_deform_conv2d.py -m cuda
+    calls += [(CASES[4], dtype) for dtype in ("float32", "float16")]  # test_deform_conv2d.py, test_cuda_context.py
     calls += [(shape.case, dtype) for shape in plan.conv_shapes for dtype in plan.conv_dtypes]
     calls += list(plan.sanitized_conv)
     return list(dict.fromkeys(calls))
@@ -600,7 +600,7 @@ def roi_calls(plan: Plan, kind: str) -> list[tuple[tuple, str]]:
     from test_deform_roi_pool import CASES
 
     checks = [(CASES[index], dtype) for index, dtype in plan.roi_checks]
-    checks += [(CASES[3], dtype) for dtype in ("float32", "float16")]  # tests/test_deform_roi_pool.py -m cuda
+    checks += [(CASES[3], dtype) for dtype in ("float32", "float16")]  # test_deform_roi_pool.py, test_cuda_context.py
     if kind != "cuda":
         return list(dict.fromkeys(checks))
     calls = checks + [(case.case, dtype) for case in plan.roi_cases for dtype in plan.roi_dtypes]
@@ -882,7 +882,7 @@ def _tf32(enabled: bool):
 def check_pytest(plan: Plan, timeout: float) -> dict:
     """tests/ marked cuda, in a fresh process (skipped there without a GPU)."""
     command = [sys.executable, "-P", "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-               "tests/test_deform_conv2d.py", "tests/test_deform_roi_pool.py"]
+               "tests/test_deform_conv2d.py", "tests/test_deform_roi_pool.py", "tests/test_cuda_context.py"]
     rc, output = run_capture(command, timeout)
     print(output, flush=True)
     last = (output.strip().splitlines() or [""])[-1]

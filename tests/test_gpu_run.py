@@ -106,19 +106,41 @@ def test_a_step_past_its_budget_is_killed_and_what_it_wrote_stays(tmp_path, monk
     assert "| a. device and ceilings | timeout |" in (out / "summary.md").read_text()
 
 
+def held_kernels(plan, kind: str, target: str) -> dict:
+    """The workload keys of the kernels a prebuilt package of the plan's workloads for `kind` holds."""
+    from dcn_tvm.kernels.workloads import Workload
+    from dcn_tvm.prebuilt.build import expand
+
+    texts = gpu_run.workloads(plan, kind)
+    return expand([task.spec for text in texts for task in Workload.parse(text).tasks(target)])
+
+
 def test_the_package_workloads_cover_every_kernel_the_gpu_run_asks_for():
     """The prebuilt packages hold the kernels of `--workloads` (each static with its symbolic twin, and the
     scatters): every kernel the GPU run's calls ask for, found by calling the ops with recording kernels, is
     there itself (a symbolic twin would run, but it is not the kernel to time)."""
-    from dcn_tvm.kernels.workloads import Workload
-    from dcn_tvm.prebuilt.build import expand
-
     plan = gpu_run.PLANS["gpu"]
     for kind, target in (("cuda", gpu_run.GPU_TARGET), ("llvm", "llvm-host")):
-        texts = gpu_run.workloads(plan, kind)
-        held = expand([task.spec for text in texts for task in Workload.parse(text).tasks(target)])
+        held = held_kernels(plan, kind, target)
         asked = gpu_run.requested_specs(plan, kind)
         assert asked and all(spec.workload_key in held for spec in asked), kind
     cuda = gpu_run.workloads(plan, "cuda")
     assert {text.rsplit("dtype=", 1)[1] for text in cuda} == {"float32", "float16", "bfloat16"}
     assert {text.partition(":")[0] for text in cuda} == {"deform_conv2d", "deform_roi_pool", "ms_deform_attn", "dcnv3"}
+
+
+def test_the_package_holds_every_kernel_the_cuda_context_tests_ask_for():
+    """tests/test_cuda_context.py runs in the GPU run's `pytest -m cuda`, where no compiler is."""
+    import test_cuda_context
+
+    asked = []
+
+    def note(spec):  # a kernel that does nothing: the results are garbage
+        asked.append(spec)
+        return lambda *arguments: None
+
+    with gpu_run.ops_patched(gpu_run.GPU_TARGET, note):
+        for make in test_cuda_context.CALLS.values():
+            test_cuda_context.results(make())
+    held = held_kernels(gpu_run.PLANS["gpu"], "cuda", gpu_run.GPU_TARGET)
+    assert len({spec.op for spec in asked}) == 4 and [s.key for s in asked if s.workload_key not in held] == []

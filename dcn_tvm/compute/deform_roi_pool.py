@@ -32,8 +32,8 @@ The per-bin tables keep the RoIs inside (class, bin): a kernel that walks the Ro
 
 The backward adds grad_scale, grad_offset_bins, grad_offset and the scatter's sampling tables
 (see `backward`). NaN, inf and huge offsets or boxes fail the range test and sample nothing; an
-out-of-range batch index reads image 0 (the torch op refuses it first); every pixel index comes
-from a clamped position, so no input makes a kernel read out of bounds.
+out-of-range batch index reads image 0 (the torch op refuses it first, but under CUDA graph capture);
+every pixel index comes from a clamped position, so no input makes a kernel read out of bounds.
 
 R is symbolic in practice (the RoI count changes with every image); N, H and W may be.
 """

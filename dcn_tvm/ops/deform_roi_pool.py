@@ -93,8 +93,11 @@ def geometry(input: Tensor, rois: Tensor, offset: Tensor | None, output_size, sp
 
 def _kernel_rois(rois: Tensor, geo: RoIPoolGeometry, batch: int) -> Tensor:
     """rois in acc_dtype, contiguous, after checking every batch index is a whole number in [0, N)
-    (a host sync)."""
+    (a host sync). Not while a CUDA graph is captured, where a sync is an error: there an index outside
+    [0, N) pools image 0 (dcn_tvm.compute.deform_roi_pool reads no other image)."""
     index = rois[:, 0]
+    if rois.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return rois.to(getattr(torch, geo.acc_dtype)).contiguous()
     bad = ~((index >= 0) & (index < batch) & (index == index.trunc()))
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
@@ -240,7 +243,8 @@ def deform_roi_pool(input: Tensor, rois: Tensor | list[Tensor], offset: Tensor |
         gamma (float): offset scale; the bin moves by gamma * offset * (roi width, roi height).
 
     Returns Tensor[R, out_channels, k, k]: every bin the mean of its samples inside the image.
-    Batch indices outside [0, N) raise ValueError (checking them synchronises with the device).
+    Batch indices outside [0, N) raise ValueError (checking them synchronises with the device); under
+    CUDA graph capture, where nothing may synchronise, they are not checked and such a RoI pools image 0.
     """
     rows = roi_rows(rois, input)
     part = output_size if part_size is None else part_size

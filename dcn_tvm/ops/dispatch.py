@@ -1,4 +1,5 @@
-"""Dispatcher rules shared by the dcn_tvm torch.library ops: autocast, and forward-mode AD refused.
+"""Dispatcher rules shared by the dcn_tvm torch.library ops: autocast, forward-mode AD refused, and the
+CUDA device of the tensors made current while an op runs.
 
 Autocast follows torchvision's deform_conv2d and roi_align: inside `torch.autocast`, float16,
 bfloat16 and float32 arguments run in float32 (float64 stays float64) with autocast off, and the
@@ -7,6 +8,11 @@ deform_conv2d fails on the mixed dtypes autocast produces: measured).
 
 No op has a forward-mode formula, and torch would drop a tangent silently (the result of
 `torch.func.jvp` all zeros, `forward_ad.unpack_dual(out).tangent` None): a tangent raises instead.
+
+A compiled CUDA kernel sets the current CUDA device to its tensors' (TVM's host code calls
+cudaSetDevice for its first tensor's device id) and leaves it so. An op on cuda:1 called while cuda:0
+is current would then move the caller's later `device="cuda"` allocations to cuda:1. So each op runs
+with its tensors' device current and restores the caller's after, as torchvision's ops do (DeviceGuard).
 """
 
 from __future__ import annotations
@@ -93,11 +99,26 @@ def _forward_ad_refusing_kernel(qualname: str, reverse_mode):
     return kernel
 
 
+def _on_device_kernel(backend):
+    """`backend` run with the CUDA device of the op's first argument (every op's is a tensor) current,
+    the caller's restored after."""
+    def kernel(keyset, *args):
+        device = args[0].device
+        if device.type != "cuda":
+            return backend.call_boxed(keyset, *args)
+        with torch.cuda.device(device):
+            return backend.call_boxed(keyset, *args)
+    return kernel
+
+
 def register(op_name: str, autocast: bool) -> None:
-    """Refuse forward-mode tangents to dcn_tvm::<op_name> on every device; with `autocast`, give it
-    the autocast rule above (for forward ops, whose single result takes the input's dtype)."""
+    """Run dcn_tvm::<op_name> with its tensors' CUDA device current and refuse forward-mode
+    tangents to it on every device; with `autocast`, give it the autocast rule above (for forward ops,
+    whose single result takes the input's dtype)."""
     qualname = f"dcn_tvm::{op_name}"
     for device_type, key in _DEVICE_KEYS.items():
+        # The op's own kernel (torch.library.custom_op's, for every device) runs inside the device guard.
+        _LIBRARY.impl(op_name, _on_device_kernel(torch.library.get_kernel(qualname, key)), key, with_keyset=True)
         # The op's own Autograd kernel (reverse mode, from register_autograd) stays what runs.
         reverse_mode = torch.library.get_kernel(qualname, "Autograd" + key)
         _LIBRARY.impl(op_name, _forward_ad_refusing_kernel(qualname, reverse_mode), "Autograd" + key,

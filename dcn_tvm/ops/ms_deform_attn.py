@@ -2,8 +2,9 @@
 
 `ms_deform_attn` has the reference operator's signature and semantics (Deformable DETR's
 MSDeformAttnFunction; see `dcn_tvm.compute.ms_deform_attn`). The level shapes are read from
-`spatial_shapes` on the host (a device sync on CUDA) and baked into the kernels, which a model reuses for
-every image of one resolution. The compiled TVM kernels run zero-copy on the caller's tensors (DLPack),
+`spatial_shapes` on the host and baked into the kernels, which a model reuses for every image of one
+resolution. On a CUDA device that read is a device sync (and an error under CUDA graph capture), so
+`spatial_shapes` and `level_start_index` may stay on the CPU instead. The compiled TVM kernels run zero-copy on the caller's tensors (DLPack),
 on the current CUDA stream.
 """
 
@@ -24,12 +25,13 @@ from dcn_tvm.ops import dispatch, onnx_forms, shapes
 OP = "ms_deform_attn"
 
 
-def _check_tensor(name: str, value, rank: int, like: Tensor | None) -> None:
+def _check_tensor(name: str, value, rank: int, like: Tensor | None, on_cpu_too: bool = False) -> None:
+    """`value` is a tensor of `rank` dimensions on `like`'s device (or, `on_cpu_too`, on the CPU)."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dim() != rank:
         raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(value.shape)}")
-    if like is not None:
+    if like is not None and not (on_cpu_too and value.device.type == "cpu"):
         dispatch.check_same_device(name, value, like, "value")
 
 
@@ -39,8 +41,8 @@ def _check_tensors(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     _check_tensor("value", value, 4, None)
     dispatch.check_dtype("value", value)
     dispatch.check_device(value)
-    _check_tensor("spatial_shapes", spatial_shapes, 2, value)
-    _check_tensor("level_start_index", level_start_index, 1, value)
+    _check_tensor("spatial_shapes", spatial_shapes, 2, value, on_cpu_too=True)
+    _check_tensor("level_start_index", level_start_index, 1, value, on_cpu_too=True)
     for name, index in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
         if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
             raise TypeError(f"{name} must have an integer dtype (int64), got {index.dtype}")
@@ -52,9 +54,14 @@ def _check_tensors(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
 
 def geometry(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
              attention_weights: Tensor) -> MSDeformAttnGeometry:
-    """Check the tensors of ms_deform_attn, read the level shapes and starts (a host sync), check the
-    shapes against them (dcn_tvm.geometry.ms_deform_attn) and return the call's geometry."""
+    """Check the tensors of ms_deform_attn, read the level shapes and starts (a host sync where they are
+    on a CUDA device), check the shapes against them (dcn_tvm.geometry.ms_deform_attn) and return the
+    call's geometry."""
     _check_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    on_device = [t for t in (spatial_shapes, level_start_index) if t.device.type == "cuda"]
+    if on_device and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("ms_deform_attn reads spatial_shapes and level_start_index on the host, which CUDA "
+                           "graph capture forbids for tensors on the GPU: pass them as CPU tensors")
     return ms_deform_attn_geometry(value.shape, spatial_shapes.tolist(), level_start_index.tolist(),
                                    sampling_locations.shape, attention_weights.shape, dispatch.kernel_dtype(value))
 
@@ -150,8 +157,10 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     Args:
         value (Tensor[N, S, M, D]): M heads of D channels at S = sum(H_l * W_l) positions, every level
             flattened row-major, levels in order.
-        spatial_shapes (Tensor[L, 2]): (H_l, W_l) of every level, integers (int64).
-        level_start_index (Tensor[L]): the first row of value of every level (0, H_0*W_0, ...).
+        spatial_shapes (Tensor[L, 2]): (H_l, W_l) of every level, integers (int64), on value's device or
+            on the CPU (read there without a device sync; needed under CUDA graph capture).
+        level_start_index (Tensor[L]): the first row of value of every level (0, H_0*W_0, ...), as
+            spatial_shapes on value's device or on the CPU.
         sampling_locations (Tensor[N, Lq, M, L, P, 2]): normalised (x, y) of every sample, pixel (i, j) of
             a level at ((j + 0.5) / W, (i + 0.5) / H) (grid_sample's align_corners=False); samples read
             zero outside their level; NaN and inf locations read nothing.
@@ -231,7 +240,7 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = weights.view(n, queries, heads, levels, points)
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: divide by its (W, H).
-            sizes = spatial_shapes.flip(-1).to(offsets.dtype)
+            sizes = spatial_shapes.flip(-1).to(offsets.device, offsets.dtype)
             locations = reference_points[:, :, None, :, None, :] + offsets / sizes[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             # Boxes: offsets are in halves of the box size per point.
