@@ -4,8 +4,8 @@
 MSDeformAttnFunction; see `dcn_tvm.compute.ms_deform_attn`). The level shapes are read from
 `spatial_shapes` on the host and baked into the kernels, which a model reuses for every image of one
 resolution. On a CUDA device that read is a device sync (and an error under CUDA graph capture), so
-`spatial_shapes` and `level_start_index` may stay on the CPU instead. The compiled TVM kernels run zero-copy on the caller's tensors (DLPack),
-on the current CUDA stream.
+`spatial_shapes` and `level_start_index` may stay on the CPU instead. The compiled TVM kernels run
+zero-copy on the caller's tensors (DLPack), on the current CUDA stream.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def geometry(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, s
     on a CUDA device), check the shapes against them (dcn_tvm.geometry.ms_deform_attn) and return the
     call's geometry."""
     _check_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    on_device = [t for t in (spatial_shapes, level_start_index) if t.device.type == "cuda"]
-    if on_device and torch.cuda.is_current_stream_capturing():
+    on_gpu = [t for t in (spatial_shapes, level_start_index) if t.device.type == "cuda"]
+    if on_gpu and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("ms_deform_attn reads spatial_shapes and level_start_index on the host, which CUDA "
                            "graph capture forbids for tensors on the GPU: pass them as CPU tensors")
     return ms_deform_attn_geometry(value.shape, spatial_shapes.tolist(), level_start_index.tolist(),
