@@ -646,6 +646,20 @@ def workloads(plan: Plan, kind: str) -> list[str]:
     return list(dict.fromkeys(str(w) for w in found))
 
 
+@contextlib.contextmanager
+def recorded_specs(target: str):
+    """Inside: dcn_tvm's ops on CPU tensors ask for `target`'s kernels and get kernels that do nothing (the
+    results are garbage); yields the list of the KernelSpecs asked for, in order."""
+    specs = []
+
+    def note(spec):
+        specs.append(spec)
+        return lambda *arguments: None
+
+    with ops_patched(target, note):
+        yield specs
+
+
 def requested_specs(plan: Plan, kind: str) -> list:
     """Every KernelSpec the run's calls ask for on a device kind, found by calling the ops (forward and
     backward) with kernels that only note what they are asked for."""
@@ -655,13 +669,7 @@ def requested_specs(plan: Plan, kind: str) -> list:
 
     import dcn_tvm
 
-    specs = []
-
-    def note(spec):  # a kernel that does nothing: the results are garbage
-        specs.append(spec)
-        return lambda *arguments: None
-
-    with ops_patched(GPU_TARGET if kind == "cuda" else "llvm-host", note):
+    with recorded_specs(GPU_TARGET if kind == "cuda" else "llvm-host") as specs:
         for case, dtype in conv_calls(plan, kind):
             (x, offset, weight, bias, mask), conv = conv_case_inputs(case, dtype=torch_dtype(dtype))
             leaves = [t.requires_grad_() for t in (x, offset, weight, bias, mask) if t is not None]

@@ -134,13 +134,7 @@ def test_the_package_holds_every_kernel_the_cuda_context_tests_ask_for():
     """tests/test_cuda_context.py runs in the GPU run's `pytest -m cuda`, where no compiler is."""
     import test_cuda_context
 
-    asked = []
-
-    def note(spec):  # a kernel that does nothing: the results are garbage
-        asked.append(spec)
-        return lambda *arguments: None
-
-    with gpu_run.ops_patched(gpu_run.GPU_TARGET, note):
+    with gpu_run.recorded_specs(gpu_run.GPU_TARGET) as asked:
         for make in test_cuda_context.CALLS.values():
             test_cuda_context.results(make())
     held = held_kernels(gpu_run.PLANS["gpu"], "cuda", gpu_run.GPU_TARGET)

@@ -95,14 +95,13 @@ def _kernel_rois(rois: Tensor, geo: RoIPoolGeometry, batch: int) -> Tensor:
     """rois in acc_dtype, contiguous, after checking every batch index is a whole number in [0, N)
     (a host sync). Not while a CUDA graph is captured, where a sync is an error: there an index outside
     [0, N) pools image 0 (dcn_tvm.compute.deform_roi_pool reads no other image)."""
-    if rois.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return rois.to(getattr(torch, geo.acc_dtype)).contiguous()
-    index = rois[:, 0]
-    bad = ~((index >= 0) & (index < batch) & (index == index.trunc()))
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"rois[:, 0] must be batch indices in [0, {batch}) (input has {batch} images), whole "
-                         f"numbers, got {index[row].item()!r} in row {row}")
+    if not (rois.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        index = rois[:, 0]
+        bad = ~((index >= 0) & (index < batch) & (index == index.trunc()))
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"rois[:, 0] must be batch indices in [0, {batch}) (input has {batch} images), "
+                             f"whole numbers, got {index[row].item()!r} in row {row}")
     return rois.to(getattr(torch, geo.acc_dtype)).contiguous()
 
 

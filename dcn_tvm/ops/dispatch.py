@@ -99,14 +99,11 @@ def _forward_ad_refusing_kernel(qualname: str, reverse_mode):
     return kernel
 
 
-def _on_device_kernel(backend):
-    """`backend` run with the CUDA device of the op's first argument (every op's is a tensor) current,
-    the caller's restored after."""
+def _device_guarded_kernel(backend):
+    """`backend` (an op's CUDA kernel) run with the device of the op's first argument (every op's is a
+    tensor) current, the caller's restored after."""
     def kernel(keyset, *args):
-        device = args[0].device
-        if device.type != "cuda":
-            return backend.call_boxed(keyset, *args)
-        with torch.cuda.device(device):
+        with torch.cuda.device(args[0].device):
             return backend.call_boxed(keyset, *args)
     return kernel
 
@@ -116,9 +113,10 @@ def register(op_name: str, autocast: bool) -> None:
     tangents to it on every device; with `autocast`, give it the autocast rule above (for forward ops,
     whose single result takes the input's dtype)."""
     qualname = f"dcn_tvm::{op_name}"
+    # On CUDA the op's own kernel (torch.library.custom_op's) runs inside the device guard; the CPU's is untouched.
+    _LIBRARY.impl(op_name, _device_guarded_kernel(torch.library.get_kernel(qualname, "CUDA")), "CUDA",
+                  with_keyset=True)
     for device_type, key in _DEVICE_KEYS.items():
-        # The op's own kernel (torch.library.custom_op's, for every device) runs inside the device guard.
-        _LIBRARY.impl(op_name, _on_device_kernel(torch.library.get_kernel(qualname, key)), key, with_keyset=True)
         # The op's own Autograd kernel (reverse mode, from register_autograd) stays what runs.
         reverse_mode = torch.library.get_kernel(qualname, "Autograd" + key)
         _LIBRARY.impl(op_name, _forward_ad_refusing_kernel(qualname, reverse_mode), "Autograd" + key,

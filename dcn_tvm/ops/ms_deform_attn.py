@@ -58,7 +58,7 @@ def geometry(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, s
     on a CUDA device), check the shapes against them (dcn_tvm.geometry.ms_deform_attn) and return the
     call's geometry."""
     _check_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    on_gpu = [t for t in (spatial_shapes, level_start_index) if t.device.type == "cuda"]
+    on_gpu = any(t.device.type == "cuda" for t in (spatial_shapes, level_start_index))
     if on_gpu and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("ms_deform_attn reads spatial_shapes and level_start_index on the host, which CUDA "
                            "graph capture forbids for tensors on the GPU: pass them as CPU tensors")
