@@ -123,6 +123,19 @@ def test_gradients_match_grid_sample_autograd(case, packed, kernel_sizes):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
+@pytest.mark.parametrize("group_channels, dtype", [(16, torch.float64), (16, torch.float32), (8, torch.float64),
+                                                    (6, torch.float64)], ids=["gc16-f64", "gc16-f32", "gc8", "gc6"])
+def test_gradients_with_wide_groups(group_channels, dtype, packed):
+    """The CPU backward's corner dot products in vectors of partial sums: InternImage's 16 channels a group
+    (four vectors of 4 lanes), 8 (two) and 6 (three of 2 lanes); CASES have 5 channels a group at most."""
+    case = (1, 5, 6, 2, group_channels, (3, 3), (1, 1), (1, 1), (1, 1), 1.0, False)
+    ours, expected = _gradients(case, packed, dtype)
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-4
+    for name, a, b in zip(("input", "offset", "mask"), ours, expected):
+        torch.testing.assert_close(a.double(), b, rtol=tolerance, atol=tolerance, msg=name)
+
+
 def test_packed_gradient_is_zero_in_the_padding():
     case = CASES[0]  # G*P*3 = 54 channels, padded to 56
     x, offset, mask = make_inputs(case, torch.float64)

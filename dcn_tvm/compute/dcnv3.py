@@ -225,7 +225,7 @@ def backward(geo: DCNv3Geometry, batch, height, width):
     grad_offset_mask [N, Ho, Wo, D] (zero in the padding channels), in dtype. Stages:
 
         sample_rows, sample_cols   as the forward's
-        corner_dots  4 x [N, Ho, Wo, G, P]   sum over the group's channels of grad_output x corner pixel t
+        corner_dots  [N, Ho, Wo, G, P, 4]     sum over the group's channels of grad_output x corner pixel t
         grad_sample  [N, Ho, Wo, G, P, 3]     d/d(mask), d/d(offset_x), d/d(offset_y) of every sample
 
     As InternImage's kernel, the offset gradient is the derivative of the interpolation between the
@@ -240,27 +240,20 @@ def backward(geo: DCNv3Geometry, batch, height, width):
     positions = _positions_stage(geo, readers, batch, out_h, out_w, height, width)
     rows, cols = _tables(geo, readers, positions, height, width, with_weights=False)
     c = te.reduce_axis((0, gc), name="c")
-    four_sum = te.comm_reducer(lambda a, b: tuple(x + y for x, y in zip(a, b)),
-                               lambda *dtypes: tuple(_const(0, d) for d in dtypes), name="four_sum")
 
-    def corner_dots(n, y, x, g, p):
-        """The four corners' dot products in one reduction (a consumer reading one buffer at four
-        constant corner indices could not be moved under this stage's loops: TVM 0.27)."""
-        go = grad_output[n, y, x, g * gc + c].astype(acc)
-        return four_sum(tuple(go * data[n, rows[n, y, x, g, p, t // 2], cols[n, y, x, g, p, t % 2], g * gc + c].astype(acc)
-                              for t in range(4)), axis=c)
+    def corner_dots(n, y, x, g, p, t):
+        pixel = data[n, rows[n, y, x, g, p, t // 2], cols[n, y, x, g, p, t % 2], g * gc + c]
+        return te.sum(grad_output[n, y, x, g * gc + c].astype(acc) * pixel.astype(acc), axis=c)
 
-    dots = te.compute((batch, out_h, out_w, geo.group, p_count), corner_dots, name="corner_dots")
+    dots = te.compute((batch, out_h, out_w, geo.group, p_count, 4), corner_dots, name="corner_dots")
     scale = _const(geo.offset_scale, acc)
 
     def gradient(n, y, x, g, p, k):
-        # From the offsets again, not sample_positions: a schedule can then move this stage under the
-        # corner dot products' loops, whose producer sample_positions is.
-        s = _sample(geo, readers, n, y, x, g, p, height, width)
+        s = _sample(geo, readers, n, y, x, g, p, height, width, positions=positions)
         terms = [[], [], []]  # mask, offset x, offset y
         for ty in range(2):
             for tx in range(2):
-                dot = dots[2 * ty + tx][n, y, x, g, p]
+                dot = dots[n, y, x, g, p, 2 * ty + tx]
                 terms[0].append(s.rows.weights[ty] * s.cols.weights[tx] * dot)
                 terms[1].append(s.rows.weights[ty] * s.cols.slopes[tx] * dot)
                 terms[2].append(s.rows.slopes[ty] * s.cols.weights[tx] * dot)
