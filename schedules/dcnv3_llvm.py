@@ -63,8 +63,12 @@ def backward(sch) -> None:
     lanes = next(lanes for lanes in (DOT_LANES, 2, 1) if _extent(sch, channels) % lanes == 0)
     partial = sch.rfactor(sch.split(channels, [None, lanes])[1], factor_axis=6)
     if "grad_offset_mask" in stage_names(sch):  # DCNv4: one output
-        n, y, x, _ = sch.get_loops(sch.get_sblock("grad_offset_mask"))
+        n, y, x, channels = sch.get_loops(sch.get_sblock("grad_offset_mask"))
         sch.parallel(sch.fuse(n, y))
+        # A loop over each group's 3P channels: a channel's group and point become loop variables, not
+        # divisions by 3P (stage 1 of InternImage-T, one thread, Zen 1: 93 -> 81 ms).
+        points, gradients = sch.get(sch.get_sblock("grad_sample")).writes[0].source.shape[-2:]
+        sch.split(channels, [None, int(points) * int(gradients)])
     else:  # DCNv3: two outputs, their loops merged
         outputs = [sch.get_sblock(name) for name in ("grad_offset", "grad_mask")]
         sch.parallel(sch.merge(*[sch.fuse(*sch.get_loops(block)[:2]) for block in outputs]))
