@@ -53,15 +53,19 @@ def _product(extents) -> int:
 
 def scatter(sch) -> None:
     """A thread per (sample, channel), adding the four corners in turn; without atomics a thread per
-    (image, group, channel), the (row, column, point, corner) loops in it."""
+    (image, group, channel), the (row, column, point, corner) loops in it. A thread computes a
+    sample's position once for its four corners, in registers."""
     block = sch.get_sblock("scatter_grad_input")
     b, g, y, x, p, corner, c = sch.get_loops(block)
+    positions = sch.get_sblock("sample_positions")
     if adds_atomically(sch, block):
         sch.reorder(c, corner)
-        bind_threads(sch, [b, g, y, x, p, c])
+        sch.compute_at(positions, bind_threads(sch, [b, g, y, x, p, c]))
     else:
         sch.reorder(b, g, c, y, x, p, corner)
         bind_threads(sch, [b, g, c])
+        sch.compute_at(positions, p)
+    sch.set_scope(positions, 0, "local")
 
 
 RULES = {"forward": stages, "backward": stages, "scatter": scatter}

@@ -288,11 +288,14 @@ def scatter_grad_input(geo: DCNv3Geometry, sizes, atomic: bool):
     """PrimFunc adding every sample's mask x bilinear weights x grad_output into the input gradient.
 
     (offset, mask, grad_output) or (offset_mask, grad_output) -> grad_input [N, H, W, G*GC] in acc_dtype,
-    which the caller zero-fills; N, H, W as `sizes` (None: symbolic, int64). Each sample's pixels and weights come from
-    the offsets and mask with the forward's expressions, computed where they are added (no tables).
+    which the caller zero-fills; N, H, W as `sizes` (None: symbolic, int64). Stages:
 
-    Stage scatter_grad_input, loops (n, g, ho, wo, p, corner, c), each adding one corner. Group g
-    of image n only receives from its own samples: on the CPU one thread owns an (n, g) slab and
+        sample_positions    [N, Ho, Wo, G, P, 2]  as the forward's; schedules compute it where it is read
+                            (the CPU's per output pixel, the GPU's inlined)
+        scatter_grad_input  loops (n, g, ho, wo, p, corner, c), each adding one corner, its pixels and
+                            weight from the position with the forward's expressions
+
+    Group g of image n only receives from its own samples: on the CPU one thread owns an (n, g) slab and
     plain adds are race-free (`atomic=False`); on the GPU every (sample, channel) gets a thread and the
     adds are atomic (`atomic=True`): any two samples may share a pixel.
     """
@@ -302,23 +305,32 @@ def scatter_grad_input(geo: DCNv3Geometry, sizes, atomic: bool):
 
     @T.macro
     def body(offset, mask, grad_output, grad_input, n, h, w):
+        positions = T.sblock_alloc_buffer((n, grad_output.shape[1], grad_output.shape[2], g_count, p_count, 2), acc)
+        for b, y, x, g, p, a in T.grid(n, grad_output.shape[1], grad_output.shape[2], g_count, p_count, 2):
+            with T.sblock("sample_positions"):
+                vb, vy, vx, vg, vp, va = T.axis.remap("SSSSSS", [b, y, x, g, p, a])
+                T.reads(*_read_regions(geo, offset, mask, vb, vy, vx, vg, vp))
+                T.writes(positions[vb, vy, vx, vg, vp, va])
+                positions[vb, vy, vx, vg, vp, va] = _pick(
+                    _position(geo, _readers(geo, offset, mask), vb, vy, vx, vg, vp, h, w), va)
         for b, g, y, x, p, t, c in T.grid(n, g_count, grad_output.shape[1], grad_output.shape[2], p_count, 4, gc):
             with T.sblock("scatter_grad_input"):
                 vb, vg, vy, vx, vp, vt, vc = T.axis.remap("SSSSSSS", [b, g, y, x, p, t, c])
-                T.reads(*_read_regions(geo, offset, mask, vb, vy, vx, vg, vp), grad_output[vb, vy, vx, vg * gc + vc])
+                T.reads(*_read_regions(geo, offset, mask, vb, vy, vx, vg, vp), positions[vb, vy, vx, vg, vp, 0:2],
+                        grad_output[vb, vy, vx, vg * gc + vc])
                 T.writes(grad_input[vb, 0:h, 0:w, vg * gc + vc])
                 if atomic:
                     T.evaluate(T.cuda.atomic_add(
-                        T.address_of(grad_input[vb, _corner(geo, offset, mask, (vb, vy, vx, vg, vp), h, w, vt)[0],
-                                                _corner(geo, offset, mask, (vb, vy, vx, vg, vp), h, w, vt)[1],
-                                                vg * gc + vc]),
-                        _corner(geo, offset, mask, (vb, vy, vx, vg, vp), h, w, vt)[2]
+                        T.address_of(grad_input[
+                            vb, _corner(geo, offset, mask, positions, h, w, vb, vy, vx, vg, vp, vt)[0],
+                            _corner(geo, offset, mask, positions, h, w, vb, vy, vx, vg, vp, vt)[1], vg * gc + vc]),
+                        _corner(geo, offset, mask, positions, h, w, vb, vy, vx, vg, vp, vt)[2]
                         * grad_output[vb, vy, vx, vg * gc + vc].astype(acc)))
                 else:
-                    grad_input[vb, _corner(geo, offset, mask, (vb, vy, vx, vg, vp), h, w, vt)[0],
-                               _corner(geo, offset, mask, (vb, vy, vx, vg, vp), h, w, vt)[1], vg * gc + vc] += (
-                        _corner(geo, offset, mask, (vb, vy, vx, vg, vp), h, w, vt)[2]
-                        * grad_output[vb, vy, vx, vg * gc + vc].astype(acc))
+                    grad_input[vb, _corner(geo, offset, mask, positions, h, w, vb, vy, vx, vg, vp, vt)[0],
+                               _corner(geo, offset, mask, positions, h, w, vb, vy, vx, vg, vp, vt)[1],
+                               vg * gc + vc] += (_corner(geo, offset, mask, positions, h, w, vb, vy, vx, vg, vp, vt)[2]
+                                                 * grad_output[vb, vy, vx, vg * gc + vc].astype(acc))
 
     out_size = _output_size(geo, *sizes[1:])
     if geo.packed:
@@ -349,10 +361,11 @@ def _read_regions(geo: DCNv3Geometry, offset, mask, n, y, x, g, p) -> list:
     return [offset[n, y, x, g, p, 0:2], mask[n, y, x, g, p]]
 
 
-def _corner(geo: DCNv3Geometry, offset, mask, at, height, width, t):
-    """(row, column, mask x bilinear weight) of corner t (row t // 2, column t % 2) of the sample at
-    `at` = (n, y, x, g, p), read from the sampling buffers with the forward's expressions."""
-    s = _sample(geo, _readers(geo, offset, mask), *at, height, width)
+def _corner(geo: DCNv3Geometry, offset, mask, positions, height, width, n, y, x, g, p, t):
+    """(row, column, mask x bilinear weight) of corner t (row t // 2, column t % 2) of sample p of group
+    g at output (n, y, x) of a height x width input, from its position (the buffer `positions`) and its
+    mask value, with the forward's expressions."""
+    s = _sample(geo, _readers(geo, offset, mask), n, y, x, g, p, height, width, positions=positions)
     row, col = t // 2, t % 2
     return (_pick(s.rows.pixels, row), _pick(s.cols.pixels, col),
             s.mask * _pick(s.rows.weights, row) * _pick(s.cols.weights, col))
