@@ -97,7 +97,7 @@ def backward(sch) -> None:
 def scatter(sch) -> None:
     """One task per (image, group); per output pixel the positions of the group's points, then their
     corners' adds, vectors of the group's channels, the points unrolled (InternImage-T's first stage,
-    one thread, Zen 1: 97-103 -> 67-71 ms, from a sample's position recomputed at every corner in a loop
+    one thread, Zen 1: 97-112 -> 74-78 ms, from a sample's position recomputed at every corner in a loop
     over the points)."""
     block = sch.get_sblock("scatter_grad_input")
     b, g, _, x, points, corner, c = sch.get_loops(block)

@@ -291,7 +291,7 @@ def scatter_grad_input(geo: DCNv3Geometry, sizes, atomic: bool):
     which the caller zero-fills; N, H, W as `sizes` (None: symbolic, int64). Stages:
 
         sample_positions    [N, Ho, Wo, G, P, 2]  as the forward's; schedules compute it where it is read
-                            (the CPU's per output pixel, the GPU's inlined)
+                            (the CPU's per output pixel, the GPU's per sample in a thread's registers)
         scatter_grad_input  loops (n, g, ho, wo, p, corner, c), each adding one corner, its pixels and
                             weight from the position with the forward's expressions
 
