@@ -216,6 +216,22 @@ def test_half_precision(dtype, tolerance):
         assert a.dtype == dtype and relative_error(a, b) < 4 * tolerance, name
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
+@pytest.mark.parametrize("case", [CASES[1], (1, 5, 6, 2, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1.0, False)],
+                         ids=["gc5", "gc16"])
+def test_bfloat16_backward_runs_bfloat16_kernels(case, packed, monkeypatch):
+    """bfloat16 gradients come from the bfloat16 kernels (float32 sums), not from float32 copies, and match
+    float64 autograd to bfloat16's precision. (The backward kernel before 6bc7461 was wrong in bfloat16,
+    relative error 1e9, and the op ran the float32 kernels on copies.)"""
+    get_kernel, stages = ops.get_kernel, []
+    monkeypatch.setattr(ops, "get_kernel", lambda spec: stages.append((spec.stage, spec.geometry.dtype))
+                        or get_kernel(spec))
+    ours, expected = _gradients(case, packed, dtype=torch.bfloat16)
+    assert stages == [("forward", "bfloat16"), ("backward", "bfloat16"), ("scatter", "bfloat16")]
+    for name, a, b in zip(("input", "offset", "mask"), ours, expected):
+        assert a.dtype == torch.bfloat16 and relative_error(a, b) < 2e-2, name
+
+
 def test_autocast_runs_in_float32():
     case = CASES[0]
     x, offset, mask = make_inputs(case, torch.bfloat16)
@@ -401,22 +417,29 @@ def simulated_gpu(simulated_gpu_of):
     return simulated_gpu_of(ops)
 
 
-def _matches_on_the_simulated_gpu(case, packed, simulated_gpu) -> None:
-    """The op on the simulated GPU (float32): its output against the loops, its gradients against grid_sample
-    autograd."""
-    x, offset, mask = make_inputs(case)
+def _matches_on_the_simulated_gpu(case, packed, simulated_gpu, dtype=torch.float32) -> None:
+    """The op on the simulated GPU: its output against the loops, its gradients against grid_sample autograd
+    (both in float64 from the same inputs)."""
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    x, offset, mask = make_inputs(case, dtype)
     with simulated_gpu():
         out = run(case, x, offset, mask, packed)
-        ours, expected = _gradients(case, packed, dtype=torch.float32)
+        ours, expected = _gradients(case, packed, dtype=dtype)
     torch.testing.assert_close(out.double(), dcnv3_loops(x, offset, mask, *reference_arguments(case)),
-                               rtol=1e-4, atol=1e-4)
+                               rtol=tolerance, atol=tolerance)
     for name, a, b in zip(("input", "offset", "mask"), ours, expected):
-        assert torch.isfinite(a).all() and relative_error(a, b) < 1e-4, name
+        assert a.dtype == dtype and torch.isfinite(a).all() and relative_error(a, b) < tolerance, name
 
 
 @pytest.mark.parametrize("case,packed", GPU_CASES, ids=[f"{case_id(c)}-{'v4' if p else 'v3'}" for c, p in GPU_CASES])
 def test_simulated_gpu_forward_and_gradients(case, packed, simulated_gpu):
     _matches_on_the_simulated_gpu(case, packed, simulated_gpu)
+
+
+@pytest.mark.parametrize("case,packed", [GPU_CASES[0], GPU_CASES[4]], ids=["v3", "v4-stride2"])
+def test_simulated_gpu_bfloat16(case, packed, simulated_gpu):
+    """The bfloat16 CUDA kernels, forward and backward (float32 sums, bfloat16's rounding)."""
+    _matches_on_the_simulated_gpu(case, packed, simulated_gpu, torch.bfloat16)
 
 
 @pytest.mark.parametrize("kernel_sizes", ["dynamic"], indirect=True)

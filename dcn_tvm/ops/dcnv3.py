@@ -86,14 +86,7 @@ def _forward(input: Tensor, sampling: list[Tensor], parameters: tuple, packed: b
 
 def _backward(grad_output: Tensor, input: Tensor, sampling: list[Tensor], parameters: tuple,
               packed: bool) -> list[Tensor]:
-    """[grad_input, grad of each sampling tensor].
-
-    bfloat16 runs the float32 kernels on converted copies: the bfloat16 backward kernel built by TVM 0.27's
-    llvm target gives wrong offset and mask gradients (measured: relative error 1e9; float16 is right),
-    not yet explained."""
-    if input.dtype == torch.bfloat16 and dispatch.compute_dtype(input) == torch.bfloat16:
-        grads = _backward(grad_output.float(), input.float(), [t.float() for t in sampling], parameters, packed)
-        return [g.to(torch.bfloat16) for g in grads]
+    """[grad_input, grad of each sampling tensor]."""
     input, sampling = input.contiguous(), [t.contiguous() for t in sampling]
     geo = geometry(input, sampling, parameters, packed)
     expected = _output_shape(input, sampling)
