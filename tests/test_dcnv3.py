@@ -123,14 +123,18 @@ def test_gradients_match_grid_sample_autograd(case, packed, kernel_sizes):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
 
 
+def wide_group_case(group_channels):
+    """A 3x3 'same' case of 2 groups, each of `group_channels` channels."""
+    return (1, 5, 6, 2, group_channels, (3, 3), (1, 1), (1, 1), (1, 1), 1.0, False)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
 @pytest.mark.parametrize("group_channels, dtype", [(16, torch.float64), (16, torch.float32), (8, torch.float64),
                                                     (6, torch.float64)], ids=["gc16-f64", "gc16-f32", "gc8", "gc6"])
 def test_gradients_with_wide_groups(group_channels, dtype, packed):
     """The CPU backward's corner dot products in vectors of partial sums: InternImage's 16 channels a group
     (four vectors of 4 lanes), 8 (two) and 6 (three of 2 lanes); CASES have 5 channels a group at most."""
-    case = (1, 5, 6, 2, group_channels, (3, 3), (1, 1), (1, 1), (1, 1), 1.0, False)
-    ours, expected = _gradients(case, packed, dtype)
+    ours, expected = _gradients(wide_group_case(group_channels), packed, dtype)
     tolerance = 1e-9 if dtype == torch.float64 else 1e-4
     for name, a, b in zip(("input", "offset", "mask"), ours, expected):
         torch.testing.assert_close(a.double(), b, rtol=tolerance, atol=tolerance, msg=name)
@@ -217,8 +221,7 @@ def test_half_precision(dtype, tolerance):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dcnv3", "dcnv4"])
-@pytest.mark.parametrize("case", [CASES[1], (1, 5, 6, 2, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1.0, False)],
-                         ids=["gc5", "gc16"])
+@pytest.mark.parametrize("case", [CASES[1], wide_group_case(16)], ids=["gc5", "gc16"])
 def test_bfloat16_backward_runs_bfloat16_kernels(case, packed, monkeypatch):
     """bfloat16 gradients come from the bfloat16 kernels (float32 sums), not from float32 copies, and match
     float64 autograd to bfloat16's precision. (The backward kernel before 6bc7461 was wrong in bfloat16,
