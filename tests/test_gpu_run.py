@@ -65,9 +65,10 @@ def test_rehearsal_runs_every_step_and_writes_both_files(tmp_path):
         assert all(r["ok"] for r in correctness["conv"] + correctness["roi"] + correctness["gather"])
         assert len(correctness["roi"]) == 3 * len(plan.roi_checks)
         assert {(r["case"], r["dtype"]) for r in correctness["gather"]} == {
-            (f"{case.op} {case.label}", dtype) for case in plan.gather_checks for dtype in plan.gather_dtypes}
+            (f"{case.op} {case.label}", dtype) for case in plan.gather_checks for dtype in plan.gather_check_dtypes}
         # the output and each gradient: three for the attention and DCNv3, two for DCNv4 (input, offset_mask)
-        assert len(correctness["gather"]) == sum(3 if case.op == "dcnv4" else 4 for case in plan.gather_checks)
+        assert len(correctness["gather"]) == len(plan.gather_check_dtypes) * sum(
+            3 if case.op == "dcnv4" else 4 for case in plan.gather_checks)
         # the cuda-marked tests, without a GPU: 4 in the conv and RoI test files, 16 in test_cuda_context.py
         assert "20 skipped" in correctness["pytest"]["result"]
         assert all(r["ok"] for r in correctness["sanitizer"].values())
