@@ -519,6 +519,32 @@ def test_onnx_export_runs_in_onnxruntime(packed):
                                        model(sample), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel, remove_center", [((3, 3), False), ((3, 3), True), ((5, 5), False)])
+def test_dcnv4_cuda_backward_thread_computes_its_own_samples_corner_dots(kernel, remove_center):
+    """A thread of the DCNv4 CUDA backward writes one channel of the offset_mask gradient and computes the
+    corner dots of that channel's sample alone: 4 corners x group_channels products. (Its point was once a
+    Select, whose region took both sides: 1 to P points a thread, 5 on average at 3x3, and 50 s to build
+    InternImage-T's stage 1 on 2 cores, 18 s since.)"""
+    from tvm.s_tir import Schedule
+
+    from dcn_tvm.geometry.dcnv3 import dcnv3_geometry
+    from dcn_tvm.kernels.build import scheduled
+    from dcn_tvm.kernels.spec import KernelSpec
+
+    group, group_channels = 4, 16
+    points = kernel[0] * kernel[1] - remove_center
+    geo = dcnv3_geometry((1, 9, 11, group * group_channels), [(1, 9, 11, 8 * ((3 * group * points + 7) // 8))],
+                         kernel, (1, 1), (kernel[0] // 2, kernel[1] // 2), (1, 1), group, group_channels, 1.0,
+                         remove_center, True, "float32")
+    spec = KernelSpec("dcnv3", "backward", geo, (("n", 1), ("h", 9), ("w", 11)), GPU_TARGET)
+    sch = Schedule(scheduled(spec))
+    loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("corner_dots"))]
+    bound = [loop.thread_binding is not None for loop in loops]
+    assert [loop.thread_binding.thread_tag for loop in loops if loop.thread_binding is not None] == [
+        "blockIdx.x", "threadIdx.x"] and bound == sorted(bound, reverse=True)
+    assert [int(loop.extent) for loop in loops if loop.thread_binding is None] == [4, group_channels]
+
+
 @pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="ptxas (nvcc) is not on PATH")
 def test_cuda_builds_fit_sm_90():
     """Every stage of a DCNv4 geometry (the largest kernels: its backward holds the corner dots) builds

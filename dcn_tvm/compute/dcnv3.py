@@ -124,7 +124,9 @@ def _position(geo: DCNv3Geometry, readers: _Readers, n, y, x, g, p, height, widt
     _NOWHERE) unless -1 < y < H and -1 < x < W (NaN and inf included)."""
     acc, (kh, kw) = geo.acc_dtype, geo.kernel
     centre = (kw // 2) * kh + kh // 2
-    q = tirx.Select(p >= centre, p + 1, p) if geo.remove_center else p
+    # p + (p >= centre) in integer arithmetic (p < kh*kw): the Select it replaces made the backward's
+    # simplification several times slower to build
+    q = p + (p + kh * kw - centre) // (kh * kw) if geo.remove_center else p
     scale = _const(geo.offset_scale, acc)
     positions = []
     for axis, (out, index, size) in enumerate(((x, q // kh, width), (y, q % kh, height))):
@@ -266,9 +268,12 @@ def backward(geo: DCNv3Geometry, batch, height, width):
 
         def packed(n, y, x, ch):
             g, r = tirx.min(ch // (3 * p_count), geo.group - 1), ch % (3 * p_count)  # g in range on padding
-            is_offset = r < 2 * p_count
-            p = tirx.min(tirx.Select(is_offset, r // 2, r - 2 * p_count), p_count - 1)
-            k = tirx.Select(is_offset, r % 2 + 1, 0)
+            is_mask = r // (2 * p_count)  # 0 for the offsets' 2P channels, 1 for the mask's P
+            # r // 2 or r - 2P without a Select: a schedule computing the sample's corner dots where a
+            # channel is written then sees one point (TVM's regions take both sides of a Select); clamped,
+            # so that a region over many channels is bounded
+            p = tirx.max(tirx.min(r // 2 - is_mask * (r // 2 - (r - 2 * p_count)), p_count - 1), 0)
+            k = tirx.Select(is_mask == 0, r % 2 + 1, 0)
             value = tirx.Select(ch < used, grads[n, y, x, g, p, k], _const(0, acc))
             return value.astype(geo.dtype)
 
