@@ -520,6 +520,18 @@ def test_onnx_export_runs_in_onnxruntime(packed):
                                        model(sample), rtol=1e-4, atol=1e-4)
 
 
+def dcnv4_gpu_spec(case, stage: str, dtype: str = "float32"):
+    """The sm_90 KernelSpec of a DCNv4 case's stage at the case's exact sizes."""
+    from dcn_tvm.geometry.dcnv3 import dcnv3_geometry
+    from dcn_tvm.kernels.spec import KernelSpec
+
+    n, h, w, group, group_channels, kernel, stride, pad, dilation, scale, remove_center = case
+    x, offset, mask = make_inputs(case)
+    geo = dcnv3_geometry(x.shape, [pack_offset_mask(offset, mask, group).shape], kernel, stride, pad, dilation, group,
+                         group_channels, scale, remove_center, True, dtype)
+    return KernelSpec("dcnv3", stage, geo, (("n", n), ("h", h), ("w", w)), GPU_TARGET)
+
+
 @pytest.mark.parametrize("kernel, remove_center", [((3, 3), False), ((3, 3), True), ((5, 5), False)])
 def test_dcnv4_cuda_backward_thread_computes_its_own_samples_corner_dots(kernel, remove_center):
     """A thread of the DCNv4 CUDA backward writes one channel of the offset_mask gradient and computes the
@@ -528,17 +540,11 @@ def test_dcnv4_cuda_backward_thread_computes_its_own_samples_corner_dots(kernel,
     InternImage-T's stage 1 on 2 cores, 18 s since.)"""
     from tvm.s_tir import Schedule
 
-    from dcn_tvm.geometry.dcnv3 import dcnv3_geometry
     from dcn_tvm.kernels.build import scheduled
-    from dcn_tvm.kernels.spec import KernelSpec
 
-    group, group_channels = 4, 16
-    points = kernel[0] * kernel[1] - remove_center
-    geo = dcnv3_geometry((1, 9, 11, group * group_channels), [(1, 9, 11, 8 * ((3 * group * points + 7) // 8))],
-                         kernel, (1, 1), (kernel[0] // 2, kernel[1] // 2), (1, 1), group, group_channels, 1.0,
-                         remove_center, True, "float32")
-    spec = KernelSpec("dcnv3", "backward", geo, (("n", 1), ("h", 9), ("w", 11)), GPU_TARGET)
-    sch = Schedule(scheduled(spec))
+    group_channels = 16
+    case = (1, 9, 11, 4, group_channels, kernel, (1, 1), (kernel[0] // 2, kernel[1] // 2), (1, 1), 1.0, remove_center)
+    sch = Schedule(scheduled(dcnv4_gpu_spec(case, "backward")))
     loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("corner_dots"))]
     bound = [loop.thread_binding is not None for loop in loops]
     assert [loop.thread_binding.thread_tag for loop in loops if loop.thread_binding is not None] == [
@@ -551,12 +557,8 @@ def test_cuda_builds_fit_sm_90():
     """Every stage of a DCNv4 geometry (the largest kernels: its backward holds the corner dots) builds
     for sm_90 in float16 under ptxas' resource check (dcn_tvm.kernels.resources). A DCNv3 5x5 geometry,
     and float64 at symbolic sizes, pass too (measured; minutes of nvcc on 2 cores)."""
-    from dcn_tvm.geometry.dcnv3 import dcnv3_geometry
     from dcn_tvm.kernels.build import compile_functions, scheduled
-    from dcn_tvm.kernels.spec import KernelSpec
 
-    geo = dcnv3_geometry((1, 9, 11, 64), [(1, 9, 11, 96)], (3, 3), (1, 1), (1, 1), (1, 1), 4, 16, 1.0, True, True,
-                         "float16")
-    specs = [KernelSpec("dcnv3", stage, geo, (("n", 1), ("h", 9), ("w", 11)), GPU_TARGET)
-             for stage in ("forward", "backward", "scatter")]
+    case = (1, 9, 11, 4, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1.0, True)
+    specs = [dcnv4_gpu_spec(case, stage, "float16") for stage in ("forward", "backward", "scatter")]
     compile_functions({spec.workload_key: scheduled(spec) for spec in specs}, GPU_TARGET)
