@@ -104,7 +104,8 @@ def _weighted_bilinear_sum(rows: Tensor, base: Tensor, x: Tensor, y: Tensor, hei
 def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
                    attention_weights: Tensor) -> Tensor:
     """dcn_tvm::ms_deform_attn in standard ops: value [N, S, M, D] -> [N, Lq, M*D]; the level shapes
-    [L, 2] and starts [L] are read at run time."""
+    [L, 2] and starts [L] are read at run time; they may be on the CPU beside a value on the GPU."""
+    spatial_shapes, level_start_index = spatial_shapes.to(value.device), level_start_index.to(value.device)
     n, s, heads, head_dim = value.shape
     _, queries, _, levels, _, _ = sampling_locations.shape
     rows = value.permute(0, 2, 1, 3).reshape(-1, head_dim)  # row (n*M + m)*S + s
