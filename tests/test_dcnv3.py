@@ -491,31 +491,33 @@ def test_onnx_form_matches_loop_reference(case, packed):
 def test_onnx_export_runs_in_onnxruntime(packed):
     """The modules export to standard ONNX ops through a plain torch.onnx.export, and through to_onnx of a
     torch.export.ExportedProgram holding the op; onnxruntime matches them, DCNv3's at a second image size
-    too (dynamic batch and spatial sizes)."""
+    too (dynamic batch and spatial sizes). So does the export of the model as a CUDA model."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from test_export import run_onnxruntime, standard_op_exports
-
-    torch.manual_seed(0)
-    layer = dcn_tvm.DCNv4(channels=16, group=2, dw_kernel_size=3) if packed else dcn_tvm.DCNv3(channels=24, group=3)
-    with torch.no_grad():
-        for parameter in layer.parameters():
-            parameter.normal_(std=0.3)  # offsets past the borders
+    from test_export import export_as_cuda_model, run_onnxruntime, standard_op_exports
 
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.layer = layer
+            self.layer = dcn_tvm.DCNv4(channels=16, group=2, dw_kernel_size=3) if packed else \
+                dcn_tvm.DCNv3(channels=24, group=3)
 
         def forward(self, x):
             return self.layer(x, (5, 6)) if packed else self.layer(x)
 
+    torch.manual_seed(0)
     model = Model().eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(std=0.3)  # offsets past the borders
     x = torch.randn(2, 5 * 6, 16) if packed else torch.randn(2, 5, 6, 24)
     dynamic = torch.export.Dim.DYNAMIC  # channels-last: the channels are the last dimension
     shapes = None if packed else ({0: dynamic, 1: dynamic, 2: dynamic},)
-    for program in standard_op_exports(model, (x,), shapes):
-        for sample in [x] if packed else [x, torch.randn(1, 7, 4, 24)]:
+    exports = [(program, [x] if packed else [x, torch.randn(1, 7, 4, 24)])
+               for program in standard_op_exports(model, (x,), shapes)]
+    exports.append((export_as_cuda_model(Model, (x,), model.state_dict()), [x]))
+    for program, samples in exports:
+        for sample in samples:
             torch.testing.assert_close(torch.from_numpy(run_onnxruntime(program.model_proto, sample)[0]),
                                        model(sample), rtol=1e-4, atol=1e-4)
 

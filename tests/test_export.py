@@ -285,6 +285,51 @@ def test_deform_roi_pool_exports_to_the_dcn_tvm_domain():
         run_onnxruntime(proto, features, boxes)
 
 
+def export_as_cuda_model(make_model, args: tuple, weights: dict) -> torch.onnx.ONNXProgram:
+    """torch.onnx.export(..., dynamo=True) of `make_model()` as a CUDA model, without a GPU: built and traced
+    on fake CUDA tensors shaped as `args` (tensors that are not floating point, such as ms_deform_attn's level
+    tensors, stay as given, on the CPU), then given the real `weights` (a state_dict)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
+        model = make_model().eval()
+        fake_args = tuple(torch.empty(arg.shape, dtype=arg.dtype) if arg.is_floating_point() else arg for arg in args)
+        assert {tensor.device.type for tensor in model.state_dict().values()} == {"cuda"}
+        # optimize=False: constant folding would read the fake weights
+        program = torch.onnx.export(model, fake_args, dynamo=True, verbose=False, optimize=False)
+    program.apply_weights(weights)
+    return program
+
+
+@needs_onnx
+def test_a_cuda_model_exports_as_the_cpu_model_does():
+    """A CUDA model's export matches the CPU model: DeformConv feeding a CUDA conv (onnxruntime), and both
+    RoI poolings feeding their offset layers (onnx's reference evaluator with dcn_tvm::DeformRoIPool). Before
+    the ops' ONNX nodes came on their input's device (torch.onnx.ops.symbolic makes CPU tensors), the next
+    layer refused them and the export failed."""
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    torch.manual_seed(0)
+    convs, image = PackAndFunctional().eval(), torch.randn(1, 4, 9, 11)
+    program = export_as_cuda_model(PackAndFunctional, (image,), convs.state_dict())
+    assert len(nodes(program.model_proto, "DeformConv")) == 2
+    with torch.no_grad():
+        expected = convs(image)
+    assert relative_error(run_onnxruntime(program.model_proto, image)[0], expected) < 1e-5
+
+    heads, features, boxes = RoIHeads().eval(), torch.randn(2, 8, 8, 8), rois(3, 2)
+    program = export_as_cuda_model(RoIHeads, (features, boxes), heads.state_dict())
+    assert len(nodes(program.model_proto, "DeformRoIPool")) == 4
+    DeformRoIPoolOp = type("DeformRoIPool", (OpRun,), {"op_domain": "dcn_tvm", "_run": _run_deform_roi_pool})
+    evaluator = ReferenceEvaluator(program.model_proto, new_ops=[DeformRoIPoolOp])
+    with torch.no_grad():
+        expected = heads(features, boxes)
+    outputs = evaluator.run(None, dict(zip(evaluator.input_names, (features.numpy(), boxes.numpy()))))
+    for output, reference in zip(outputs, expected):
+        assert relative_error(output, reference) < 1e-5
+
+
 class DeepLab(nn.Module):
     """ResNet-101-DCN with the DeepLab head, scores upsampled to the image."""
 

@@ -326,30 +326,26 @@ def test_plain_torch_onnx_export_runs_in_onnxruntime():
 
 
 def test_onnx_export_of_a_cuda_model_with_its_level_tensors_on_the_cpu():
-    """A CUDA model exports with spatial_shapes and level_start_index on the CPU (as CUDA graphs need them):
-    traced on fake CUDA tensors (no GPU needed), its weights applied afterwards, the graph runs in onnxruntime
-    as the CPU module does. Before the ONNX form moved them to value's device, the export failed."""
+    """A CUDA model exports with spatial_shapes and level_start_index on the CPU (as CUDA graphs need them),
+    and runs in onnxruntime as the CPU module does. Before the ONNX form moved them to value's device, the
+    export failed."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from test_export import run_onnxruntime
+    from test_export import export_as_cuda_model, run_onnxruntime
 
     n, levels, heads, head_dim, points, queries = CASE
     shapes, starts = level_tensors(levels)
     rows = int((shapes[:, 0] * shapes[:, 1]).sum())
     torch.manual_seed(17)
-    module = dcn_tvm.MultiScaleDeformableAttention(heads * head_dim, len(levels), heads, points).eval()
+
+    def make_module():
+        return dcn_tvm.MultiScaleDeformableAttention(heads * head_dim, len(levels), heads, points)
+
+    module = make_module().eval()
     torch.nn.init.normal_(module.sampling_offsets.weight, std=0.5)  # samples past the level borders
     args = (torch.randn(n, queries, heads * head_dim), torch.rand(n, queries, len(levels), 2),
             torch.randn(n, rows, heads * head_dim), shapes, starts)
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
-        fake_module = dcn_tvm.MultiScaleDeformableAttention(heads * head_dim, len(levels), heads, points).eval()
-        fake_args = (*(torch.empty(arg.shape) for arg in args[:3]), shapes, starts)
-        assert [arg.device.type for arg in fake_args] == ["cuda"] * 3 + ["cpu"] * 2
-        # optimize=False: constant folding would read the fake weights
-        program = torch.onnx.export(fake_module, fake_args, dynamo=True, verbose=False, optimize=False)
-    program.apply_weights(module.state_dict())
+    program = export_as_cuda_model(make_module, args, module.state_dict())
     assert {node.domain for node in program.model_proto.graph.node} <= {""}
     with torch.no_grad():
         expected = module(*args)
