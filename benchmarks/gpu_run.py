@@ -180,7 +180,7 @@ PLANS = {
         gather_cases=(DETR_ENCODER, DETR_DECODER, GatherCase("InternImage-T DCNv3 1x200x304x64, 4 groups", "dcnv3",
                                                              INTERNIMAGE_T1),
                       GatherCase("FlashInternImage-T DCNv4 1x200x304x64, 4 groups", "dcnv4", INTERNIMAGE_T1)),
-        gather_dtypes=("float32", "float16"),
+        gather_dtypes=("float32", "float16", "bfloat16"),
         gather_checks=GATHER_CHECKS,
         gather_check_dtypes=("float32", "float16", "bfloat16"),
         # the conformance case with groups, offset groups and a mask; the tensor-core one (16 channels)
