@@ -311,13 +311,6 @@ def test_a_cuda_model_exports_as_the_cpu_model_does():
     from onnx.reference.op_run import OpRun
 
     torch.manual_seed(0)
-    convs, image = PackAndFunctional().eval(), torch.randn(1, 4, 9, 11)
-    program = export_as_cuda_model(PackAndFunctional, (image,), convs.state_dict())
-    assert len(nodes(program.model_proto, "DeformConv")) == 2
-    with torch.no_grad():
-        expected = convs(image)
-    assert relative_error(run_onnxruntime(program.model_proto, image)[0], expected) < 1e-5
-
     heads, features, boxes = RoIHeads().eval(), torch.randn(2, 8, 8, 8), rois(3, 2)
     program = export_as_cuda_model(RoIHeads, (features, boxes), heads.state_dict())
     assert len(nodes(program.model_proto, "DeformRoIPool")) == 4
@@ -328,6 +321,14 @@ def test_a_cuda_model_exports_as_the_cpu_model_does():
     outputs = evaluator.run(None, dict(zip(evaluator.input_names, (features.numpy(), boxes.numpy()))))
     for output, reference in zip(outputs, expected):
         assert relative_error(output, reference) < 1e-5
+
+    # last: onnxruntime without a DeformConv kernel (Python 3.10's) skips the test there
+    convs, image = PackAndFunctional().eval(), torch.randn(1, 4, 9, 11)
+    program = export_as_cuda_model(PackAndFunctional, (image,), convs.state_dict())
+    assert len(nodes(program.model_proto, "DeformConv")) == 2
+    with torch.no_grad():
+        expected = convs(image)
+    assert relative_error(run_onnxruntime(program.model_proto, image)[0], expected) < 1e-5
 
 
 class DeepLab(nn.Module):
