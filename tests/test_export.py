@@ -244,6 +244,18 @@ def _run_deform_roi_pool(self, x, boxes, offset=None, **attrs):
     return (dcn_tvm.deform_roi_pool(*tensors, **attrs).numpy(),)
 
 
+def run_reference_evaluator(model_proto, *inputs):
+    """The outputs of `model_proto` run by onnx's reference evaluator, dcn_tvm::DeformRoIPool implemented
+    from its documented inputs and attributes (_run_deform_roi_pool)."""
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    # The reference evaluator finds a custom op by its class name and op_domain.
+    deform_roi_pool = type("DeformRoIPool", (OpRun,), {"op_domain": "dcn_tvm", "_run": _run_deform_roi_pool})
+    evaluator = ReferenceEvaluator(model_proto, new_ops=[deform_roi_pool])
+    return evaluator.run(None, {name: value.numpy() for name, value in zip(evaluator.input_names, inputs)})
+
+
 @needs_onnx
 def test_deform_roi_pool_exports_to_the_dcn_tvm_domain():
     """The custom node carries everything the op needs: an implementation of dcn_tvm::DeformRoIPool
@@ -251,8 +263,6 @@ def test_deform_roi_pool_exports_to_the_dcn_tvm_domain():
     evaluator, at another RoI count); onnxruntime, which has no such op, refuses the model."""
     import onnx
     import onnxruntime
-    from onnx.reference import ReferenceEvaluator
-    from onnx.reference.op_run import OpRun
 
     from dcn_tvm.export import DEFORM_ROI_POOL_SCHEMA, to_onnx
 
@@ -270,16 +280,10 @@ def test_deform_roi_pool_exports_to_the_dcn_tvm_domain():
     assert {attributes(node)["group_size"] for node in pools} == {1, 3}
     assert {attributes(node)["part_size"] for node in pools} == {3}
 
-    # The reference evaluator finds a custom op by its class name and op_domain.
-    DeformRoIPoolOp = type("DeformRoIPool", (OpRun,), {"op_domain": "dcn_tvm", "_run": _run_deform_roi_pool})
-
-
     features, boxes = torch.randn(3, 8, 8, 8), rois(5, 3, seed=1)
     with torch.no_grad():
         expected = model(features, boxes)
-    outputs = ReferenceEvaluator(proto, new_ops=[DeformRoIPoolOp]).run(None, {"features": features.numpy(),
-                                                                               "rois": boxes.numpy()})
-    for output, reference in zip(outputs, expected):
+    for output, reference in zip(run_reference_evaluator(proto, features, boxes), expected):
         assert relative_error(output, reference) < 1e-5
     with pytest.raises(onnxruntime.capi.onnxruntime_pybind11_state.Fail, match="DeformRoIPool"):
         run_onnxruntime(proto, features, boxes)
@@ -307,19 +311,13 @@ def test_a_cuda_model_exports_as_the_cpu_model_does():
     RoI poolings feeding their offset layers (onnx's reference evaluator with dcn_tvm::DeformRoIPool). Before
     the ops' ONNX nodes came on their input's device (torch.onnx.ops.symbolic makes CPU tensors), the next
     layer refused them and the export failed."""
-    from onnx.reference import ReferenceEvaluator
-    from onnx.reference.op_run import OpRun
-
     torch.manual_seed(0)
     heads, features, boxes = RoIHeads().eval(), torch.randn(2, 8, 8, 8), rois(3, 2)
     program = export_as_cuda_model(RoIHeads, (features, boxes), heads.state_dict())
     assert len(nodes(program.model_proto, "DeformRoIPool")) == 4
-    DeformRoIPoolOp = type("DeformRoIPool", (OpRun,), {"op_domain": "dcn_tvm", "_run": _run_deform_roi_pool})
-    evaluator = ReferenceEvaluator(program.model_proto, new_ops=[DeformRoIPoolOp])
     with torch.no_grad():
         expected = heads(features, boxes)
-    outputs = evaluator.run(None, dict(zip(evaluator.input_names, (features.numpy(), boxes.numpy()))))
-    for output, reference in zip(outputs, expected):
+    for output, reference in zip(run_reference_evaluator(program.model_proto, features, boxes), expected):
         assert relative_error(output, reference) < 1e-5
 
     # last: onnxruntime without a DeformConv kernel (Python 3.10's) skips the test there

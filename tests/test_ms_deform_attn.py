@@ -297,14 +297,20 @@ def test_onnx_form_matches_loops():
 def test_plain_torch_onnx_export_runs_in_onnxruntime():
     """torch.onnx.export(module, args, dynamo=True) with no extra argument, and to_onnx of a
     torch.export.ExportedProgram holding the op: standard ONNX ops that onnxruntime runs with the export's
-    levels and with other level shapes, batch, queries (the level shapes are read at run time)."""
+    levels and with other level shapes, batch, queries (the level shapes are read at run time). So does the
+    export of the module as a CUDA module, spatial_shapes and level_start_index on the CPU (as CUDA graphs
+    need them): it failed before the ONNX form moved them to value's device."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from test_export import run_onnxruntime, standard_op_exports
+    from test_export import export_as_cuda_model, run_onnxruntime, standard_op_exports
 
     n, levels, heads, head_dim, points, queries = CASE
+
+    def make_module():
+        return dcn_tvm.MultiScaleDeformableAttention(heads * head_dim, len(levels), heads, points)
+
     torch.manual_seed(13)
-    module = dcn_tvm.MultiScaleDeformableAttention(heads * head_dim, len(levels), heads, points).eval()
+    module = make_module().eval()
     torch.nn.init.normal_(module.sampling_offsets.weight, std=0.5)  # samples past the level borders
     torch.nn.init.normal_(module.attention_weights.weight, std=0.5)
 
@@ -317,39 +323,17 @@ def test_plain_torch_onnx_export_runs_in_onnxruntime():
     args = inputs(n, levels, queries)
     sizes = torch.export.Dim.DYNAMIC
     dynamic = ({0: sizes, 1: sizes}, {0: sizes, 1: sizes}, {0: sizes, 1: sizes}, None, None)
-    for program in standard_op_exports(module, args, dynamic):
-        for sample in (args, inputs(1, ((4, 9), (2, 2), (1, 3)), 5)):
+    exports = [(program, (args, inputs(1, ((4, 9), (2, 2), (1, 3)), 5)))
+               for program in standard_op_exports(module, args, dynamic)]
+    cuda_program = export_as_cuda_model(make_module, args, module.state_dict())
+    assert {node.domain for node in cuda_program.model_proto.graph.node} <= {""}  # as standard_op_exports checks
+    exports.append((cuda_program, (args,)))
+    for program, samples in exports:
+        for sample in samples:
             with torch.no_grad():
                 expected = module(*sample)
             assert relative_error(torch.from_numpy(run_onnxruntime(program.model_proto, *sample)[0]),
                                   expected) <= 1e-5
-
-
-def test_onnx_export_of_a_cuda_model_with_its_level_tensors_on_the_cpu():
-    """A CUDA model exports with spatial_shapes and level_start_index on the CPU (as CUDA graphs need them),
-    and runs in onnxruntime as the CPU module does. Before the ONNX form moved them to value's device, the
-    export failed."""
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    from test_export import export_as_cuda_model, run_onnxruntime
-
-    n, levels, heads, head_dim, points, queries = CASE
-    shapes, starts = level_tensors(levels)
-    rows = int((shapes[:, 0] * shapes[:, 1]).sum())
-    torch.manual_seed(17)
-
-    def make_module():
-        return dcn_tvm.MultiScaleDeformableAttention(heads * head_dim, len(levels), heads, points)
-
-    module = make_module().eval()
-    torch.nn.init.normal_(module.sampling_offsets.weight, std=0.5)  # samples past the level borders
-    args = (torch.randn(n, queries, heads * head_dim), torch.rand(n, queries, len(levels), 2),
-            torch.randn(n, rows, heads * head_dim), shapes, starts)
-    program = export_as_cuda_model(make_module, args, module.state_dict())
-    assert {node.domain for node in program.model_proto.graph.node} <= {""}
-    with torch.no_grad():
-        expected = module(*args)
-    assert relative_error(torch.from_numpy(run_onnxruntime(program.model_proto, *args)[0]), expected) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------ CUDA schedules

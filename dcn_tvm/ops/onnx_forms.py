@@ -35,10 +35,13 @@ def exporting() -> bool:
     return True
 
 
-def _on_device_of(node: Tensor, input: Tensor) -> Tensor:
-    """A torch.onnx.ops.symbolic node's stand-in output on input's device: torch makes it on the CPU, where a
-    CUDA model's next layer would refuse it (a no-op where input is on the CPU)."""
-    return node.to(input.device)
+def _node(op: str, inputs: Sequence[Tensor | None], attributes: dict, like: Tensor, shape: Sequence,
+          version: int) -> Tensor:
+    """The ONNX node `op` as the exporter traces it (torch.onnx.ops.symbolic): its stand-in output of `shape`
+    with `like`'s dtype and device. torch makes it on the CPU, where a CUDA model's next layer would refuse it;
+    the move is a no-op on the CPU."""
+    return torch.onnx.ops.symbolic(op, inputs, attributes, dtype=like.dtype, shape=shape,
+                                   version=version).to(like.device)
 
 
 def deform_conv_attributes(channels: int, weight_shape: Sequence[int], offset_channels: int, stride: Sequence[int],
@@ -55,10 +58,8 @@ def deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Te
                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
     """DeformConv(X, W, offset, B, mask) -> [N, O, OH, OW]."""
     attributes = deform_conv_attributes(input.shape[1], weight.shape, offset.shape[1], stride, padding, dilation)
-    node = torch.onnx.ops.symbolic("DeformConv", (input, weight, offset, bias, mask), attributes, dtype=input.dtype,
-                                   shape=(input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]),
-                                   version=19)
-    return _on_device_of(node, input)
+    return _node("DeformConv", (input, weight, offset, bias, mask), attributes, input,
+                 (input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]), version=19)
 
 
 def deform_roi_pool_attributes(output_size: int, spatial_scale: float, group_size: int, part_size: int,
@@ -72,9 +73,7 @@ def deform_roi_pool(input: Tensor, rois: Tensor, offset: Tensor | None, output_s
     """dcn_tvm::DeformRoIPool(X, rois, offset) -> [R, C / group_size², k, k]."""
     attributes = deform_roi_pool_attributes(output_size, spatial_scale, group_size, part_size, sampling_ratio, gamma)
     shape = (rois.shape[0], input.shape[1] // (group_size * group_size), output_size, output_size)
-    node = torch.onnx.ops.symbolic(f"{DOMAIN}::DeformRoIPool", (input, rois, offset), attributes, dtype=input.dtype,
-                                   shape=shape, version=1)
-    return _on_device_of(node, input)
+    return _node(f"{DOMAIN}::DeformRoIPool", (input, rois, offset), attributes, input, shape, version=1)
 
 
 def _accumulator(tensor: Tensor) -> torch.dtype:
