@@ -45,7 +45,7 @@ build() {  # KIND TARGET: a package of every workload the run calls on KIND (cud
 build cuda nvidia/nvidia-h100
 build llvm llvm
 echo "== does every kernel the run asks for come from these packages, and load without TVM?"
-for kind in cuda llvm; do  # one process each: see GPU_NOTES.md on two packages' runtimes in one process
+for kind in cuda llvm; do
   DCN_TVM_PREBUILT="$PWD/.gpu/prebuilt/cuda:$PWD/.gpu/prebuilt/llvm" "$PY" benchmarks/gpu_run.py --verify-package \
     --load "$kind" --without-compiler | grep '"summary"'
 done

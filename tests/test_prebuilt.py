@@ -117,11 +117,14 @@ def test_runs_without_the_compiler(package, tmp_path):
 
 
 @pytest.mark.slow
-def test_attention_and_dcnv4_packages_run_without_the_compiler(tmp_path):
+def test_attention_and_dcnv4_packages_run_without_the_compiler(package, tmp_path):
     """A package of an ms_deform_attn and a DCNv4 workload (the kernels `dcn-tvm build` expands them to:
     static and symbolic, the value-gradient scatter) serves both ops, forward and backward, at the built
     sizes and at other batch, query and image sizes, with no compiler: outputs against the loops, gradients against autograd of the
-    grid_sample formulations."""
+    grid_sample formulations. Then, in the same process, a kernel of a second package (the conv's), which
+    carries its own copy of TVM's runtime as every package does (a GPU host loads a CUDA and a CPU package
+    so): the runtime already loaded serves it (a second copy aborts the process, "Global Function ... is
+    already registered")."""
     from dcn_tvm.kernels.workloads import Workload
 
     texts = ["ms_deform_attn:n=1,q=6,levels=5x7+3x4,heads=2,head_dim=4,points=3",
@@ -133,6 +136,7 @@ def test_attention_and_dcnv4_packages_run_without_the_compiler(tmp_path):
         import sys, torch
         from reference_dcnv3 import dcnv3_grid_sample, dcnv3_loops, unpack_offset_mask
         from reference_ms_deform_attn import ms_deform_attn_grid_sample, ms_deform_attn_loops
+        from reference import deform_conv2d_loops
         import dcn_tvm
 
         def error(a, b):
@@ -162,9 +166,13 @@ def test_attention_and_dcnv4_packages_run_without_the_compiler(tmp_path):
             ours = torch.autograd.grad(out.sum(), (x, packed))
             theirs = torch.autograd.grad(dcnv3_grid_sample(x, offset, mask, *arguments).sum(), (x, packed))
             assert all(error(a, b) < 1e-4 for a, b in zip(ours, theirs))
+        x, offset, weight = torch.randn(2, 4, 7, 9), torch.randn(2, 18, 7, 9), torch.randn(6, 2, 3, 3)
+        mask = torch.rand(2, 9, 7, 9)
+        out = dcn_tvm.deform_conv2d(x, offset, weight, padding=1, mask=mask)
+        assert error(out, deform_conv2d_loops(x, offset, weight, padding=(1, 1), mask=mask)) < 1e-5
         assert sys.modules["tvm"] is None
         """,
-        DCN_TVM_PREBUILT=str(tmp_path / "pkg"), DCN_TVM_CACHE_DIR=str(tmp_path / "cache"),
+        DCN_TVM_PREBUILT=f"{tmp_path / 'pkg'}{os.pathsep}{package}", DCN_TVM_CACHE_DIR=str(tmp_path / "cache"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "cache").exists(), "nothing may be compiled or cached"
