@@ -46,6 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: A Python that imports the installed dcn_tvm, not the checkout's (subprocesses run in the checkout): -P,
+#: new in Python 3.11; on 3.10 the checkout comes first (the rehearsal's editable install is the checkout).
+PYTHON_INSTALLED = [sys.executable, "-P"] if sys.version_info >= (3, 11) else [sys.executable]
 SCRIPT = Path(__file__).resolve()
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
@@ -894,7 +897,7 @@ def _tf32(enabled: bool):
 
 def check_pytest(plan: Plan, timeout: float) -> dict:
     """tests/ marked cuda, in a fresh process (skipped there without a GPU)."""
-    command = [sys.executable, "-P", "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+    command = [*PYTHON_INSTALLED, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
                "tests/test_deform_conv2d.py", "tests/test_deform_roi_pool.py", "tests/test_cuda_context.py"]
     rc, output = run_capture(command, timeout)
     print(output, flush=True)
@@ -1131,7 +1134,6 @@ def step_correctness(plan: Plan, results: Results, deadline: float) -> tuple[str
     log("b: compute-sanitizer")
     sanitizer = check_sanitizer(plan, deadline - 0.1 * budget)
     results.update(lambda data: data["correctness"].update(sanitizer=sanitizer))
-    # Last: it loads CUDA and CPU kernels in one process (the two packages' runtimes, see GPU_NOTES.md)
     roi = check_roi(plan, device, gpu, results, deadline)
     bad = [row for row in conv + roi + gather if not row["ok"]]
     planned = (len(conformance_cases(plan)) + len(plan.roi_checks)
@@ -1342,8 +1344,7 @@ def step_speed(plan: Plan, results: Results, deadline: float) -> tuple[str, str]
 
 def tune_command(plan: Plan, shape: ConvShape, logs: Path, cost_model: str) -> list[str]:
     workload = conv_workload(shape.case, plan.tune_dtype)
-    # -P: the installed dcn_tvm, not the checkout's (the working directory)
-    return [sys.executable, "-P", "-m", "dcn_tvm", "tune", "--target", plan.tune_target, "--workload", str(workload),
+    return [*PYTHON_INSTALLED, "-m", "dcn_tvm", "tune", "--target", plan.tune_target, "--workload", str(workload),
             "--stage", "forward", "--trials", str(plan.tune_trials), "--logs", str(logs), "--cost-model", cost_model,
             "--no-progress"]
 

@@ -260,14 +260,22 @@ def unwritable(request, tmp_path, monkeypatch):
         return tmp_path / "file" / "out"
     if request.param == "proc":
         return Path("/proc/dcn_tvm_no_such/out")
-    mount, mkdir = tmp_path / "ro", os.mkdir
+    mount, mkdir, path_mkdir = tmp_path / "ro", os.mkdir, Path.mkdir
 
-    def read_only(path, *args, **kwargs):
+    def refuse_below_mount(path):
         if Path(path).is_relative_to(mount):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def read_only(path, *args, **kwargs):
+        refuse_below_mount(path)
         return mkdir(path, *args, **kwargs)
 
+    def read_only_path(path, *args, **kwargs):
+        refuse_below_mount(path)
+        return path_mkdir(path, *args, **kwargs)
+
     monkeypatch.setattr(os, "mkdir", read_only)
+    monkeypatch.setattr(Path, "mkdir", read_only_path)  # Python 3.10's Path.mkdir holds its own os.mkdir
     return mount / "out"
 
 
