@@ -260,22 +260,18 @@ def unwritable(request, tmp_path, monkeypatch):
         return tmp_path / "file" / "out"
     if request.param == "proc":
         return Path("/proc/dcn_tvm_no_such/out")
-    mount, mkdir, path_mkdir = tmp_path / "ro", os.mkdir, Path.mkdir
+    mount = tmp_path / "ro"
 
-    def refuse_below_mount(path):
-        if Path(path).is_relative_to(mount):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    def read_only(mkdir):
+        """`mkdir`, failing with EROFS for a path below the mount."""
+        def refuse_below_mount(path, *args, **kwargs):
+            if Path(path).is_relative_to(mount):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return mkdir(path, *args, **kwargs)
+        return refuse_below_mount
 
-    def read_only(path, *args, **kwargs):
-        refuse_below_mount(path)
-        return mkdir(path, *args, **kwargs)
-
-    def read_only_path(path, *args, **kwargs):
-        refuse_below_mount(path)
-        return path_mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "mkdir", read_only)
-    monkeypatch.setattr(Path, "mkdir", read_only_path)  # Python 3.10's Path.mkdir holds its own os.mkdir
+    monkeypatch.setattr(os, "mkdir", read_only(os.mkdir))
+    monkeypatch.setattr(Path, "mkdir", read_only(Path.mkdir))  # Python 3.10's Path.mkdir holds its own os.mkdir
     return mount / "out"
 
 
