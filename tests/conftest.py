@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -6,11 +7,19 @@ import uuid
 import pytest
 import torch
 
-# Kernels compile into a cache private to this test session unless the caller points elsewhere.
-os.environ.setdefault("DCN_TVM_CACHE_DIR", tempfile.mkdtemp(prefix="dcn_tvm_test_cache_"))
+# Kernels compile into a cache private to this test session, removed at its end, unless the caller
+# points elsewhere (processes the tests start inherit it).
+PRIVATE_CACHE = None if "DCN_TVM_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="dcn_tvm_test_cache_")
+if PRIVATE_CACHE:
+    os.environ["DCN_TVM_CACHE_DIR"] = PRIVATE_CACHE
 # Every process this session starts inherits this mark, so it is found even once orphaned.
 SESSION_MARK = ("DCN_TVM_TEST_SESSION", uuid.uuid4().hex)
 os.environ[SESSION_MARK[0]] = SESSION_MARK[1]
+
+
+def pytest_unconfigure(config):
+    if PRIVATE_CACHE:
+        shutil.rmtree(PRIVATE_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

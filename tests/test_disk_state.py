@@ -1,5 +1,6 @@
 """Nothing on disk can crash or poison dcn_tvm: damaged or unwritable kernel caches, environment
-variables. Damaged caches are tried in fresh interpreters, where a crash (SIGBUS) cannot kill pytest."""
+variables. Damaged caches are tried in fresh interpreters, where a crash (SIGBUS) cannot kill pytest.
+And the suite leaves nothing on disk: its private kernel cache goes when it ends."""
 
 from __future__ import annotations
 
@@ -168,3 +169,15 @@ def test_boolean_variables_unset_are_false(monkeypatch):
     for name in FLAGS:
         monkeypatch.delenv(name, raising=False)
     assert env.disk_cache_enabled() and not env.allow_version_mismatch()
+
+
+def test_the_suites_private_kernel_cache_is_removed_at_its_end(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env_vars = {k: v for k, v in os.environ.items() if k != "DCN_TVM_CACHE_DIR"} | {"TMPDIR": str(scratch)}
+    one_test = f"{Path(__file__).name}::test_boolean_variables_unset_are_false"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", one_test], cwd=TESTS,
+                          env=env_vars, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "1 passed" in done.stdout
+    assert not list(scratch.glob("dcn_tvm_test_cache_*"))

@@ -311,12 +311,18 @@ def _records_lines(logs):
     return path.read_text().splitlines() if path.exists() else []
 
 
+def _tune_process(logs: Path, trials: int, scratch: Path, **popen) -> subprocess.Popen:
+    """`dcn-tvm tune` of TINY's forward in a process whose temporary files go to `scratch`."""
+    scratch.mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "dcn_tvm", "tune", "--target", "llvm", "--workload", TINY, "--stage",
+               "forward", "--trials", str(trials), "--logs", str(logs), "--no-progress"]
+    return subprocess.Popen(command, env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.DEVNULL, **popen)
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_and_loses_nothing(tmp_path):
-    command = [sys.executable, "-m", "dcn_tvm", "tune", "--target", "llvm", "--workload", TINY, "--stage",
-               "forward", "--trials", "12", "--logs", str(tmp_path), "--no-progress"]
     metadata = tmp_path / CPU / "deform_conv2d" / "metadata.json"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = _tune_process(tmp_path, 12, tmp_path / "tmp", stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
         while not (metadata.exists() and json.loads(metadata.read_text())["kernels"]):
@@ -336,6 +342,50 @@ def test_a_killed_run_resumes_and_loses_nothing(tmp_path):
     kept = {repr(r["trace"]) for r in after}
     # Every schedule measured before the kill is still recorded, unless KEEP faster ones displaced it.
     assert measured <= kept or len(after) == KEEP
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, whole_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["ctrl-c-to-the-process-group", "sigterm"])
+def test_a_signal_stops_the_run_between_batches(tmp_path, signum, whole_group):
+    """Ctrl-C (SIGINT to the terminal's process group, workers included) or SIGTERM while MetaSchedule's
+    C++ loop runs a batch: an exit with 128 + signum, no worker left, no temporary folder left, and the
+    kernel left to resume (neither exhausted nor finished). Before, Ctrl-C aborted the process."""
+    import psutil
+
+    scratch, logs = tmp_path / "tmp", tmp_path / "logs"
+    with open(tmp_path / "stderr", "w+") as stderr:
+        process = _tune_process(logs, 24, scratch, stderr=stderr, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not list(scratch.glob("dcn_tvm_tune_*")):  # MetaSchedule's search has begun
+                assert process.poll() is None and time.monotonic() < deadline, "the search did not begin"
+                time.sleep(0.2)
+            workers = psutil.Process(process.pid).children(recursive=True)
+            (os.killpg if whole_group else os.kill)(process.pid, signum)
+            process.wait(timeout=240)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        stderr.seek(0)
+        said = stderr.read()
+    assert process.returncode == 128 + signum, said[-3000:]
+    assert f"stopped by {signal.Signals(signum).name}; what it measured is recorded" in said
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    assert not list(scratch.iterdir())
+    (entry,) = json.loads((logs / CPU / "deform_conv2d" / "metadata.json").read_text())["kernels"].values()
+    assert entry["trials"] < 24 and "exhausted" not in entry and "default_ms" not in entry
+
+
+def test_stop_requests_turn_a_signal_into_interrupted_at_the_next_check():
+    before = signal.getsignal(signal.SIGINT)
+    with tuner.StopRequests() as stops:
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs before kill returns to Python code
+        with pytest.raises(tuner.Interrupted, match="stopped by SIGINT") as stopped:
+            stops.check()
+    assert stopped.value.signum == signal.SIGINT and isinstance(stopped.value, KeyboardInterrupt)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from dcn_tvm import tune
     from dcn_tvm.tuning.store import RecordsFolderError, RecordsVersionError
     from dcn_tvm.tuning.report import table
-    from dcn_tvm.tuning.tuner import MeasurementError
+    from dcn_tvm.tuning.tuner import Interrupted, MeasurementError
 
     if bool(args.rpc_tracker) != bool(args.rpc_key):
         print("dcn-tvm tune: error: --rpc-tracker and --rpc-key go together", file=sys.stderr)
@@ -66,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RecordsVersionError, RecordsFolderError, MeasurementError) as error:
         print(f"dcn-tvm tune: error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"dcn-tvm tune: {stop}; what it measured is recorded: the same command resumes", file=sys.stderr)
+        return 128 + stop.signum
     print(table(results), end="")
     print(f"records and report: {results[0].folder.parent}")
     return 0

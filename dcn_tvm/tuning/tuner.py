@@ -16,13 +16,19 @@ trials already meet its share (or whose space ran out) is not measured again. A 
 of each records folder it tunes (`Store.locked`) from start to end, so a second run into the same
 folder waits, then counts the first one's trials. Every worker process the run starts
 (MetaSchedule's `tvm.exec.popen_worker` builders and runners) is ended when it returns or raises.
+
+SIGINT (Ctrl-C) and SIGTERM stop a run between batches (`StopRequests`): what it measured is kept,
+and the same call resumes it. A second signal ends the run's workers and the process at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +54,47 @@ ROUNDS = 2
 
 class MeasurementError(RuntimeError):
     """The default schedule of a kernel could not be measured on the target's device."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM (`signum`) stopped the run between batches; what it measured is recorded."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class StopRequests:
+    """While entered (in the main thread), SIGINT and SIGTERM only ask the run to stop; `check` then
+    raises Interrupted at the next point between batches. (Raised by the default handler inside
+    MetaSchedule's C++ loop, KeyboardInterrupt aborted the process: std::terminate.) A second signal
+    kills this process's descendants and exits with 128 + the signal's number."""
+
+    def __init__(self):
+        self.signum, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._request)
+                              for signum in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _request(self, signum, frame):
+        if self.signum is not None:
+            _kill(_descendants())
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\ndcn-tvm tune: {signal.Signals(signum).name}: stopping once the batch being measured is recorded "
+              f"(signal again to stop at once)", file=sys.stderr, flush=True)
+
+    def check(self) -> None:
+        """Raise Interrupted if a stop was asked for."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
 
 
 @dataclass
@@ -176,9 +223,9 @@ class Measurer:
     """Build with MetaSchedule's local builder and time with its local runner, or with the devices
     registered under `rpc_key` at an RPC tracker (one measurement in flight per device)."""
 
-    def __init__(self, target, rpc_tracker: str | None = None, rpc_key: str | None = None):
+    def __init__(self, target, stops: StopRequests, rpc_tracker: str | None = None, rpc_key: str | None = None):
         ms = _ms()
-        self.target = target
+        self.target, self.stops = target, stops
         self.builder = ms.builder.LocalBuilder(timeout_sec=300, f_build=_compile_function())
         evaluator = ms.runner.EvaluatorConfig(number=1, repeat=REPEAT, min_repeat_ms=MIN_REPEAT_MS)
         if rpc_tracker is None:
@@ -198,7 +245,8 @@ class Measurer:
     def measure(self, mods) -> list[list[float] | str]:
         """Per module: its run times in ms over ROUNDS runs of the whole list (every other round in
         reverse order, so a slow spell of a shared machine hits every module alike), or the build or
-        run error message."""
+        run error message. Raises Interrupted if a stop was asked for meanwhile (Ctrl-C reaches the
+        workers too: their errors say nothing of the modules)."""
         ms = _ms()
         from tvm.s_tir.meta_schedule.utils import remove_build_dir
 
@@ -221,6 +269,7 @@ class Measurer:
             results[i] = results[i] + [s * 1e3 for s in secs] if ok else (result.error_msg or "no run time")
         for i in built:
             remove_build_dir(builds[i].artifact_path)
+        self.stops.check()
         return results
 
 
@@ -281,7 +330,9 @@ def _search(task: Task, store: Store, measurer: Measurer, trials: int, progress:
                 secs = [float(s) for s in result.run_secs or ()]
                 if result.error_msg is None and secs and max(secs) < FAILED_SECS:
                     times.append(median(secs) * 1e3)
-            account(len(candidates), times)
+            # After a stop request, errors may be workers ended by Ctrl-C: count only the candidates that ran.
+            account(len(times) if measurer.stops.signum else len(candidates), times)
+            measurer.stops.check()
 
     mod = _module(prim_func(task.measured))
     if state["trials"] == 0:
@@ -304,11 +355,16 @@ def _search(task: Task, store: Store, measurer: Measurer, trials: int, progress:
                              search_strategy=strategy, task_name=task.spec.key,
                              num_threads=os.cpu_count() or 1).clone()
     with tempfile.TemporaryDirectory(prefix="dcn_tvm_tune_") as work_dir:
-        ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=remaining,
-                      num_trials_per_iter=min(BATCH, remaining), builder=measurer.builder, runner=measurer.runner,
-                      database=_records_database(store, task.spec.key, mod, measurer.target), cost_model=cost_model,
-                      measure_callbacks=ms.MeasureCallback.create("default") + [Bookkeeping()],
-                      task_scheduler="round-robin")
+        try:
+            ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=remaining,
+                          num_trials_per_iter=min(BATCH, remaining), builder=measurer.builder,
+                          runner=measurer.runner, cost_model=cost_model,
+                          database=_records_database(store, task.spec.key, mod, measurer.target),
+                          measure_callbacks=ms.MeasureCallback.create("default") + [Bookkeeping()],
+                          task_scheduler="round-robin")
+        except Exception:
+            measurer.stops.check()  # Bookkeeping's Interrupted comes back through C++ as another type
+            raise
     if state["session"] < trials:  # the search stopped early: no unmeasured candidates were left
         store.update_kernel(task.spec.key, device, exhausted=True)
 
@@ -377,15 +433,16 @@ def tune(workloads: list[Workload], target: str, trials: int, logs: Path | None 
         for store in stores.values():
             stack.enter_context(store.locked())
         stack.enter_context(_ending_new_workers())
+        stops = stack.enter_context(StopRequests())
         for store in stores.values():
             store.check_version()
         _tune_tasks(tasks, stores, target, max(trials // len(tasks), 1), rpc_tracker, rpc_key, progress, stack,
-                    cost_model)
+                    cost_model, stops)
     return [result_of(stores[task.spec.op], task.spec.key) for task in tasks]
 
 
 def _tune_tasks(tasks: list[Task], stores: dict, target: str, share: int, rpc_tracker, rpc_key, progress: bool,
-                stack: contextlib.ExitStack, cost_model: str) -> None:
+                stack: contextlib.ExitStack, cost_model: str, stops: StopRequests) -> None:
     """Give every kernel its `share` of trials (less those recorded), then its final measurement."""
 
     def remaining(task: Task) -> int:
@@ -397,11 +454,12 @@ def _tune_tasks(tasks: list[Task], stores: dict, target: str, share: int, rpc_tr
                   (stores[task.spec.op].kernel(task.spec.key) or {})]
     if not unfinished:
         return
-    measurer = Measurer(tuning_target(target), rpc_tracker, rpc_key)
+    measurer = Measurer(tuning_target(target), stops, rpc_tracker, rpc_key)
     stack.callback(measurer.close)
     device = f"RPC key {rpc_key!r} at {rpc_tracker}" if rpc_tracker else local_device(target)
     bars = stack.enter_context(contextlib.closing(_Progress(sum(todo.values()), progress)))
     for task in unfinished:
+        stops.check()
         store = stores[task.spec.op]
         if todo[task.spec.key]:
             bars.start(task, todo[task.spec.key])
@@ -414,18 +472,28 @@ def _tune_tasks(tasks: list[Task], stores: dict, target: str, share: int, rpc_tr
 def _ending_new_workers():
     """Kill, on the way out, every descendant process started inside (MetaSchedule's popen workers,
     which otherwise outlive the run: a builder pool interrupted mid-batch is never shut down)."""
-    import psutil
-
-    me = psutil.Process()
-    before = {child.pid for child in me.children(recursive=True)}
+    before = {child.pid for child in _descendants()}
     try:
         yield
     finally:
-        started = [child for child in me.children(recursive=True) if child.pid not in before]
-        for child in started:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-        psutil.wait_procs(started, timeout=10)
+        _kill([child for child in _descendants() if child.pid not in before])
+
+
+def _descendants() -> list:
+    """This process's descendants (psutil.Process objects)."""
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def _kill(processes: list) -> None:
+    """Kill `processes` and wait (at most 10 s) for them to end."""
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(processes, timeout=10)
 
 
 def result_of(store: Records, key: str) -> Result:
