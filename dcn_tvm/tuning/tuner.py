@@ -433,16 +433,15 @@ def tune(workloads: list[Workload], target: str, trials: int, logs: Path | None 
         for store in stores.values():
             stack.enter_context(store.locked())
         stack.enter_context(_ending_new_workers())
-        stops = stack.enter_context(StopRequests())
         for store in stores.values():
             store.check_version()
         _tune_tasks(tasks, stores, target, max(trials // len(tasks), 1), rpc_tracker, rpc_key, progress, stack,
-                    cost_model, stops)
+                    cost_model)
     return [result_of(stores[task.spec.op], task.spec.key) for task in tasks]
 
 
 def _tune_tasks(tasks: list[Task], stores: dict, target: str, share: int, rpc_tracker, rpc_key, progress: bool,
-                stack: contextlib.ExitStack, cost_model: str, stops: StopRequests) -> None:
+                stack: contextlib.ExitStack, cost_model: str) -> None:
     """Give every kernel its `share` of trials (less those recorded), then its final measurement."""
 
     def remaining(task: Task) -> int:
@@ -454,6 +453,7 @@ def _tune_tasks(tasks: list[Task], stores: dict, target: str, share: int, rpc_tr
                   (stores[task.spec.op].kernel(task.spec.key) or {})]
     if not unfinished:
         return
+    stops = stack.enter_context(StopRequests())
     measurer = Measurer(tuning_target(target), stops, rpc_tracker, rpc_key)
     stack.callback(measurer.close)
     device = f"RPC key {rpc_key!r} at {rpc_tracker}" if rpc_tracker else local_device(target)
