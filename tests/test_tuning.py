@@ -388,6 +388,32 @@ def test_stop_requests_turn_a_signal_into_interrupted_at_the_next_check():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+_SIGNALLED_TWICE = """
+import os, signal, subprocess, sys, time
+from dcn_tvm.tuning import tuner
+with tuner.StopRequests() as stops, stops.scratch("dcn_tvm_tune_") as folder:
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    print(folder, worker.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(300)
+"""
+
+
+def test_a_second_signal_ends_the_workers_and_the_scratch_folders_at_once(tmp_path):
+    """The stop at once (a second signal before the run could stop): 128 + signum, its worker ended and
+    its temporary folder removed (it was left behind before)."""
+    import psutil
+
+    done = subprocess.run([sys.executable, "-c", _SIGNALLED_TWICE], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    folder, worker = done.stdout.split()
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert "SIGTERM again: stopped at once" in done.stderr
+    assert not Path(folder).exists() and Path(folder).parent == tmp_path
+    assert not psutil.pid_exists(int(worker)) or psutil.Process(int(worker)).status() == psutil.STATUS_ZOMBIE
+
+
 @pytest.fixture
 def rpc_tracker():
     """A TVM RPC tracker and one CPU server (key "dcn-test") on 127.0.0.1: yields "host:port"."""

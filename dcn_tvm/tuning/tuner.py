@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -68,10 +69,11 @@ class StopRequests:
     """While entered (in the main thread), SIGINT and SIGTERM only ask the run to stop; `check` then
     raises Interrupted at the next point between batches. (Raised by the default handler inside
     MetaSchedule's C++ loop, KeyboardInterrupt aborted the process: std::terminate.) A second signal
-    kills this process's descendants and exits with 128 + the signal's number."""
+    kills this process's descendants, removes the folders made by `scratch` and exits with 128 + the
+    signal's number."""
 
     def __init__(self):
-        self.signum, self._previous = None, {}
+        self.signum, self._previous, self._scratch = None, {}, []
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -86,15 +88,36 @@ class StopRequests:
     def _request(self, signum, frame):
         if self.signum is not None:
             _kill(_descendants())
+            for folder in self._scratch:
+                shutil.rmtree(folder, ignore_errors=True)
+            _say(f"dcn-tvm tune: {signal.Signals(signum).name} again: stopped at once; the batch being measured "
+                 f"is lost, what was recorded before it is kept")
             os._exit(128 + signum)
         self.signum = signum
-        print(f"\ndcn-tvm tune: {signal.Signals(signum).name}: stopping once the batch being measured is recorded "
-              f"(signal again to stop at once)", file=sys.stderr, flush=True)
+        _say(f"\ndcn-tvm tune: {signal.Signals(signum).name}: stopping once the batch being measured is recorded "
+             f"(signal again to stop at once)")
 
     def check(self) -> None:
         """Raise Interrupted if a stop was asked for."""
         if self.signum is not None:
             raise Interrupted(self.signum)
+
+    @contextlib.contextmanager
+    def scratch(self, prefix: str):
+        """A temporary folder (its path) that a stop at once removes too."""
+        with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+            self._scratch.append(folder)
+            try:
+                yield folder
+            finally:
+                self._scratch.remove(folder)
+
+
+def _say(line: str) -> None:
+    """Print `line` to stderr from a signal handler. A handler that interrupts a blocked write to stderr
+    would raise RuntimeError (a reentrant call) there, ending the run: the line is dropped instead."""
+    with contextlib.suppress(RuntimeError):
+        print(line, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -354,7 +377,7 @@ def _search(task: Task, store: Store, measurer: Measurer, trials: int, progress:
     context = ms.TuneContext(mod=mod, target=measurer.target, space_generator=space(task),
                              search_strategy=strategy, task_name=task.spec.key,
                              num_threads=os.cpu_count() or 1).clone()
-    with tempfile.TemporaryDirectory(prefix="dcn_tvm_tune_") as work_dir:
+    with measurer.stops.scratch("dcn_tvm_tune_") as work_dir:
         try:
             ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=remaining,
                           num_trials_per_iter=min(BATCH, remaining), builder=measurer.builder,
