@@ -373,7 +373,7 @@ def test_a_signal_stops_the_run_between_batches(tmp_path, signum, whole_group):
         said = stderr.read()
     assert process.returncode == 128 + signum, said[-3000:]
     assert f"stopped by {signal.Signals(signum).name}; what it measured is recorded" in said
-    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    assert not [w for w in workers if not _ended(w)]
     assert not list(scratch.iterdir())
     (entry,) = json.loads((logs / CPU / "deform_conv2d" / "metadata.json").read_text())["kernels"].values()
     assert entry["trials"] < 24 and "exhausted" not in entry and "default_ms" not in entry
@@ -412,8 +412,19 @@ def test_a_second_signal_ends_the_workers_and_the_scratch_folders_at_once(tmp_pa
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
     assert "SIGTERM again: stopped at once" in done.stderr
     assert not Path(folder).exists() and Path(folder).parent == tmp_path
-    with contextlib.suppress(psutil.NoSuchProcess):  # gone, or reaped between the two calls below
-        assert psutil.Process(int(worker)).status() == psutil.STATUS_ZOMBIE
+    with contextlib.suppress(psutil.NoSuchProcess):  # gone before it could be looked up
+        assert _ended(psutil.Process(int(worker)))
+
+
+def _ended(process) -> bool:
+    """Whether `process` (a psutil.Process) has ended: gone, or a zombie its parent has not reaped yet. A
+    reap between the two reads makes the second raise NoSuchProcess, which means ended too."""
+    import psutil
+
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @pytest.fixture
